@@ -1,0 +1,20 @@
+//! Pure domain of ghostmirror: what a path, a hash, a tree entry and a
+//! sequence number are, and the decisions taken on them (conflicts, node
+//! reconciliation, conflict-copy names).
+//!
+//! Guarantees: no IO, no clock, no randomness. Everything here is a function
+//! of its arguments, so every replica that asks the same question gets the
+//! same answer, and bytes from disk or the wire become these types only
+//! through a check (`RelPath::new`, `ContentHash::from_slice`, `WorkspaceId::new`).
+
+pub mod conflict;
+pub mod entry;
+pub mod hash;
+pub mod path;
+pub mod reconcile;
+
+pub use conflict::{CommitDecision, conflict_copy_name, decide_commit};
+pub use entry::{Entry, Seq, Versioned};
+pub use hash::{ContentHash, Hasher};
+pub use path::{NodeId, PathError, RelPath, WorkspaceId, INTERNAL_DIR};
+pub use reconcile::{NodeAction, decide_node};
