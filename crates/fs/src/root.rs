@@ -1,0 +1,725 @@
+//! A workspace root held open, and every operation below it.
+//!
+//! Invariants:
+//! - Paths are `RelPath`s (validated, no `..`, nothing under `.ghostmirror/`).
+//! - Each operation opens the parent directory one component at a time from
+//!   the root handle with `O_NOFOLLOW|O_DIRECTORY`, then acts on the last
+//!   name with a `*at` call that does not follow it either. A symlink
+//!   anywhere in the path, or a directory swapped for one meanwhile, makes
+//!   the operation fail; nothing is ever read or written outside the root.
+//! - Every content change goes through `StagedFile::commit` or `place`:
+//!   the new version is complete, hashed, has its final mode and is fsynced
+//!   before it appears at its final path; the target is checked against the
+//!   caller's expectation just before the rename, and a changed target is
+//!   never overwritten.
+//! - Removal moves the entry aside into staging first and checks it is
+//!   still the planned version; anything else is put back.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use gm_core::{ContentHash, Hasher, RelPath};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use crate::error::FsError;
+use crate::stat::{Kind, Stat};
+
+/// Where staging lives inside each root.
+pub const STAGING_DIR: &str = "staging";
+
+/// What the caller expects at the target path just before a change lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Nothing is there.
+    Absent,
+    /// The entry is still exactly the one the plan saw.
+    Unchanged(Stat),
+}
+
+/// A workspace root held open as a directory handle.
+pub struct Root {
+    path: PathBuf,
+    dir: OwnedFd,
+    staging: OwnedFd,
+    staging_tag: String,
+    identity: Stat,
+}
+
+enum Parent<'a> {
+    Root(BorrowedFd<'a>),
+    Owned(OwnedFd),
+}
+
+impl AsFd for Parent<'_> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Parent::Root(fd) => *fd,
+            Parent::Owned(fd) => fd.as_fd(),
+        }
+    }
+}
+
+fn dir_flags() -> OFlags {
+    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+fn random_name(tag: &str, kind: &str) -> String {
+    format!("{tag}-{kind}-{:016x}", rand::random::<u64>())
+}
+
+/// Mode of a synced regular file: the executable bit is the only mode bit
+/// that syncs.
+pub fn file_mode(executable: bool) -> u32 {
+    if executable { 0o755 } else { 0o644 }
+}
+
+impl Root {
+    /// Opens an existing directory as a workspace root and prepares its
+    /// staging directory. `staging_tag` names this process's staging files.
+    pub fn open(path: &Path, staging_tag: &str) -> Result<Root, FsError> {
+        let shown = path.display().to_string();
+        let dir = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| match e {
+                Errno::NOTDIR => FsError::NotADirectory { path: shown.clone() },
+                other => FsError::io("open workspace root", &shown, other),
+            })?;
+        let identity = Stat::from_raw(&rustix::fs::fstat(&dir).map_err(|e| FsError::io("stat", &shown, e))?);
+        let internal = open_or_make_dir(dir.as_fd(), gm_core::INTERNAL_DIR, 0o700, &shown)?;
+        let staging = open_or_make_dir(internal.as_fd(), STAGING_DIR, 0o700, &shown)?;
+        Ok(Root {
+            path: path.to_path_buf(),
+            dir,
+            staging,
+            staging_tag: staging_tag.to_string(),
+            identity,
+        })
+    }
+
+    /// Creates the directory (and its parents) if needed, then opens it.
+    pub fn create(path: &Path, staging_tag: &str) -> Result<Root, FsError> {
+        std::fs::create_dir_all(path).map_err(|e| FsError::io("create directory", path.display(), e))?;
+        Root::open(path, staging_tag)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The root directory as it was when opened.
+    pub fn identity(&self) -> &Stat {
+        &self.identity
+    }
+
+    /// True while the configured path still names the directory we hold
+    /// open (not removed, not replaced, not unmounted from under us).
+    pub fn still_in_place(&self) -> bool {
+        match rustix::fs::stat(&self.path) {
+            Ok(raw) => {
+                let now = Stat::from_raw(&raw);
+                now.kind == Kind::Dir && now.ino == self.identity.ino && now.dev == self.identity.dev
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn shown(&self, path: &RelPath) -> String {
+        format!("{}/{}", self.path.display(), path)
+    }
+
+    /// Opens the parent directory of `path`, never following a symlink.
+    fn parent(&self, path: &RelPath, create: bool) -> Result<Parent<'_>, FsError> {
+        let Some(parent) = path.parent() else {
+            return Ok(Parent::Root(self.dir.as_fd()));
+        };
+        let mut current = Parent::Root(self.dir.as_fd());
+        let mut walked = String::new();
+        for component in parent.components() {
+            if !walked.is_empty() {
+                walked.push('/');
+            }
+            walked.push_str(component);
+            let opened = match rustix::fs::openat(&current, component, dir_flags(), Mode::empty()) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) if create => {
+                    match rustix::fs::mkdirat(&current, component, Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(FsError::io("create directory", format!("{}/{walked}", self.path.display()), e)),
+                    }
+                    rustix::fs::openat(&current, component, dir_flags(), Mode::empty())
+                        .map_err(|e| self.walk_error(&walked, e))?
+                }
+                Err(e) => return Err(self.walk_error(&walked, e)),
+            };
+            current = Parent::Owned(opened);
+        }
+        Ok(current)
+    }
+
+    fn walk_error(&self, walked: &str, errno: Errno) -> FsError {
+        let shown = format!("{}/{walked}", self.path.display());
+        match errno {
+            Errno::NOTDIR | Errno::LOOP => FsError::NotADirectory { path: shown },
+            other => FsError::io("open directory", shown, other),
+        }
+    }
+
+    fn stat_at(&self, parent: &Parent<'_>, path: &RelPath) -> Result<Option<Stat>, FsError> {
+        match rustix::fs::statat(parent, path.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(raw) => Ok(Some(Stat::from_raw(&raw))),
+            Err(Errno::NOENT) => Ok(None),
+            Err(e) => Err(FsError::io("stat", self.shown(path), e)),
+        }
+    }
+
+    /// `lstat` of a path; `None` when it (or a parent) does not exist.
+    pub fn lstat(&self, path: &RelPath) -> Result<Option<Stat>, FsError> {
+        let parent = match self.parent(path, false) {
+            Ok(parent) => parent,
+            Err(err) if err.is_not_found() => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        self.stat_at(&parent, path)
+    }
+
+    /// The target text of a symlink.
+    pub fn read_link(&self, path: &RelPath) -> Result<String, FsError> {
+        let parent = self.parent(path, false)?;
+        read_link_at(&parent, path.file_name(), &self.shown(path))
+    }
+
+    /// Opens a regular file for reading, refusing symlinks and anything else.
+    pub fn open_read(&self, path: &RelPath) -> Result<(File, Stat), FsError> {
+        let parent = self.parent(path, false)?;
+        let fd = rustix::fs::openat(
+            &parent,
+            path.file_name(),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY | OFlags::NONBLOCK,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::LOOP => FsError::Unsupported {
+                path: self.shown(path),
+                what: "is a symlink, not a file".into(),
+            },
+            other => FsError::io("open", self.shown(path), other),
+        })?;
+        let stat = Stat::from_raw(&rustix::fs::fstat(&fd).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        if stat.kind != Kind::File {
+            return Err(FsError::Unsupported {
+                path: self.shown(path),
+                what: "is not a regular file".into(),
+            });
+        }
+        Ok((File::from(fd), stat))
+    }
+
+    /// Reads and hashes a whole file. Fails with `TargetChanged` if the file
+    /// changed while it was read, so a hash always matches one real version.
+    pub fn hash_file(&self, path: &RelPath) -> Result<(ContentHash, Stat), FsError> {
+        let (mut file, before) = self.open_read(path)?;
+        let mut hasher = Hasher::new();
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            let read = file.read(&mut buffer).map_err(|e| FsError::io("read", self.shown(path), e))?;
+            if read == 0 {
+                break;
+            }
+            hasher.update(&buffer[..read]);
+        }
+        let after = Stat::from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        if !after.unchanged_since(&before) {
+            return Err(FsError::TargetChanged { path: self.shown(path) });
+        }
+        Ok((hasher.finalize(), after))
+    }
+
+    /// Reads a whole (small) file, returning its bytes, their hash and the stat.
+    pub fn read_whole(&self, path: &RelPath) -> Result<(Vec<u8>, ContentHash, Stat), FsError> {
+        let (mut file, before) = self.open_read(path)?;
+        let mut data = Vec::with_capacity(before.size as usize);
+        file.read_to_end(&mut data).map_err(|e| FsError::io("read", self.shown(path), e))?;
+        let after = Stat::from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        if !after.unchanged_since(&before) {
+            return Err(FsError::TargetChanged { path: self.shown(path) });
+        }
+        let hash = ContentHash::of(&data);
+        Ok((data, hash, after))
+    }
+
+    /// Starts a new staged file: `O_EXCL`, mode 0600, in this root's staging.
+    pub fn stage_file(&self) -> Result<StagedFile, FsError> {
+        let name = random_name(&self.staging_tag, "file");
+        let fd = rustix::fs::openat(
+            &self.staging,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .map_err(|e| FsError::io("create staging file", format!("{}/.ghostmirror/staging/{name}", self.path.display()), e))?;
+        let staging = self
+            .staging
+            .try_clone()
+            .map_err(|e| FsError::io("dup staging handle", self.path.display(), e))?;
+        Ok(StagedFile {
+            staging,
+            name,
+            file: Some(File::from(fd)),
+            hasher: Hasher::new(),
+            written: 0,
+        })
+    }
+
+    /// Checks `expect` against the target, then renames the staged entry
+    /// `staged_name` onto `path` and fsyncs the directory.
+    fn place(&self, staged_name: &str, path: &RelPath, expect: Expect) -> Result<Stat, FsError> {
+        let parent = self.parent(path, true)?;
+        let current = self.stat_at(&parent, path)?;
+        let result = match (expect, current) {
+            (Expect::Absent, None) => rustix::fs::renameat_with(
+                &self.staging,
+                staged_name,
+                &parent,
+                path.file_name(),
+                RenameFlags::NOREPLACE,
+            ),
+            (Expect::Unchanged(planned), Some(now)) if now.unchanged_since(&planned) && now.kind != Kind::Dir => {
+                rustix::fs::renameat(&self.staging, staged_name, &parent, path.file_name())
+            }
+            _ => Err(Errno::EXIST),
+        };
+        match result {
+            Ok(()) => {}
+            Err(Errno::EXIST) => {
+                let _ = rustix::fs::unlinkat(&self.staging, staged_name, AtFlags::empty());
+                return Err(FsError::TargetChanged { path: self.shown(path) });
+            }
+            Err(e) => {
+                let _ = rustix::fs::unlinkat(&self.staging, staged_name, AtFlags::empty());
+                return Err(FsError::io("rename into place", self.shown(path), e));
+            }
+        }
+        rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        self.stat_at(&parent, path)?
+            .ok_or_else(|| FsError::TargetChanged { path: self.shown(path) })
+    }
+
+    /// Creates a directory (parents too). An existing directory is fine.
+    pub fn make_dir(&self, path: &RelPath) -> Result<Stat, FsError> {
+        let parent = self.parent(path, true)?;
+        match self.stat_at(&parent, path)? {
+            Some(stat) if stat.kind == Kind::Dir => return Ok(stat),
+            Some(_) => return Err(FsError::TargetChanged { path: self.shown(path) }),
+            None => {}
+        }
+        match rustix::fs::mkdirat(&parent, path.file_name(), Mode::from_raw_mode(0o755)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(FsError::io("create directory", self.shown(path), e)),
+        }
+        rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        match self.stat_at(&parent, path)? {
+            Some(stat) if stat.kind == Kind::Dir => Ok(stat),
+            _ => Err(FsError::TargetChanged { path: self.shown(path) }),
+        }
+    }
+
+    /// Creates (or replaces, per `expect`) a symlink, atomically.
+    pub fn make_symlink(&self, path: &RelPath, target: &str, expect: Expect) -> Result<Stat, FsError> {
+        gm_core::entry::check_symlink_target(target).map_err(|what| FsError::Unsupported {
+            path: self.shown(path),
+            what,
+        })?;
+        let name = random_name(&self.staging_tag, "link");
+        rustix::fs::symlinkat(target, &self.staging, name.as_str())
+            .map_err(|e| FsError::io("create symlink", self.shown(path), e))?;
+        self.place(&name, path, expect)
+    }
+
+    /// Sets or clears the executable bit of a file that is still `expect`.
+    pub fn set_executable(&self, path: &RelPath, executable: bool, expect: Stat) -> Result<Stat, FsError> {
+        let (file, now) = self.open_read(path)?;
+        if !now.unchanged_since(&expect) {
+            return Err(FsError::TargetChanged { path: self.shown(path) });
+        }
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
+            .map_err(|e| FsError::io("chmod", self.shown(path), e))?;
+        Ok(Stat::from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?))
+    }
+
+    /// Removes a file, symlink or empty directory that is still the planned
+    /// version `expect`. A file is first moved aside into staging and checked
+    /// there, so a write that lands between the check and the removal is
+    /// put back instead of lost. Already absent is success.
+    pub fn remove(&self, path: &RelPath, expect: Stat) -> Result<(), FsError> {
+        let parent = match self.parent(path, false) {
+            Ok(parent) => parent,
+            Err(err) if err.is_not_found() => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        let Some(current) = self.stat_at(&parent, path)? else {
+            return Ok(());
+        };
+        if current.kind == Kind::Dir && expect.kind == Kind::Dir {
+            return match rustix::fs::unlinkat(&parent, path.file_name(), AtFlags::REMOVEDIR) {
+                Ok(()) | Err(Errno::NOENT) => {
+                    rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))
+                }
+                Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => Err(FsError::NotEmpty { path: self.shown(path) }),
+                Err(e) => Err(FsError::io("remove directory", self.shown(path), e)),
+            };
+        }
+        if !current.unchanged_since(&expect) {
+            return Err(FsError::TargetChanged { path: self.shown(path) });
+        }
+        let aside = random_name(&self.staging_tag, "removed");
+        rustix::fs::renameat(&parent, path.file_name(), &self.staging, aside.as_str())
+            .map_err(|e| FsError::io("move aside for removal", self.shown(path), e))?;
+        let moved = rustix::fs::statat(&self.staging, aside.as_str(), AtFlags::SYMLINK_NOFOLLOW)
+            .map(|raw| Stat::from_raw(&raw))
+            .map_err(|e| FsError::io("stat moved entry", self.shown(path), e))?;
+        if moved.same_file_content(&expect) {
+            rustix::fs::unlinkat(&self.staging, aside.as_str(), AtFlags::empty())
+                .map_err(|e| FsError::io("remove", self.shown(path), e))?;
+            rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+            return Ok(());
+        }
+        // Changed between the check and the move: put it back, never lose it.
+        self.restore_aside(&aside, &parent, path)?;
+        Err(FsError::TargetChanged { path: self.shown(path) })
+    }
+
+    fn restore_aside(&self, aside: &str, parent: &Parent<'_>, path: &RelPath) -> Result<(), FsError> {
+        match rustix::fs::renameat_with(&self.staging, aside, parent, path.file_name(), RenameFlags::NOREPLACE) {
+            Ok(()) => Ok(()),
+            Err(Errno::EXIST) => {
+                let restored = format!("{}.ghostmirror-restored-{:08x}", path.file_name(), rand::random::<u32>());
+                tracing::warn!(path = %path, restored = %restored, "a new entry appeared while restoring; keeping both");
+                rustix::fs::renameat_with(&self.staging, aside, parent, restored.as_str(), RenameFlags::NOREPLACE)
+                    .map_err(|e| FsError::io("restore moved entry", self.shown(path), e))
+            }
+            Err(e) => Err(FsError::io("restore moved entry", self.shown(path), e)),
+        }
+    }
+
+    /// Renames `from` (still `expect`) to `to`, which must not exist. Used
+    /// to turn a local version into its conflict copy without moving bytes.
+    pub fn rename_noreplace(&self, from: &RelPath, to: &RelPath, expect: Stat) -> Result<Stat, FsError> {
+        let from_parent = self.parent(from, false)?;
+        let current = self
+            .stat_at(&from_parent, from)?
+            .ok_or_else(|| FsError::TargetChanged { path: self.shown(from) })?;
+        let same = if expect.kind == Kind::Dir {
+            current.kind == Kind::Dir && current.ino == expect.ino
+        } else {
+            current.unchanged_since(&expect)
+        };
+        if !same {
+            return Err(FsError::TargetChanged { path: self.shown(from) });
+        }
+        let to_parent = self.parent(to, true)?;
+        rustix::fs::renameat_with(&from_parent, from.file_name(), &to_parent, to.file_name(), RenameFlags::NOREPLACE)
+            .map_err(|e| match e {
+                Errno::EXIST => FsError::TargetChanged { path: self.shown(to) },
+                other => FsError::io("rename", self.shown(from), other),
+            })?;
+        rustix::fs::fsync(&to_parent).map_err(|e| FsError::io("fsync directory", self.shown(to), e))?;
+        rustix::fs::fsync(&from_parent).map_err(|e| FsError::io("fsync directory", self.shown(from), e))?;
+        self.stat_at(&to_parent, to)?
+            .ok_or_else(|| FsError::TargetChanged { path: self.shown(to) })
+    }
+
+    /// Removes every staging entry of this root (left by an earlier process:
+    /// call before any transfer starts). Returns how many were removed.
+    pub fn clear_staging(&self) -> Result<usize, FsError> {
+        let shown = format!("{}/.ghostmirror/staging", self.path.display());
+        let mut names = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&self.staging).map_err(|e| FsError::io("read directory", &shown, e))? {
+            let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                names.push(entry.file_name().to_owned());
+            }
+        }
+        for name in &names {
+            match rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(Errno::ISDIR) => {
+                    let _ = rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::REMOVEDIR);
+                }
+                Err(e) => return Err(FsError::io("remove staging entry", &shown, e)),
+            }
+        }
+        Ok(names.len())
+    }
+
+    /// How many entries the staging directory holds now.
+    pub fn staging_entries(&self) -> Result<usize, FsError> {
+        let shown = format!("{}/.ghostmirror/staging", self.path.display());
+        let mut count = 0;
+        for entry in rustix::fs::Dir::read_from(&self.staging).map_err(|e| FsError::io("read directory", &shown, e))? {
+            let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." {
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// The root directory handle, for the scanner.
+    pub(crate) fn dir_fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
+    }
+
+    /// Opens the directory at `path` (no symlink followed anywhere).
+    pub(crate) fn open_dir(&self, path: &RelPath) -> Result<OwnedFd, FsError> {
+        let parent = self.parent(path, false)?;
+        rustix::fs::openat(&parent, path.file_name(), dir_flags(), Mode::empty()).map_err(|e| match e {
+            Errno::NOTDIR | Errno::LOOP => FsError::NotADirectory { path: self.shown(path) },
+            other => FsError::io("open directory", self.shown(path), other),
+        })
+    }
+}
+
+fn open_or_make_dir(parent: BorrowedFd<'_>, name: &str, mode: u32, shown: &str) -> Result<OwnedFd, FsError> {
+    match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(Errno::EXIST) => {}
+        Err(e) => return Err(FsError::io("create directory", format!("{shown}/{name}"), e)),
+    }
+    rustix::fs::openat(parent, name, dir_flags(), Mode::empty()).map_err(|e| match e {
+        Errno::NOTDIR | Errno::LOOP => FsError::NotADirectory {
+            path: format!("{shown}/{name}"),
+        },
+        other => FsError::io("open directory", format!("{shown}/{name}"), other),
+    })
+}
+
+pub(crate) fn read_link_at(dir: impl AsFd, name: &str, shown: &str) -> Result<String, FsError> {
+    let target = rustix::fs::readlinkat(dir, name, Vec::new()).map_err(|e| FsError::io("read symlink", shown, e))?;
+    String::from_utf8(target.into_bytes()).map_err(|_| FsError::Unsupported {
+        path: shown.to_string(),
+        what: "symlink target is not valid UTF-8".into(),
+    })
+}
+
+/// A file being written in staging. Dropping it without `commit` removes it.
+pub struct StagedFile {
+    staging: OwnedFd,
+    name: String,
+    file: Option<File>,
+    hasher: Hasher,
+    written: u64,
+}
+
+impl StagedFile {
+    /// Appends bytes, hashing them as they are written.
+    pub fn write_all(&mut self, data: &[u8]) -> Result<(), FsError> {
+        let Some(file) = self.file.as_mut() else {
+            return Err(FsError::Unsupported {
+                path: self.name.clone(),
+                what: "staged file already finished".into(),
+            });
+        };
+        file.write_all(data).map_err(|e| FsError::io("write staging file", &self.name, e))?;
+        self.hasher.update(data);
+        self.written += data.len() as u64;
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.written
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+
+    /// The hash of everything written so far.
+    pub fn hash(&self) -> ContentHash {
+        self.hasher.finalize()
+    }
+
+    /// Copies a file of `root` into this staged file (a local copy: bytes
+    /// move on disk, never on the wire).
+    pub fn copy_from(&mut self, root: &Root, source: &RelPath) -> Result<(), FsError> {
+        let (mut file, _) = root.open_read(source)?;
+        let mut buffer = vec![0u8; 256 * 1024];
+        loop {
+            let read = file.read(&mut buffer).map_err(|e| FsError::io("read", root.shown(source), e))?;
+            if read == 0 {
+                return Ok(());
+            }
+            self.write_all(&buffer[..read])?;
+        }
+    }
+
+    /// The commit: checks the whole-content hash once, sets the mode on the
+    /// open file, fsyncs it, checks the target is still `expect`, renames it
+    /// into place and fsyncs the directory. On any failure the staging file
+    /// is removed and nothing is visible at `path`.
+    pub fn commit(
+        mut self,
+        root: &Root,
+        path: &RelPath,
+        expected: ContentHash,
+        executable: bool,
+        expect: Expect,
+    ) -> Result<Stat, FsError> {
+        let actual = self.hasher.finalize();
+        if actual != expected {
+            return Err(FsError::HashMismatch {
+                path: root.shown(path),
+                expected: expected.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        let Some(file) = self.file.take() else {
+            return Err(FsError::Unsupported {
+                path: root.shown(path),
+                what: "staged file already finished".into(),
+            });
+        };
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
+            .map_err(|e| FsError::io("chmod staging file", root.shown(path), e))?;
+        file.sync_all().map_err(|e| FsError::io("fsync staging file", root.shown(path), e))?;
+        drop(file);
+        let name = std::mem::take(&mut self.name);
+        root.place(&name, path, expect)
+    }
+}
+
+impl Drop for StagedFile {
+    fn drop(&mut self) {
+        if !self.name.is_empty() {
+            let _ = rustix::fs::unlinkat(&self.staging, self.name.as_str(), AtFlags::empty());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn rel(raw: &str) -> RelPath {
+        RelPath::new(raw).unwrap()
+    }
+
+    fn write(root: &Root, path: &str, data: &[u8], executable: bool, expect: Expect) -> Result<Stat, FsError> {
+        let mut staged = root.stage_file()?;
+        staged.write_all(data)?;
+        staged.commit(root, &rel(path), ContentHash::of(data), executable, expect)
+    }
+
+    #[test]
+    fn atomic_write_creates_parents_sets_mode_and_leaves_no_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let stat = write(&root, "a/b/c.sh", b"#!/bin/sh\n", true, Expect::Absent).unwrap();
+        assert_eq!(stat.mode & 0o777, 0o755);
+        let on_disk = std::fs::metadata(dir.path().join("a/b/c.sh")).unwrap();
+        assert_eq!(on_disk.permissions().mode() & 0o777, 0o755);
+        assert_eq!(std::fs::read(dir.path().join("a/b/c.sh")).unwrap(), b"#!/bin/sh\n");
+        assert_eq!(root.staging_entries().unwrap(), 0);
+    }
+
+    #[test]
+    fn hash_mismatch_discards_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let mut staged = root.stage_file().unwrap();
+        staged.write_all(b"actual").unwrap();
+        let err = staged
+            .commit(&root, &rel("x"), ContentHash::of(b"expected"), false, Expect::Absent)
+            .unwrap_err();
+        assert!(matches!(err, FsError::HashMismatch { .. }), "{err}");
+        assert!(!dir.path().join("x").exists());
+        assert_eq!(root.staging_entries().unwrap(), 0);
+    }
+
+    #[test]
+    fn changed_target_is_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let planned = write(&root, "f", b"one", false, Expect::Absent).unwrap();
+        // Someone else writes in between.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("f"), b"theirs!").unwrap();
+        let err = write(&root, "f", b"two", false, Expect::Unchanged(planned)).unwrap_err();
+        assert!(matches!(err, FsError::TargetChanged { .. }), "{err}");
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"theirs!");
+        // Expecting absence where something exists fails too.
+        assert!(matches!(write(&root, "f", b"3", false, Expect::Absent), Err(FsError::TargetChanged { .. })));
+        assert_eq!(root.staging_entries().unwrap(), 0);
+    }
+
+    #[test]
+    fn symlinked_parent_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
+        let err = write(&root, "link/escape", b"x", false, Expect::Absent).unwrap_err();
+        assert!(matches!(err, FsError::NotADirectory { .. }), "{err}");
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+        assert!(root.open_read(&rel("link/escape")).is_err());
+        // A symlink as the final component is not opened for reading either.
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("s")).unwrap();
+        assert!(root.open_read(&rel("s")).is_err());
+        assert_eq!(root.read_link(&rel("s")).unwrap(), outside.path().join("secret").display().to_string());
+    }
+
+    #[test]
+    fn remove_checks_the_planned_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let planned = write(&root, "f", b"one", false, Expect::Absent).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(dir.path().join("f"), b"edited").unwrap();
+        assert!(matches!(root.remove(&rel("f"), planned), Err(FsError::TargetChanged { .. })));
+        assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"edited");
+        let now = root.lstat(&rel("f")).unwrap().unwrap();
+        root.remove(&rel("f"), now).unwrap();
+        assert!(!dir.path().join("f").exists());
+        root.remove(&rel("f"), now).unwrap();
+        let d = root.make_dir(&rel("d/e")).unwrap();
+        let d_parent = root.lstat(&rel("d")).unwrap().unwrap();
+        assert!(matches!(root.remove(&rel("d"), d_parent), Err(FsError::NotEmpty { .. })));
+        root.remove(&rel("d/e"), d).unwrap();
+        root.remove(&rel("d"), d_parent).unwrap();
+        assert_eq!(root.staging_entries().unwrap(), 0);
+    }
+
+    #[test]
+    fn symlinks_and_renames() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let link = root.make_symlink(&rel("l"), "../../outside", Expect::Absent).unwrap();
+        assert_eq!(link.kind, Kind::Symlink);
+        assert_eq!(root.read_link(&rel("l")).unwrap(), "../../outside");
+        let link2 = root.make_symlink(&rel("l"), "other", Expect::Unchanged(link)).unwrap();
+        let moved = root.rename_noreplace(&rel("l"), &rel("sub/l2"), link2).unwrap();
+        assert_eq!(moved.kind, Kind::Symlink);
+        assert_eq!(root.read_link(&rel("sub/l2")).unwrap(), "other");
+        let stat = write(&root, "f", b"x", false, Expect::Absent).unwrap();
+        let stat = root.set_executable(&rel("f"), true, stat).unwrap();
+        assert!(stat.executable());
+        assert!(root.rename_noreplace(&rel("f"), &rel("sub/l2"), stat).is_err());
+    }
+
+    #[test]
+    fn replaced_root_is_detected() {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("ws");
+        std::fs::create_dir(&path).unwrap();
+        let root = Root::open(&path, "t").unwrap();
+        assert!(root.still_in_place());
+        std::fs::rename(&path, parent.path().join("old")).unwrap();
+        assert!(!root.still_in_place());
+        std::fs::create_dir(&path).unwrap();
+        assert!(!root.still_in_place());
+    }
+}

@@ -1,0 +1,417 @@
+//! Stat walks and the hash-cache rule.
+//!
+//! `scan_tree` walks a root (or one subtree) without following symlinks,
+//! stats every entry and hashes only regular files whose stat differs from
+//! their cache record, or whose record is racily clean: taken so soon after
+//! the file's last change (`racy_window`) that a further write in the same
+//! timestamp tick could hide behind an identical stat. Racy records are
+//! re-verified on a later scan once the window has passed, after which a
+//! restart costs a stat walk and no hashing at all.
+//!
+//! The walk skips `.ghostmirror/` at the root and reports (never syncs)
+//! names that are not valid paths and special files (sockets, fifos,
+//! devices).
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use gm_core::{ContentHash, Entry, RelPath};
+use rustix::fs::{AtFlags, Mode, OFlags};
+
+use crate::error::FsError;
+use crate::root::{Root, read_link_at};
+use crate::stat::{Kind, Stat};
+
+/// What the cache knows about one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheRecord {
+    pub stat: Stat,
+    pub hash: ContentHash,
+    /// Wall-clock time (ns since the epoch) when `stat` was taken.
+    pub recorded_ns: i64,
+}
+
+impl CacheRecord {
+    /// True when a change after the record could share its exact stat.
+    pub fn is_racy(&self, window_ns: i64) -> bool {
+        self.recorded_ns - self.stat.mtime_ns.max(self.stat.ctime_ns) < window_ns
+    }
+
+    /// True when the cached hash may be used for a file that stats as `now`.
+    pub fn valid_for(&self, now: &Stat, window_ns: i64) -> bool {
+        now.unchanged_since(&self.stat) && !self.is_racy(window_ns)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ScanConfig {
+    pub racy_window_ns: i64,
+    pub hash_workers: usize,
+}
+
+impl Default for ScanConfig {
+    fn default() -> Self {
+        ScanConfig {
+            racy_window_ns: 2_000_000_000,
+            hash_workers: std::thread::available_parallelism().map_or(2, usize::from),
+        }
+    }
+}
+
+/// One entry found on disk.
+#[derive(Debug, Clone)]
+pub struct Scanned {
+    pub path: RelPath,
+    pub entry: Entry,
+    pub stat: Stat,
+}
+
+#[derive(Debug, Default)]
+pub struct ScanOutcome {
+    /// Every entry under the scanned subtree, parents before children.
+    pub entries: Vec<Scanned>,
+    /// New or changed cache records to persist.
+    pub cache_updates: Vec<(RelPath, CacheRecord)>,
+    /// Files whose content was read and hashed.
+    pub hashed: u64,
+    /// Files whose hash came from the cache.
+    pub cache_hits: u64,
+    /// Records written by this scan that are still racily clean.
+    pub racy: u64,
+    /// Entries that were skipped, with why.
+    pub problems: Vec<String>,
+    /// False when the subtree's top does not exist.
+    pub found: bool,
+}
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64)
+}
+
+struct Walked {
+    path: RelPath,
+    stat: Stat,
+    link_target: Option<String>,
+}
+
+/// Walks `root` (or the subtree at `top`) and returns what it holds, with
+/// file hashes from `cache` where the stat allows and fresh hashes elsewhere.
+pub fn scan_tree(
+    root: &Root,
+    top: Option<&RelPath>,
+    cache: &HashMap<RelPath, CacheRecord>,
+    config: &ScanConfig,
+) -> Result<ScanOutcome, FsError> {
+    let mut outcome = ScanOutcome {
+        found: true,
+        ..Default::default()
+    };
+    let mut walked = Vec::new();
+    let mut stack: Vec<(OwnedFd, Option<RelPath>)> = Vec::new();
+    match top {
+        None => {
+            let fd = rustix::fs::openat(root.dir_fd(), ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+                .map_err(|e| FsError::io("open directory", root.path().display(), e))?;
+            stack.push((fd, None));
+        }
+        Some(top) => {
+            let Some(stat) = root.lstat(top)? else {
+                outcome.found = false;
+                return Ok(outcome);
+            };
+            if stat.kind == Kind::Dir {
+                match root.open_dir(top) {
+                    Ok(fd) => stack.push((fd, Some(top.clone()))),
+                    Err(err) if err.is_not_found() => {
+                        outcome.found = false;
+                        return Ok(outcome);
+                    }
+                    Err(err) => return Err(err),
+                }
+            }
+            let link_target = if stat.kind == Kind::Symlink {
+                Some(root.read_link(top)?)
+            } else {
+                None
+            };
+            walked.push(Walked {
+                path: top.clone(),
+                stat,
+                link_target,
+            });
+        }
+    }
+    while let Some((dir, prefix)) = stack.pop() {
+        walk_dir(root, dir, prefix, &mut walked, &mut stack, &mut outcome.problems)?;
+    }
+
+    // Hash what the cache cannot vouch for, on a bounded pool.
+    let mut to_hash = Vec::new();
+    for (index, item) in walked.iter().enumerate() {
+        if item.stat.kind == Kind::File {
+            match cache.get(&item.path) {
+                Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => outcome.cache_hits += 1,
+                _ => to_hash.push(index),
+            }
+        }
+    }
+    let hashed = hash_many(root, &walked, &to_hash, config.hash_workers.max(1));
+    let mut fresh: HashMap<usize, (ContentHash, Stat)> = HashMap::with_capacity(hashed.len());
+    for (index, result) in hashed {
+        match result {
+            Ok((hash, stat)) => {
+                fresh.insert(index, (hash, stat));
+            }
+            Err(err) => outcome.problems.push(err.to_string()),
+        }
+    }
+    outcome.hashed = fresh.len() as u64;
+    let recorded_ns = now_ns();
+
+    for (index, item) in walked.into_iter().enumerate() {
+        let entry = match item.stat.kind {
+            Kind::Dir => Entry::Dir,
+            Kind::Symlink => match item.link_target {
+                Some(target) => Entry::Symlink { target },
+                None => continue,
+            },
+            Kind::File => {
+                let (hash, stat) = match fresh.remove(&index) {
+                    Some((hash, stat)) => {
+                        let record = CacheRecord { stat, hash, recorded_ns };
+                        if record.is_racy(config.racy_window_ns) {
+                            outcome.racy += 1;
+                        }
+                        outcome.cache_updates.push((item.path.clone(), record));
+                        (hash, stat)
+                    }
+                    None => match cache.get(&item.path) {
+                        Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => (record.hash, item.stat),
+                        // Could not be hashed (changed while read, vanished): left for the next scan.
+                        _ => continue,
+                    },
+                };
+                outcome.entries.push(Scanned {
+                    path: item.path,
+                    entry: Entry::File {
+                        hash,
+                        size: stat.size,
+                        executable: stat.executable(),
+                    },
+                    stat,
+                });
+                continue;
+            }
+            Kind::Other => continue,
+        };
+        outcome.entries.push(Scanned {
+            path: item.path,
+            entry,
+            stat: item.stat,
+        });
+    }
+    outcome.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(outcome)
+}
+
+fn walk_dir(
+    root: &Root,
+    dir: OwnedFd,
+    prefix: Option<RelPath>,
+    walked: &mut Vec<Walked>,
+    stack: &mut Vec<(OwnedFd, Option<RelPath>)>,
+    problems: &mut Vec<String>,
+) -> Result<(), FsError> {
+    let shown_dir = match &prefix {
+        Some(p) => format!("{}/{}", root.path().display(), p),
+        None => root.path().display().to_string(),
+    };
+    let reader = match rustix::fs::Dir::read_from(&dir) {
+        Ok(reader) => reader,
+        Err(e) => {
+            problems.push(format!("read directory {shown_dir}: {e}"));
+            return Ok(());
+        }
+    };
+    for item in reader {
+        let item = match item {
+            Ok(item) => item,
+            Err(e) => {
+                problems.push(format!("read directory {shown_dir}: {e}"));
+                break;
+            }
+        };
+        let raw = item.file_name().to_bytes();
+        if raw == b"." || raw == b".." {
+            continue;
+        }
+        if prefix.is_none() && raw == gm_core::INTERNAL_DIR.as_bytes() {
+            continue;
+        }
+        let name = match std::str::from_utf8(raw) {
+            Ok(name) => name,
+            Err(_) => {
+                problems.push(format!("{shown_dir}/{}: name is not valid UTF-8; not synced", String::from_utf8_lossy(raw)));
+                continue;
+            }
+        };
+        let path = match &prefix {
+            Some(p) => p.join(name),
+            None => RelPath::new(name),
+        };
+        let path = match path {
+            Ok(path) => path,
+            Err(err) => {
+                problems.push(format!("{shown_dir}/{name}: {err}; not synced"));
+                continue;
+            }
+        };
+        let stat = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(raw) => Stat::from_raw(&raw),
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(e) => {
+                problems.push(format!("stat {shown_dir}/{name}: {e}"));
+                continue;
+            }
+        };
+        let mut link_target = None;
+        match stat.kind {
+            Kind::Dir => {
+                match rustix::fs::openat(&dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                    Ok(fd) => stack.push((fd, Some(path.clone()))),
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => {
+                        problems.push(format!("open directory {shown_dir}/{name}: {e}"));
+                        continue;
+                    }
+                }
+            }
+            Kind::Symlink => match read_link_at(dir.as_fd(), name, &format!("{shown_dir}/{name}")) {
+                Ok(target) => link_target = Some(target),
+                Err(err) => {
+                    problems.push(err.to_string());
+                    continue;
+                }
+            },
+            Kind::Other => {
+                problems.push(format!("{shown_dir}/{name}: special file (socket, fifo or device); not synced"));
+                continue;
+            }
+            Kind::File => {}
+        }
+        walked.push(Walked { path, stat, link_target });
+    }
+    Ok(())
+}
+
+type HashResult = (usize, Result<(ContentHash, Stat), FsError>);
+
+fn hash_many(root: &Root, walked: &[Walked], indices: &[usize], workers: usize) -> Vec<HashResult> {
+    if indices.is_empty() {
+        return Vec::new();
+    }
+    let next = AtomicUsize::new(0);
+    let results = Mutex::new(Vec::with_capacity(indices.len()));
+    let workers = workers.min(indices.len());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                let mut local = Vec::new();
+                loop {
+                    let at = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&index) = indices.get(at) else { break };
+                    let path = &walked[index].path;
+                    let mut result = root.hash_file(path);
+                    // A file that changed while being read gets one more try.
+                    if matches!(result, Err(FsError::TargetChanged { .. })) {
+                        result = root.hash_file(path);
+                    }
+                    local.push((index, result));
+                }
+                if let Ok(mut all) = results.lock() {
+                    all.extend(local);
+                }
+            });
+        }
+    });
+    results.into_inner().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(raw: &str) -> RelPath {
+        RelPath::new(raw).unwrap()
+    }
+
+    fn cache_of(outcome: &ScanOutcome, into: &mut HashMap<RelPath, CacheRecord>) {
+        for (path, record) in &outcome.cache_updates {
+            into.insert(path.clone(), *record);
+        }
+    }
+
+    #[test]
+    fn second_scan_hashes_nothing_once_records_are_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::write(dir.path().join("a/b/f"), b"one").unwrap();
+        std::fs::write(dir.path().join("top"), b"two").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).unwrap();
+        let config = ScanConfig {
+            racy_window_ns: 0,
+            hash_workers: 2,
+        };
+        let mut cache = HashMap::new();
+        let first = scan_tree(&root, None, &cache, &config).unwrap();
+        assert_eq!(first.hashed, 2);
+        let names: Vec<_> = first.entries.iter().map(|e| e.path.as_str().to_string()).collect();
+        assert_eq!(names, ["a", "a/b", "a/b/f", "link", "top"]);
+        assert!(matches!(&first.entries[3].entry, Entry::Symlink { target } if target == "/etc/passwd"));
+        cache_of(&first, &mut cache);
+        let second = scan_tree(&root, None, &cache, &config).unwrap();
+        assert_eq!((second.hashed, second.cache_hits), (0, 2));
+        // A change is seen; a subtree scan sees only its subtree.
+        std::fs::write(dir.path().join("a/b/f"), b"changed").unwrap();
+        let sub = scan_tree(&root, Some(&rel("a/b")), &cache, &config).unwrap();
+        assert_eq!(sub.hashed, 1);
+        assert_eq!(sub.entries.len(), 2);
+        assert_eq!(sub.entries[1].entry.file_hash(), Some(ContentHash::of(b"changed")));
+    }
+
+    #[test]
+    fn racy_records_are_rehashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        std::fs::write(dir.path().join("f"), b"one").unwrap();
+        let config = ScanConfig {
+            racy_window_ns: 60_000_000_000,
+            hash_workers: 1,
+        };
+        let mut cache = HashMap::new();
+        let first = scan_tree(&root, None, &cache, &config).unwrap();
+        assert_eq!(first.racy, 1);
+        cache_of(&first, &mut cache);
+        let second = scan_tree(&root, None, &cache, &config).unwrap();
+        assert_eq!(second.hashed, 1, "a racily clean record is not trusted");
+    }
+
+    #[test]
+    fn internal_dir_and_special_files_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        std::fs::write(dir.path().join(".ghostmirror/x"), b"internal").unwrap();
+        rustix::fs::mknodat(rustix::fs::CWD, dir.path().join("fifo"), rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
+        let outcome = scan_tree(&root, None, &HashMap::new(), &ScanConfig::default()).unwrap();
+        assert!(outcome.entries.is_empty(), "{:?}", outcome.entries);
+        assert_eq!(outcome.problems.len(), 1);
+        assert!(outcome.problems[0].contains("fifo"));
+        let missing = scan_tree(&root, Some(&rel("nope/x")), &HashMap::new(), &ScanConfig::default()).unwrap();
+        assert!(!missing.found);
+    }
+}
