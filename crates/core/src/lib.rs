@@ -10,11 +10,13 @@
 pub mod conflict;
 pub mod entry;
 pub mod hash;
+pub mod meta;
 pub mod path;
 pub mod reconcile;
 
 pub use conflict::{CommitDecision, conflict_copy_name, decide_commit};
 pub use entry::{Entry, Seq, Versioned};
 pub use hash::{ContentHash, Hasher};
+pub use meta::{CacheRecord, Kind, Stat};
 pub use path::{NodeId, PathError, RelPath, WorkspaceId, INTERNAL_DIR};
 pub use reconcile::{NodeAction, decide_node};

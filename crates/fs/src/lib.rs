@@ -26,5 +26,5 @@ pub mod watch;
 pub use error::FsError;
 pub use lock::DirLock;
 pub use root::{Expect, Root, StagedFile};
-pub use scan::{CacheRecord, ScanConfig, ScanOutcome, scan_tree};
-pub use stat::{Kind, Stat};
+pub use gm_core::{CacheRecord, Kind, Stat};
+pub use scan::{ScanConfig, ScanOutcome, Scanned, scan_tree};

@@ -25,7 +25,8 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::error::FsError;
-use crate::stat::{Kind, Stat};
+use crate::stat::from_raw;
+use gm_core::{Kind, Stat};
 
 /// Where staging lives inside each root.
 pub const STAGING_DIR: &str = "staging";
@@ -86,7 +87,7 @@ impl Root {
                 Errno::NOTDIR => FsError::NotADirectory { path: shown.clone() },
                 other => FsError::io("open workspace root", &shown, other),
             })?;
-        let identity = Stat::from_raw(&rustix::fs::fstat(&dir).map_err(|e| FsError::io("stat", &shown, e))?);
+        let identity = from_raw(&rustix::fs::fstat(&dir).map_err(|e| FsError::io("stat", &shown, e))?);
         let internal = open_or_make_dir(dir.as_fd(), gm_core::INTERNAL_DIR, 0o700, &shown)?;
         let staging = open_or_make_dir(internal.as_fd(), STAGING_DIR, 0o700, &shown)?;
         Ok(Root {
@@ -118,7 +119,7 @@ impl Root {
     pub fn still_in_place(&self) -> bool {
         match rustix::fs::stat(&self.path) {
             Ok(raw) => {
-                let now = Stat::from_raw(&raw);
+                let now = from_raw(&raw);
                 now.kind == Kind::Dir && now.ino == self.identity.ino && now.dev == self.identity.dev
             }
             Err(_) => false,
@@ -168,7 +169,7 @@ impl Root {
 
     fn stat_at(&self, parent: &Parent<'_>, path: &RelPath) -> Result<Option<Stat>, FsError> {
         match rustix::fs::statat(parent, path.file_name(), AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(raw) => Ok(Some(Stat::from_raw(&raw))),
+            Ok(raw) => Ok(Some(from_raw(&raw))),
             Err(Errno::NOENT) => Ok(None),
             Err(e) => Err(FsError::io("stat", self.shown(path), e)),
         }
@@ -206,7 +207,7 @@ impl Root {
             },
             other => FsError::io("open", self.shown(path), other),
         })?;
-        let stat = Stat::from_raw(&rustix::fs::fstat(&fd).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        let stat = from_raw(&rustix::fs::fstat(&fd).map_err(|e| FsError::io("stat", self.shown(path), e))?);
         if stat.kind != Kind::File {
             return Err(FsError::Unsupported {
                 path: self.shown(path),
@@ -229,7 +230,7 @@ impl Root {
             }
             hasher.update(&buffer[..read]);
         }
-        let after = Stat::from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        let after = from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
         if !after.unchanged_since(&before) {
             return Err(FsError::TargetChanged { path: self.shown(path) });
         }
@@ -241,7 +242,7 @@ impl Root {
         let (mut file, before) = self.open_read(path)?;
         let mut data = Vec::with_capacity(before.size as usize);
         file.read_to_end(&mut data).map_err(|e| FsError::io("read", self.shown(path), e))?;
-        let after = Stat::from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        let after = from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
         if !after.unchanged_since(&before) {
             return Err(FsError::TargetChanged { path: self.shown(path) });
         }
@@ -345,7 +346,7 @@ impl Root {
         }
         rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
             .map_err(|e| FsError::io("chmod", self.shown(path), e))?;
-        Ok(Stat::from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?))
+        Ok(from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?))
     }
 
     /// Removes a file, symlink or empty directory that is still the planned
@@ -377,7 +378,7 @@ impl Root {
         rustix::fs::renameat(&parent, path.file_name(), &self.staging, aside.as_str())
             .map_err(|e| FsError::io("move aside for removal", self.shown(path), e))?;
         let moved = rustix::fs::statat(&self.staging, aside.as_str(), AtFlags::SYMLINK_NOFOLLOW)
-            .map(|raw| Stat::from_raw(&raw))
+            .map(|raw| from_raw(&raw))
             .map_err(|e| FsError::io("stat moved entry", self.shown(path), e))?;
         if moved.same_file_content(&expect) {
             rustix::fs::unlinkat(&self.staging, aside.as_str(), AtFlags::empty())

@@ -17,33 +17,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use gm_core::{ContentHash, Entry, RelPath};
+use gm_core::{CacheRecord, ContentHash, Entry, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::error::FsError;
 use crate::root::{Root, read_link_at};
-use crate::stat::{Kind, Stat};
-
-/// What the cache knows about one file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CacheRecord {
-    pub stat: Stat,
-    pub hash: ContentHash,
-    /// Wall-clock time (ns since the epoch) when `stat` was taken.
-    pub recorded_ns: i64,
-}
-
-impl CacheRecord {
-    /// True when a change after the record could share its exact stat.
-    pub fn is_racy(&self, window_ns: i64) -> bool {
-        self.recorded_ns - self.stat.mtime_ns.max(self.stat.ctime_ns) < window_ns
-    }
-
-    /// True when the cached hash may be used for a file that stats as `now`.
-    pub fn valid_for(&self, now: &Stat, window_ns: i64) -> bool {
-        now.unchanged_since(&self.stat) && !self.is_racy(window_ns)
-    }
-}
+use crate::stat::from_raw;
+use gm_core::{Kind, Stat};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ScanConfig {
@@ -271,7 +251,7 @@ fn walk_dir(
             }
         };
         let stat = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(raw) => Stat::from_raw(&raw),
+            Ok(raw) => from_raw(&raw),
             Err(rustix::io::Errno::NOENT) => continue,
             Err(e) => {
                 problems.push(format!("stat {shown_dir}/{name}: {e}"));

@@ -1,0 +1,326 @@
+//! The node's database: bound workspaces, the synced tree (merge base) and
+//! the local hash cache.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use gm_core::{CacheRecord, Entry, RelPath, Seq, Versioned, WorkspaceId};
+use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+
+use crate::codec::{cache_columns, cache_from_row, entry_columns, entry_from_row, subtree_bounds};
+use crate::{StoreError, open_with};
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE workspaces (
+    id TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL DEFAULT '',
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    root_dev INTEGER,
+    root_ino INTEGER,
+    halted TEXT,
+    confirm_empty INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+-- The synced tree: the last version of each path both sides agreed on.
+CREATE TABLE synced (
+    ws TEXT NOT NULL,
+    path TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    hash BLOB,
+    size INTEGER NOT NULL,
+    executable INTEGER NOT NULL,
+    target TEXT,
+    PRIMARY KEY (ws, path)
+) WITHOUT ROWID;
+CREATE INDEX synced_by_hash ON synced (ws, hash) WHERE hash IS NOT NULL;
+CREATE TABLE hash_cache (
+    ws TEXT NOT NULL,
+    path TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    ino INTEGER NOT NULL,
+    dev INTEGER NOT NULL,
+    mode INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    recorded_ns INTEGER NOT NULL,
+    PRIMARY KEY (ws, path)
+) WITHOUT ROWID;
+CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);
+"#];
+
+pub struct NodeDb {
+    path: String,
+    conn: Mutex<Connection>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeWorkspace {
+    pub epoch: String,
+    pub last_seq: Seq,
+    /// (dev, ino) of the root directory when it was first synced.
+    pub root_identity: Option<(u64, u64)>,
+    pub halted: Option<String>,
+    pub confirm_empty: bool,
+}
+
+/// One atomic step of the node's state.
+#[derive(Debug, Default)]
+pub struct NodeBatch {
+    /// New synced versions (`entry == None`: remove from the synced tree).
+    pub synced_put: Vec<(RelPath, Versioned)>,
+    pub synced_del: Vec<RelPath>,
+    pub cache_put: Vec<(RelPath, CacheRecord)>,
+    pub cache_del: Vec<RelPath>,
+    /// Raise the workspace's last seen seq to this (never lowered).
+    pub last_seq: Option<Seq>,
+}
+
+impl NodeBatch {
+    pub fn is_empty(&self) -> bool {
+        self.synced_put.is_empty()
+            && self.synced_del.is_empty()
+            && self.cache_put.is_empty()
+            && self.cache_del.is_empty()
+            && self.last_seq.is_none()
+    }
+}
+
+impl NodeDb {
+    pub fn open(path: &Path) -> Result<NodeDb, StoreError> {
+        let conn = open_with(path, MIGRATIONS)?;
+        Ok(NodeDb {
+            path: path.display().to_string(),
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn corrupt(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what: what.into(),
+        }
+    }
+
+    fn path_of(&self, raw: &str) -> Result<RelPath, StoreError> {
+        RelPath::new(raw).map_err(|e| self.corrupt(e.to_string()))
+    }
+
+    pub fn workspace(&self, ws: &WorkspaceId) -> Result<Option<NodeWorkspace>, StoreError> {
+        let row: Option<(String, i64, Option<i64>, Option<i64>, Option<String>, i64)> = self.with(|c| {
+            c.query_row(
+                "SELECT epoch, last_seq, root_dev, root_ino, halted, confirm_empty FROM workspaces WHERE id = ?1",
+                [ws.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()
+        })?;
+        Ok(row.map(|(epoch, last_seq, dev, ino, halted, confirm)| NodeWorkspace {
+            epoch,
+            last_seq: Seq(last_seq as u64),
+            root_identity: dev.zip(ino).map(|(d, i)| (d as u64, i as u64)),
+            halted,
+            confirm_empty: confirm != 0,
+        }))
+    }
+
+    /// Creates the workspace row if missing.
+    pub fn ensure_workspace(&self, ws: &WorkspaceId) -> Result<NodeWorkspace, StoreError> {
+        self.with(|c| c.execute("INSERT OR IGNORE INTO workspaces (id) VALUES (?1)", [ws.as_str()]))?;
+        self.workspace(ws)?.ok_or_else(|| StoreError::UnknownWorkspace(ws.to_string()))
+    }
+
+    /// Starts over against a hub journal with another epoch: the synced tree
+    /// is forgotten (files on disk stay and are merged like a first sync).
+    pub fn reset_epoch(&self, ws: &WorkspaceId, epoch: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM synced WHERE ws = ?1", [ws.as_str()])?;
+            tx.execute(
+                "UPDATE workspaces SET epoch = ?2, last_seq = 0 WHERE id = ?1",
+                params![ws.as_str(), epoch],
+            )?;
+            tx.commit()
+        })
+    }
+
+    pub fn set_root_identity(&self, ws: &WorkspaceId, identity: (u64, u64)) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET root_dev = ?2, root_ino = ?3 WHERE id = ?1",
+                params![ws.as_str(), identity.0 as i64, identity.1 as i64],
+            )
+        })?;
+        Ok(())
+    }
+
+    pub fn set_halted(&self, ws: &WorkspaceId, reason: Option<&str>) -> Result<(), StoreError> {
+        self.with(|c| c.execute("UPDATE workspaces SET halted = ?2 WHERE id = ?1", params![ws.as_str(), reason]))?;
+        Ok(())
+    }
+
+    /// Marks an emptying (or replacement) of the root as deliberate.
+    pub fn request_confirm_empty(&self, ws: &WorkspaceId) -> Result<bool, StoreError> {
+        let changed = self.with(|c| {
+            c.execute("UPDATE workspaces SET confirm_empty = 1 WHERE id = ?1", [ws.as_str()])
+        })?;
+        Ok(changed > 0)
+    }
+
+    /// Consumes a pending confirmation.
+    pub fn take_confirm_empty(&self, ws: &WorkspaceId) -> Result<bool, StoreError> {
+        let changed = self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET confirm_empty = 0 WHERE id = ?1 AND confirm_empty = 1",
+                [ws.as_str()],
+            )
+        })?;
+        Ok(changed > 0)
+    }
+
+    /// The whole synced tree of a workspace.
+    pub fn synced(&self, ws: &WorkspaceId) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
+        let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT path, seq, kind, hash, size, executable, target FROM synced WHERE ws = ?1 ORDER BY path",
+            )?;
+            stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, r.get(1)?, entry_from_row(r, 2)?)))?
+                .collect()
+        })?;
+        rows.into_iter()
+            .map(|(path, seq, entry)| {
+                Ok((
+                    self.path_of(&path)?,
+                    Versioned {
+                        entry: entry.map_err(|e| self.corrupt(e))?,
+                        seq: Seq(seq as u64),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    pub fn apply(&self, ws: &WorkspaceId, batch: &NodeBatch) -> Result<(), StoreError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            let tx = c.transaction()?;
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO synced (ws, path, seq, kind, hash, size, executable, target)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for (path, state) in &batch.synced_put {
+                    let [kind, hash, size, exec, target] = entry_columns(state.entry.as_ref());
+                    put.execute(params![ws.as_str(), path.as_str(), state.seq.0 as i64, kind, hash, size, exec, target])?;
+                }
+                let mut del = tx.prepare_cached("DELETE FROM synced WHERE ws = ?1 AND path = ?2")?;
+                for path in &batch.synced_del {
+                    del.execute(params![ws.as_str(), path.as_str()])?;
+                }
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO hash_cache (ws, path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )?;
+                for (path, record) in &batch.cache_put {
+                    let mut values: Vec<rusqlite::types::Value> =
+                        vec![ws.as_str().to_string().into(), path.as_str().to_string().into()];
+                    values.extend(cache_columns(record));
+                    insert.execute(params_from_iter(values))?;
+                }
+                let mut delete = tx.prepare_cached("DELETE FROM hash_cache WHERE ws = ?1 AND path = ?2")?;
+                for path in &batch.cache_del {
+                    delete.execute(params![ws.as_str(), path.as_str()])?;
+                }
+            }
+            if let Some(seq) = batch.last_seq {
+                tx.execute(
+                    "UPDATE workspaces SET last_seq = MAX(last_seq, ?2) WHERE id = ?1",
+                    params![ws.as_str(), seq.0 as i64],
+                )?;
+            }
+            tx.commit()
+        })
+    }
+
+    /// Cache records at or under `top` (all when `None`).
+    pub fn cache_under(&self, ws: &WorkspaceId, top: Option<&RelPath>) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
+        let rows: Vec<(String, Result<CacheRecord, String>)> = self.with(|c| {
+            const COLUMNS: &str = "path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns";
+            match top {
+                None => {
+                    let mut stmt = c.prepare_cached(&format!("SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1"))?;
+                    stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, cache_from_row(r, 1)?)))?.collect()
+                }
+                Some(top) => {
+                    let (low, high) = subtree_bounds(top.as_str());
+                    let mut stmt = c.prepare_cached(&format!(
+                        "SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1 AND (path = ?2 OR (path > ?3 AND path < ?4))"
+                    ))?;
+                    stmt.query_map(params![ws.as_str(), top.as_str(), low, high], |r| {
+                        Ok((r.get(0)?, cache_from_row(r, 1)?))
+                    })?
+                    .collect()
+                }
+            }
+        })?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (path, record) in rows {
+            out.insert(self.path_of(&path)?, record.map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Local files whose cached hash is `hash` (sources for local copies).
+    pub fn cached_paths_with_hash(&self, ws: &WorkspaceId, hash: &gm_core::ContentHash, limit: usize) -> Result<Vec<RelPath>, StoreError> {
+        let rows: Vec<String> = self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT path FROM hash_cache WHERE ws = ?1 AND hash = ?2 LIMIT ?3")?;
+            stmt.query_map(params![ws.as_str(), hash.as_bytes().as_slice(), limit as i64], |r| r.get(0))?
+                .collect()
+        })?;
+        rows.iter().map(|p| self.path_of(p)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gm_core::ContentHash;
+
+    #[test]
+    fn synced_tree_round_trip_and_epoch_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = NodeDb::open(&dir.path().join("node.db")).unwrap();
+        let ws = WorkspaceId::new("w").unwrap();
+        db.ensure_workspace(&ws).unwrap();
+        db.reset_epoch(&ws, "e1").unwrap();
+        let file = Entry::File { hash: ContentHash::of(b"x"), size: 1, executable: true };
+        let batch = NodeBatch {
+            synced_put: vec![(RelPath::new("f").unwrap(), Versioned { entry: Some(file.clone()), seq: Seq(4) })],
+            last_seq: Some(Seq(4)),
+            ..Default::default()
+        };
+        db.apply(&ws, &batch).unwrap();
+        db.apply(&ws, &NodeBatch { last_seq: Some(Seq(2)), ..Default::default() }).unwrap();
+        let state = db.workspace(&ws).unwrap().unwrap();
+        assert_eq!((state.epoch.as_str(), state.last_seq), ("e1", Seq(4)), "last_seq never goes down");
+        assert_eq!(db.synced(&ws).unwrap()[0].1.entry, Some(file));
+        assert!(db.request_confirm_empty(&ws).unwrap());
+        assert!(db.take_confirm_empty(&ws).unwrap());
+        assert!(!db.take_confirm_empty(&ws).unwrap());
+        db.reset_epoch(&ws, "e2").unwrap();
+        assert!(db.synced(&ws).unwrap().is_empty());
+        assert_eq!(db.workspace(&ws).unwrap().unwrap().last_seq, Seq(0));
+    }
+}
