@@ -455,6 +455,19 @@ impl Root {
         Ok(names.len())
     }
 
+    /// True when the root holds nothing but the internal directory.
+    pub fn is_empty(&self) -> Result<bool, FsError> {
+        let shown = self.path.display().to_string();
+        for entry in rustix::fs::Dir::read_from(&self.dir).map_err(|e| FsError::io("read directory", &shown, e))? {
+            let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
+            let name = entry.file_name().to_bytes();
+            if name != b"." && name != b".." && name != gm_core::INTERNAL_DIR.as_bytes() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// How many entries the staging directory holds now.
     pub fn staging_entries(&self) -> Result<usize, FsError> {
         let shown = format!("{}/.ghostmirror/staging", self.path.display());

@@ -62,6 +62,10 @@ pub struct ScanOutcome {
     pub racy: u64,
     /// Entries that were skipped, with why.
     pub problems: Vec<String>,
+    /// Paths that exist but could not be read (changed while hashed, no
+    /// permission): callers must treat them as unknown, never as deleted.
+    /// A directory here stands for its whole subtree.
+    pub unreadable: Vec<RelPath>,
     /// False when the subtree's top does not exist.
     pub found: bool,
 }
@@ -78,11 +82,13 @@ struct Walked {
     link_target: Option<String>,
 }
 
-/// Walks `root` (or the subtree at `top`) and returns what it holds, with
-/// file hashes from `cache` where the stat allows and fresh hashes elsewhere.
+/// Walks `root` (or the subtree at `top`; only `top` itself when not
+/// `recursive`) and returns what it holds, with file hashes from `cache`
+/// where the stat allows and fresh hashes elsewhere.
 pub fn scan_tree(
     root: &Root,
     top: Option<&RelPath>,
+    recursive: bool,
     cache: &HashMap<RelPath, CacheRecord>,
     config: &ScanConfig,
 ) -> Result<ScanOutcome, FsError> {
@@ -103,7 +109,7 @@ pub fn scan_tree(
                 outcome.found = false;
                 return Ok(outcome);
             };
-            if stat.kind == Kind::Dir {
+            if stat.kind == Kind::Dir && recursive {
                 match root.open_dir(top) {
                     Ok(fd) => stack.push((fd, Some(top.clone()))),
                     Err(err) if err.is_not_found() => {
@@ -126,7 +132,7 @@ pub fn scan_tree(
         }
     }
     while let Some((dir, prefix)) = stack.pop() {
-        walk_dir(root, dir, prefix, &mut walked, &mut stack, &mut outcome.problems)?;
+        walk_dir(root, dir, prefix, &mut walked, &mut stack, &mut outcome)?;
     }
 
     // Hash what the cache cannot vouch for, on a bounded pool.
@@ -146,7 +152,10 @@ pub fn scan_tree(
             Ok((hash, stat)) => {
                 fresh.insert(index, (hash, stat));
             }
-            Err(err) => outcome.problems.push(err.to_string()),
+            Err(err) => {
+                outcome.problems.push(err.to_string());
+                outcome.unreadable.push(walked[index].path.clone());
+            }
         }
     }
     outcome.hashed = fresh.len() as u64;
@@ -204,8 +213,10 @@ fn walk_dir(
     prefix: Option<RelPath>,
     walked: &mut Vec<Walked>,
     stack: &mut Vec<(OwnedFd, Option<RelPath>)>,
-    problems: &mut Vec<String>,
+    outcome: &mut ScanOutcome,
 ) -> Result<(), FsError> {
+    let problems = &mut outcome.problems;
+    let unreadable = &mut outcome.unreadable;
     let shown_dir = match &prefix {
         Some(p) => format!("{}/{}", root.path().display(), p),
         None => root.path().display().to_string(),
@@ -214,6 +225,9 @@ fn walk_dir(
         Ok(reader) => reader,
         Err(e) => {
             problems.push(format!("read directory {shown_dir}: {e}"));
+            if let Some(prefix) = prefix {
+                unreadable.push(prefix);
+            }
             return Ok(());
         }
     };
@@ -222,6 +236,9 @@ fn walk_dir(
             Ok(item) => item,
             Err(e) => {
                 problems.push(format!("read directory {shown_dir}: {e}"));
+                if let Some(prefix) = &prefix {
+                    unreadable.push(prefix.clone());
+                }
                 break;
             }
         };
@@ -255,6 +272,7 @@ fn walk_dir(
             Err(rustix::io::Errno::NOENT) => continue,
             Err(e) => {
                 problems.push(format!("stat {shown_dir}/{name}: {e}"));
+                unreadable.push(path);
                 continue;
             }
         };
@@ -266,6 +284,7 @@ fn walk_dir(
                     Err(rustix::io::Errno::NOENT) => continue,
                     Err(e) => {
                         problems.push(format!("open directory {shown_dir}/{name}: {e}"));
+                        unreadable.push(path);
                         continue;
                     }
                 }
@@ -274,6 +293,7 @@ fn walk_dir(
                 Ok(target) => link_target = Some(target),
                 Err(err) => {
                     problems.push(err.to_string());
+                    unreadable.push(path);
                     continue;
                 }
             },
@@ -348,17 +368,17 @@ mod tests {
             hash_workers: 2,
         };
         let mut cache = HashMap::new();
-        let first = scan_tree(&root, None, &cache, &config).unwrap();
+        let first = scan_tree(&root, None, true, &cache, &config).unwrap();
         assert_eq!(first.hashed, 2);
         let names: Vec<_> = first.entries.iter().map(|e| e.path.as_str().to_string()).collect();
         assert_eq!(names, ["a", "a/b", "a/b/f", "link", "top"]);
         assert!(matches!(&first.entries[3].entry, Entry::Symlink { target } if target == "/etc/passwd"));
         cache_of(&first, &mut cache);
-        let second = scan_tree(&root, None, &cache, &config).unwrap();
+        let second = scan_tree(&root, None, true, &cache, &config).unwrap();
         assert_eq!((second.hashed, second.cache_hits), (0, 2));
         // A change is seen; a subtree scan sees only its subtree.
         std::fs::write(dir.path().join("a/b/f"), b"changed").unwrap();
-        let sub = scan_tree(&root, Some(&rel("a/b")), &cache, &config).unwrap();
+        let sub = scan_tree(&root, Some(&rel("a/b")), true, &cache, &config).unwrap();
         assert_eq!(sub.hashed, 1);
         assert_eq!(sub.entries.len(), 2);
         assert_eq!(sub.entries[1].entry.file_hash(), Some(ContentHash::of(b"changed")));
@@ -374,10 +394,10 @@ mod tests {
             hash_workers: 1,
         };
         let mut cache = HashMap::new();
-        let first = scan_tree(&root, None, &cache, &config).unwrap();
+        let first = scan_tree(&root, None, true, &cache, &config).unwrap();
         assert_eq!(first.racy, 1);
         cache_of(&first, &mut cache);
-        let second = scan_tree(&root, None, &cache, &config).unwrap();
+        let second = scan_tree(&root, None, true, &cache, &config).unwrap();
         assert_eq!(second.hashed, 1, "a racily clean record is not trusted");
     }
 
@@ -387,11 +407,11 @@ mod tests {
         let root = Root::open(dir.path(), "t").unwrap();
         std::fs::write(dir.path().join(".ghostmirror/x"), b"internal").unwrap();
         rustix::fs::mknodat(rustix::fs::CWD, dir.path().join("fifo"), rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
-        let outcome = scan_tree(&root, None, &HashMap::new(), &ScanConfig::default()).unwrap();
+        let outcome = scan_tree(&root, None, true, &HashMap::new(), &ScanConfig::default()).unwrap();
         assert!(outcome.entries.is_empty(), "{:?}", outcome.entries);
         assert_eq!(outcome.problems.len(), 1);
         assert!(outcome.problems[0].contains("fifo"));
-        let missing = scan_tree(&root, Some(&rel("nope/x")), &HashMap::new(), &ScanConfig::default()).unwrap();
+        let missing = scan_tree(&root, Some(&rel("nope/x")), true, &HashMap::new(), &ScanConfig::default()).unwrap();
         assert!(!missing.found);
     }
 }

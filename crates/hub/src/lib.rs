@@ -1,1 +1,87 @@
-//! stub
+//! The ghostmirror hub: keeps a ghost mirror of every workspace as plain
+//! files under `DATA_DIR/mirrors/<id>/`, serializes every change through a
+//! per-workspace journal, and serves nodes over gRPC.
+//!
+//! Entry point: `run(config, grpc_listener, admin_listener, shutdown)`.
+//! The caller binds the listeners (tests bind port 0) and decides when to
+//! stop. Modules:
+//! - `state`: the hub and its workspaces, counters;
+//! - `observe`: disk -> journal (hub-side writes, startup scan, brake,
+//!   racily-clean settling);
+//! - `commit`: node proposals -> disk + journal (the conflict rule);
+//! - `service`: the gRPC surface and token check;
+//! - `admin`: `/healthz` and `/metrics` over HTTP;
+//! - `maintenance`: the watcher, debouncing and periodic work.
+
+mod admin;
+mod commit;
+mod maintenance;
+mod observe;
+mod service;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use gm_fs::ScanConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use state::Counters;
+
+/// Everything the hub is told at start; built and validated by the CLI.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub data_dir: PathBuf,
+    /// The shared token every call must carry.
+    pub token: String,
+    pub scan: ScanConfig,
+    /// Quiet time after the last watcher event before a mirror change is journaled.
+    pub debounce: Duration,
+    /// Longest a burst of events may delay journaling.
+    pub debounce_max: Duration,
+    /// Full stat walk of every mirror, as a safety net under the watcher.
+    pub rescan_interval: Duration,
+    /// Largest file accepted from a node.
+    pub max_file_size: u64,
+}
+
+/// Runs the hub until `shutdown` is cancelled.
+pub async fn run(
+    config: HubConfig,
+    grpc: TcpListener,
+    admin: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let grpc_addr = grpc.local_addr().context("read gRPC listener address")?;
+    let admin_addr = admin.local_addr().context("read admin listener address")?;
+    let hub = Arc::new(state::Hub::open(config).context("open hub data dir")?);
+
+    // Admin first so /healthz can say "not yet" during the startup scan.
+    let admin_task = tokio::spawn(admin::serve(hub.clone(), admin, shutdown.clone()));
+
+    let started = std::time::Instant::now();
+    hub.startup_scan().await.context("startup scan of the mirrors")?;
+    let counters = hub.counters.snapshot();
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        files_hashed = counters.files_hashed,
+        cache_hits = counters.hash_cache_hits,
+        "startup scan done"
+    );
+
+    let maintenance = tokio::spawn(maintenance::run(hub.clone(), shutdown.clone()));
+    hub.write_endpoints(grpc_addr, admin_addr)?;
+    hub.set_ready(true);
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, data_dir = %hub.config.data_dir.display(), "hub accepting nodes");
+
+    let served = service::serve(hub.clone(), grpc, shutdown.clone()).await;
+    hub.set_ready(false);
+    shutdown.cancel();
+    let _ = maintenance.await;
+    let _ = admin_task.await;
+    hub.remove_endpoints();
+    served
+}

@@ -378,6 +378,17 @@ impl HubDb {
         })
     }
 
+    /// The cache record of one path.
+    pub fn cache_get(&self, ws: &WorkspaceId, path: &RelPath) -> Result<Option<CacheRecord>, StoreError> {
+        let row: Option<Result<CacheRecord, String>> = self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns FROM hash_cache WHERE ws = ?1 AND path = ?2",
+            )?;
+            stmt.query_row(params![ws.as_str(), path.as_str()], |r| cache_from_row(r, 0)).optional()
+        })?;
+        row.transpose().map_err(|e| self.corrupt(e))
+    }
+
     /// Cache records at or under `top` (all when `None`).
     pub fn cache_under(&self, ws: &WorkspaceId, top: Option<&RelPath>) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
         let rows: Vec<(String, Result<CacheRecord, String>)> = self.with(|c| {

@@ -1,0 +1,493 @@
+//! Node proposals -> disk + journal.
+//!
+//! For each proposed `(path, ours, base seq)`, under the workspace's commit
+//! lock:
+//! 1. the path on disk is compared with the journal first, so a write by a
+//!    hub-side tool is journaled (and wins as "theirs") before any decision;
+//! 2. `gm_core::decide_commit` decides: apply, already current, or keep
+//!    theirs (with ours as a conflict copy when it has content);
+//! 3. the change lands through `gm_fs` (staging, hash check, mode, fsync,
+//!    target check, rename) and is appended to the batch's journal records.
+//!
+//! The journal records of one request are written in one transaction at
+//! the end (or earlier, before a hub-side change must be journaled), so a
+//! burst of small files costs one database commit. A crash between a rename
+//! and that commit leaves a file the journal does not list: the startup scan
+//! journals it, and the node's retry then finds it already current.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use gm_core::{
+    CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned, conflict_copy_name,
+    decide_commit,
+};
+use gm_fs::{Expect, FsError, Root, scan_tree};
+use gm_proto::pb;
+use gm_store::{ConflictRow, RecordBatch};
+
+use crate::observe::{Scope, observe_locked};
+use crate::state::{Counters, Hub, Workspace};
+
+enum OpError {
+    /// The disk moved under the plan: look again and decide again.
+    Retry(String),
+    /// The operation is wrong; nothing was changed.
+    Refused(String),
+    /// The hub needs the file's bytes: upload them and commit again.
+    NeedContent,
+    /// Something a person must look at (disk or database failure).
+    Fatal(anyhow::Error),
+}
+
+impl From<FsError> for OpError {
+    fn from(err: FsError) -> Self {
+        match err {
+            FsError::TargetChanged { .. } | FsError::NotEmpty { .. } => OpError::Retry(err.to_string()),
+            FsError::NotADirectory { path } => OpError::Refused(format!("{path}: a parent is not a directory on the hub")),
+            FsError::Unsupported { .. } => OpError::Refused(err.to_string()),
+            other => OpError::Fatal(other.into()),
+        }
+    }
+}
+
+impl From<gm_store::StoreError> for OpError {
+    fn from(err: gm_store::StoreError) -> Self {
+        OpError::Fatal(err.into())
+    }
+}
+
+impl From<anyhow::Error> for OpError {
+    fn from(err: anyhow::Error) -> Self {
+        OpError::Fatal(err)
+    }
+}
+
+/// What the disk holds at one path, as the journal would record it.
+struct DiskState {
+    entry: Option<Entry>,
+    stat: Option<Stat>,
+}
+
+/// Handles one Commit request. Blocking; the caller holds the commit lock.
+pub fn commit_locked(
+    hub: &Hub,
+    ws: &Workspace,
+    seq: &mut Seq,
+    node: &NodeId,
+    ops: Vec<pb::CommitOp>,
+) -> anyhow::Result<Vec<pb::OpResult>> {
+    let mut ctx = Ctx {
+        hub,
+        ws,
+        root: ws.root(),
+        seq,
+        node,
+        now_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64),
+        batch: RecordBatch {
+            origin: node.to_string(),
+            ..Default::default()
+        },
+        pending: HashMap::new(),
+        pending_cache: HashMap::new(),
+        written: HashMap::new(),
+        racy: Vec::new(),
+    };
+    let mut results = Vec::with_capacity(ops.len());
+    for op in ops {
+        results.push(ctx.handle(op));
+    }
+    match ctx.flush() {
+        Ok(()) => Ok(results),
+        Err(OpError::Fatal(err)) => Err(err),
+        Err(OpError::Refused(why) | OpError::Retry(why)) => Err(anyhow::anyhow!(why)),
+        Err(OpError::NeedContent) => Err(anyhow::anyhow!("journal write needs content")),
+    }
+}
+
+struct Ctx<'a> {
+    hub: &'a Hub,
+    ws: &'a Workspace,
+    root: Arc<Root>,
+    seq: &'a mut Seq,
+    node: &'a NodeId,
+    now_unix: i64,
+    batch: RecordBatch,
+    /// Journal states written by this batch and not yet in the database.
+    pending: HashMap<RelPath, Versioned>,
+    /// Cache records written by this batch (None: removed).
+    pending_cache: HashMap<RelPath, Option<CacheRecord>>,
+    /// Files written by this batch, by content: sources for local copies.
+    written: HashMap<ContentHash, RelPath>,
+    racy: Vec<RelPath>,
+}
+
+fn result(path: &str, outcome: pb::op_result::Outcome) -> pb::OpResult {
+    pb::OpResult {
+        path: path.to_string(),
+        outcome: Some(outcome),
+    }
+}
+
+impl Ctx<'_> {
+    fn handle(&mut self, op: pb::CommitOp) -> pb::OpResult {
+        match self.handle_checked(&op) {
+            Ok(done) => done,
+            Err(OpError::Refused(reason)) => {
+                Counters::add(&self.hub.counters.refused_ops, 1);
+                tracing::warn!(workspace = %self.ws.id, node = %self.node, path = %op.path, reason = %reason, "refused operation");
+                result(&op.path, pb::op_result::Outcome::Refused(reason))
+            }
+            Err(OpError::NeedContent) => result(&op.path, pb::op_result::Outcome::NeedContent(pb::NeedContent {})),
+            Err(OpError::Retry(why)) => {
+                Counters::add(&self.hub.counters.refused_ops, 1);
+                result(&op.path, pb::op_result::Outcome::Refused(format!("path keeps changing on the hub ({why}); try again")))
+            }
+            Err(OpError::Fatal(err)) => {
+                Counters::add(&self.hub.counters.refused_ops, 1);
+                tracing::error!(workspace = %self.ws.id, node = %self.node, path = %op.path, error = %format!("{err:#}"), "commit failed");
+                result(&op.path, pb::op_result::Outcome::Refused(format!("hub error: {err:#}")))
+            }
+        }
+    }
+
+    fn handle_checked(&mut self, op: &pb::CommitOp) -> Result<pb::OpResult, OpError> {
+        let path = gm_proto::path(&op.path).map_err(|e| OpError::Refused(e.to_string()))?;
+        let ours = match &op.entry {
+            Some(wire) => Some(gm_proto::entry(&op.path, wire).map_err(|e| OpError::Refused(e.to_string()))?),
+            None => None,
+        };
+        if let Some(Entry::File { size, .. }) = &ours
+            && *size > self.hub.config.max_file_size
+        {
+            return Err(OpError::Refused(format!(
+                "{path}: {size} bytes is over the hub's limit of {} bytes",
+                self.hub.config.max_file_size
+            )));
+        }
+        if let Some(data) = &op.data {
+            match &ours {
+                Some(Entry::File { size, .. }) if *size == data.len() as u64 => {}
+                Some(Entry::File { size, .. }) => {
+                    return Err(OpError::Refused(format!(
+                        "{path}: inline content is {} bytes but the entry says {size}",
+                        data.len()
+                    )));
+                }
+                _ => return Err(OpError::Refused(format!("{path}: inline content for something that is not a file"))),
+            }
+        }
+        let mut last = String::new();
+        for _attempt in 0..3 {
+            match self.try_op(&path, Seq(op.base_seq), ours.as_ref(), op.data.as_deref()) {
+                Err(OpError::Retry(why)) => {
+                    tracing::debug!(workspace = %self.ws.id, path = %path, why = %why, "path changed under the plan; deciding again");
+                    last = why;
+                }
+                other => return other,
+            }
+        }
+        Err(OpError::Retry(last))
+    }
+
+    fn try_op(&mut self, path: &RelPath, base: Seq, ours: Option<&Entry>, data: Option<&[u8]>) -> Result<pb::OpResult, OpError> {
+        let disk = self.sync_disk(path)?;
+        let current = self.current(path)?;
+        let has_children = if current.entry.as_ref().is_some_and(Entry::is_dir) && !ours.is_some_and(Entry::is_dir) {
+            self.flush()?;
+            self.hub.db.has_live_children(&self.ws.id, path)?
+        } else {
+            false
+        };
+        match decide_commit(base, &current, has_children, ours) {
+            CommitDecision::AlreadyCurrent => Ok(result(
+                path.as_str(),
+                pb::op_result::Outcome::Committed(pb::Committed { seq: current.seq.0 }),
+            )),
+            CommitDecision::Apply => {
+                let seq = self.apply(path, ours, &disk, data)?;
+                Ok(result(path.as_str(), pb::op_result::Outcome::Committed(pb::Committed { seq: seq.0 })))
+            }
+            CommitDecision::KeepTheirs { copy_ours } => {
+                let copy = match (copy_ours, ours) {
+                    (true, Some(ours)) => {
+                        let copy_path = self.free_copy_name(path, ours)?;
+                        let absent = DiskState { entry: None, stat: None };
+                        let seq = self.apply(&copy_path, Some(ours), &absent, data)?;
+                        self.batch.conflicts.push(ConflictRow {
+                            path: path.clone(),
+                            copy_path: copy_path.clone(),
+                            node: self.node.to_string(),
+                            at_unix: self.now_unix,
+                            seq,
+                        });
+                        tracing::info!(workspace = %self.ws.id, node = %self.node, path = %path, copy = %copy_path, seq = seq.0, "conflict: the node's version is kept as a copy");
+                        Some(gm_proto::path_state_to_wire(
+                            &copy_path,
+                            &Versioned {
+                                entry: Some(ours.clone()),
+                                seq,
+                            },
+                        ))
+                    }
+                    _ => {
+                        tracing::info!(workspace = %self.ws.id, node = %self.node, path = %path, "conflict: the hub's version stays (a modification beats a deletion)");
+                        None
+                    }
+                };
+                Counters::add(&self.hub.counters.conflicts, 1);
+                Ok(result(
+                    path.as_str(),
+                    pb::op_result::Outcome::Conflict(pb::Conflict {
+                        current: Some(gm_proto::path_state_to_wire(path, &current)),
+                        copy,
+                    }),
+                ))
+            }
+        }
+    }
+
+    /// The journal's state of a path, this batch included.
+    fn current(&self, path: &RelPath) -> Result<Versioned, OpError> {
+        if let Some(state) = self.pending.get(path) {
+            return Ok(state.clone());
+        }
+        Ok(self.hub.db.entry(&self.ws.id, path)?.unwrap_or(Versioned {
+            entry: None,
+            seq: Seq::ZERO,
+        }))
+    }
+
+    fn cache(&self, path: &RelPath) -> Result<Option<CacheRecord>, OpError> {
+        if let Some(record) = self.pending_cache.get(path) {
+            return Ok(*record);
+        }
+        Ok(self.hub.db.cache_get(&self.ws.id, path)?)
+    }
+
+    /// What the disk holds at `path`; if it differs from the journal (a
+    /// hub-side write not yet seen), journals it first.
+    fn sync_disk(&mut self, path: &RelPath) -> Result<DiskState, OpError> {
+        let disk = self.read_disk(path)?;
+        let current = self.current(path)?;
+        if disk.entry == current.entry {
+            return Ok(disk);
+        }
+        self.flush()?;
+        observe_locked(self.hub, self.ws, self.seq, Scope::Subtrees(vec![path.clone()]), false)?;
+        if self.ws.halted().is_some() {
+            return Err(OpError::Refused(format!("workspace {} is halted on the hub", self.ws.id)));
+        }
+        self.read_disk(path)
+    }
+
+    fn read_disk(&mut self, path: &RelPath) -> Result<DiskState, OpError> {
+        let cache: HashMap<RelPath, CacheRecord> = self.cache(path)?.map(|r| (path.clone(), r)).into_iter().collect();
+        let scan = scan_tree(&self.root, Some(path), false, &cache, &self.hub.config.scan)?;
+        Counters::add(&self.hub.counters.files_hashed, scan.hashed);
+        Counters::add(&self.hub.counters.hash_cache_hits, scan.cache_hits);
+        if !scan.unreadable.is_empty() {
+            return Err(OpError::Retry(scan.problems.join("; ")));
+        }
+        for (p, record) in scan.cache_updates {
+            self.put_cache(p, record);
+        }
+        Ok(match scan.entries.into_iter().next() {
+            Some(item) => DiskState {
+                entry: Some(item.entry),
+                stat: Some(item.stat),
+            },
+            None => DiskState { entry: None, stat: None },
+        })
+    }
+
+    fn put_cache(&mut self, path: RelPath, record: CacheRecord) {
+        if record.is_racy(self.hub.config.scan.racy_window_ns) {
+            self.racy.push(path.clone());
+        }
+        self.pending_cache.insert(path.clone(), Some(record));
+        self.batch.cache_put.push((path, record));
+    }
+
+    fn push_change(&mut self, path: &RelPath, entry: Option<Entry>) -> Seq {
+        *self.seq = self.seq.next();
+        let state = Versioned { entry, seq: *self.seq };
+        self.pending.insert(path.clone(), state.clone());
+        self.batch.changes.push((path.clone(), state));
+        *self.seq
+    }
+
+    /// Writes the batch's journal records (one transaction) and wakes subscribers.
+    fn flush(&mut self) -> Result<(), OpError> {
+        if self.batch.changes.is_empty() && self.batch.cache_put.is_empty() && self.batch.cache_del.is_empty() {
+            return Ok(());
+        }
+        self.hub.db.record(&self.ws.id, &self.batch)?;
+        let origin = std::mem::take(&mut self.batch.origin);
+        self.batch = RecordBatch {
+            origin,
+            ..Default::default()
+        };
+        self.pending.clear();
+        self.pending_cache.clear();
+        self.ws.committed.send_replace(self.seq.0);
+        let window = std::time::Duration::from_nanos(self.hub.config.scan.racy_window_ns.max(0) as u64);
+        self.ws.mark_racy(std::mem::take(&mut self.racy), window);
+        Ok(())
+    }
+
+    fn free_copy_name(&mut self, path: &RelPath, ours: &Entry) -> Result<RelPath, OpError> {
+        for attempt in 0..100 {
+            let name = conflict_copy_name(path, self.node, self.now_unix, attempt, !ours.is_dir())
+                .map_err(|e| OpError::Refused(e.to_string()))?;
+            if self.current(&name)?.entry.is_none() && self.root.lstat(&name)?.is_none() {
+                return Ok(name);
+            }
+        }
+        Err(OpError::Refused(format!("{path}: no free conflict-copy name")))
+    }
+
+    /// Makes sure every ancestor of `path` is a journaled directory.
+    fn ensure_parents(&mut self, path: &RelPath) -> Result<(), OpError> {
+        for ancestor in path.ancestors() {
+            match self.current(&ancestor)?.entry {
+                Some(Entry::Dir) => continue,
+                Some(other) => {
+                    return Err(OpError::Refused(format!(
+                        "{ancestor} is a {} on the hub, not a directory",
+                        other.kind_name()
+                    )));
+                }
+                None => {}
+            }
+            let disk = self.sync_disk(&ancestor)?;
+            match disk.entry {
+                Some(Entry::Dir) => continue,
+                Some(other) => {
+                    return Err(OpError::Refused(format!(
+                        "{ancestor} is a {} on the hub, not a directory",
+                        other.kind_name()
+                    )));
+                }
+                None => {
+                    self.root.make_dir(&ancestor)?;
+                    self.push_change(&ancestor, Some(Entry::Dir));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts `ours` at `path` on disk (which holds `disk`) and journals it.
+    fn apply(&mut self, path: &RelPath, ours: Option<&Entry>, disk: &DiskState, data: Option<&[u8]>) -> Result<Seq, OpError> {
+        if ours.is_some() {
+            self.ensure_parents(path)?;
+        }
+        // Whatever is there and is not replaced in place goes first.
+        let replace_in_place = matches!(
+            (&disk.entry, ours),
+            (Some(Entry::File { .. }), Some(Entry::File { .. })) | (Some(Entry::Symlink { .. }), Some(Entry::Symlink { .. }))
+        );
+        let mut expect = match disk.stat {
+            Some(stat) if replace_in_place => Expect::Unchanged(stat),
+            _ => Expect::Absent,
+        };
+        if let (Some(existing), Some(stat)) = (&disk.entry, disk.stat)
+            && !replace_in_place
+            && ours != Some(existing)
+        {
+            if let Err(err) = self.root.remove(path, stat) {
+                if matches!(err, FsError::NotEmpty { .. }) {
+                    // Untracked content under the directory: journal it first.
+                    self.flush()?;
+                    observe_locked(self.hub, self.ws, self.seq, Scope::Subtrees(vec![path.clone()]), false)?;
+                }
+                return Err(err.into());
+            }
+            self.pending_cache.insert(path.clone(), None);
+            self.batch.cache_del.push(path.clone());
+            expect = Expect::Absent;
+        }
+        match ours {
+            None => {}
+            Some(Entry::Dir) => {
+                self.root.make_dir(path)?;
+            }
+            Some(Entry::Symlink { target }) => {
+                self.root.make_symlink(path, target, expect)?;
+            }
+            Some(Entry::File {
+                hash,
+                size,
+                executable,
+            }) => {
+                let stat = match (&disk.entry, disk.stat) {
+                    (Some(Entry::File { hash: on_disk, .. }), Some(stat)) if on_disk == hash => {
+                        self.root.set_executable(path, *executable, stat)?
+                    }
+                    _ => self.write_file(path, *hash, *size, *executable, expect, data)?,
+                };
+                let record = CacheRecord {
+                    stat,
+                    hash: *hash,
+                    recorded_ns: gm_fs::scan::now_ns(),
+                };
+                self.put_cache(path.clone(), record);
+                self.written.insert(*hash, path.clone());
+            }
+        }
+        Ok(self.push_change(path, ours.cloned()))
+    }
+
+    /// Lands a file's content from the request, an upload, or a file the
+    /// hub already holds with the same hash (no bytes on the wire).
+    fn write_file(
+        &mut self,
+        path: &RelPath,
+        hash: ContentHash,
+        size: u64,
+        executable: bool,
+        expect: Expect,
+        data: Option<&[u8]>,
+    ) -> Result<Stat, OpError> {
+        if let Some(data) = data {
+            let mut staged = self.root.stage_file()?;
+            staged.write_all(data)?;
+            let stat = staged.commit(&self.root, path, hash, executable, expect).map_err(|err| match err {
+                FsError::HashMismatch { .. } => OpError::Refused(format!("{path}: inline content does not match its hash")),
+                other => other.into(),
+            })?;
+            Counters::add(&self.hub.counters.files_received, 1);
+            Counters::add(&self.hub.counters.bytes_received, size);
+            return Ok(stat);
+        }
+        let upload = self
+            .hub
+            .uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(self.ws.id.clone(), hash));
+        if let Some(upload) = upload {
+            let stat = upload.staged.commit(&self.root, path, hash, executable, expect)?;
+            Counters::add(&self.hub.counters.files_received, 1);
+            return Ok(stat);
+        }
+        let mut sources: Vec<RelPath> = self.written.get(&hash).cloned().into_iter().collect();
+        sources.extend(self.hub.db.paths_with_hash(&self.ws.id, &hash, 4)?);
+        for source in sources {
+            if &source == path {
+                continue;
+            }
+            let mut staged = self.root.stage_file()?;
+            if staged.copy_from(&self.root, &source).is_err() || staged.hash() != hash {
+                continue;
+            }
+            let stat = staged.commit(&self.root, path, hash, executable, expect)?;
+            Counters::add(&self.hub.counters.local_copies, 1);
+            return Ok(stat);
+        }
+        Err(OpError::NeedContent)
+    }
+}

@@ -1,0 +1,159 @@
+//! The hub's background work, one task owned by `run`:
+//! - the OS watcher on `mirrors/`, debounced: paths quiet for `debounce`
+//!   (or waiting longer than `debounce_max`) are observed and journaled;
+//!   a watcher overflow triggers a full (cached) rescan of every mirror;
+//! - every tick: racily-clean cache records past their window are
+//!   re-verified, halted workspaces are looked at again, stale uploads are
+//!   dropped, and every `rescan_interval` each mirror gets a full stat walk.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gm_core::{RelPath, WorkspaceId};
+use gm_fs::watch::{WatchEvent, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::observe::{Scope, observe_workspace, recheck_halted};
+use crate::state::{Hub, Workspace};
+
+const TICK: Duration = Duration::from_millis(250);
+const UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// What a watcher event means for the mirrors.
+enum Dirty {
+    Path(WorkspaceId, RelPath),
+    Workspace(WorkspaceId),
+}
+
+fn classify(mirrors: &std::path::Path, path: &std::path::Path) -> Option<Dirty> {
+    let rest = path.strip_prefix(mirrors).ok()?;
+    let mut components = rest.components();
+    let id = components.next()?.as_os_str().to_str()?;
+    let id = WorkspaceId::new(id).ok()?;
+    let inner: PathBuf = components.collect();
+    if inner.as_os_str().is_empty() {
+        return Some(Dirty::Workspace(id));
+    }
+    // Internal paths (staging) are ours and never journaled.
+    let rel = RelPath::new(inner.to_str()?).ok()?;
+    Some(Dirty::Path(id, rel))
+}
+
+pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<WatchEvent>();
+    let _watcher = match Watcher::new(&hub.mirrors, move |event| {
+        let _ = tx.send(event);
+    }) {
+        Ok(watcher) => Some(watcher),
+        Err(err) => {
+            tracing::error!(error = %err, "cannot watch the mirrors; falling back to periodic scans only");
+            None
+        }
+    };
+    let mut dirty: BTreeMap<WorkspaceId, BTreeSet<RelPath>> = BTreeMap::new();
+    let mut dirty_all: BTreeSet<WorkspaceId> = BTreeSet::new();
+    let mut first_event: Option<Instant> = None;
+    let mut last_event = Instant::now();
+    let mut last_full = Instant::now();
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let deadline = first_event.map(|first| {
+            (last_event + hub.config.debounce).min(first + hub.config.debounce_max)
+        });
+        let sleep_until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            event = rx.recv() => {
+                let Some(event) = event else { break };
+                match event {
+                    WatchEvent::Changed(paths) => {
+                        for path in paths {
+                            match classify(&hub.mirrors, &path) {
+                                Some(Dirty::Path(ws, rel)) => { dirty.entry(ws).or_default().insert(rel); }
+                                Some(Dirty::Workspace(ws)) => { dirty_all.insert(ws); }
+                                None => continue,
+                            }
+                            last_event = Instant::now();
+                            first_event.get_or_insert(last_event);
+                        }
+                    }
+                    WatchEvent::Rescan(why) => {
+                        tracing::warn!(reason = %why, "watcher lost events; rescanning every mirror");
+                        for ws in hub.all_workspaces() {
+                            dirty_all.insert(ws.id.clone());
+                        }
+                        last_event = Instant::now();
+                        first_event.get_or_insert(last_event);
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(sleep_until.into()), if deadline.is_some() => {
+                first_event = None;
+                let paths = std::mem::take(&mut dirty);
+                let whole = std::mem::take(&mut dirty_all);
+                for (id, set) in paths {
+                    if whole.contains(&id) {
+                        continue;
+                    }
+                    if let Some(ws) = hub.workspace(&id) {
+                        observe_logged(&hub, &ws, Scope::Subtrees(set.into_iter().collect())).await;
+                    }
+                }
+                for id in whole {
+                    if let Some(ws) = hub.workspace(&id) {
+                        observe_logged(&hub, &ws, Scope::Full).await;
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                tick(&hub, &mut last_full).await;
+            }
+        }
+    }
+}
+
+async fn observe_logged(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) {
+    if let Err(err) = observe_workspace(hub, ws, scope).await {
+        tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "scanning the mirror failed");
+    }
+}
+
+async fn tick(hub: &Arc<Hub>, last_full: &mut Instant) {
+    let now = Instant::now();
+    let full = now.duration_since(*last_full) >= hub.config.rescan_interval;
+    if full {
+        *last_full = now;
+    }
+    for ws in hub.all_workspaces() {
+        if ws.halted().is_some() {
+            let guard = ws.seq.clone().lock_owned().await;
+            let (hub2, ws2) = (hub.clone(), ws.clone());
+            let result = tokio::task::spawn_blocking(move || {
+                let mut guard = guard;
+                recheck_halted(&hub2, &ws2, &mut guard)
+            })
+            .await;
+            if let Ok(Err(err)) = result {
+                tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "re-checking a halted workspace failed");
+            }
+            continue;
+        }
+        if full {
+            observe_logged(hub, &ws, Scope::Full).await;
+            continue;
+        }
+        let due: Vec<RelPath> = {
+            let racy = ws.racy.lock().unwrap_or_else(|p| p.into_inner());
+            racy.iter().filter(|(_, at)| **at <= now).map(|(p, _)| p.clone()).take(10_000).collect()
+        };
+        if !due.is_empty() {
+            observe_logged(hub, &ws, Scope::Exact(due)).await;
+        }
+    }
+    let mut uploads = hub.uploads.lock().unwrap_or_else(|p| p.into_inner());
+    uploads.retain(|_, upload| now.duration_since(upload.at) < UPLOAD_TTL);
+}

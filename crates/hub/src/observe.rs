@@ -1,0 +1,251 @@
+//! Disk -> journal: finds what changed in a mirror (written by hub-side
+//! tools, or anything else not done through a node commit) and journals it
+//! with origin "hub", so it reaches every node.
+//!
+//! Invariants:
+//! - A path that exists but could not be read is never journaled as deleted.
+//! - Safety brake: a mirror directory that vanished or was replaced, or that
+//!   turns up empty while its journal lists live entries, halts the
+//!   workspace and journals nothing, until `confirm-empty` says it was
+//!   deliberate or the same directory is back with content.
+//! - Cache records taken within the racily-clean window are re-verified once
+//!   the window has passed (`Scope::Exact`), so a restart trusts them.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use anyhow::Context;
+use gm_core::{Entry, RelPath, Seq, Versioned};
+use gm_fs::{Root, scan_tree};
+use gm_store::RecordBatch;
+
+use crate::state::{Counters, Hub, Workspace};
+
+#[derive(Debug, Clone)]
+pub enum Scope {
+    /// The whole mirror.
+    Full,
+    /// These paths and everything under them.
+    Subtrees(Vec<RelPath>),
+    /// Exactly these paths (no recursion): re-verification of racy records.
+    Exact(Vec<RelPath>),
+}
+
+/// Observes under the workspace's commit lock, on a blocking thread.
+pub async fn observe_workspace(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) -> anyhow::Result<usize> {
+    let guard = ws.seq.clone().lock_owned().await;
+    let hub = hub.clone();
+    let ws = ws.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        observe_locked(&hub, &ws, &mut guard, scope, false)
+    })
+    .await
+    .context("observe task")?
+}
+
+/// Keeps only the topmost of nested paths.
+pub fn minimal_tops(paths: impl IntoIterator<Item = RelPath>) -> Vec<RelPath> {
+    let sorted: BTreeSet<RelPath> = paths.into_iter().collect();
+    let mut tops: Vec<RelPath> = Vec::new();
+    for path in sorted {
+        if tops.last().is_some_and(|top| top.is_ancestor_of(&path)) {
+            continue;
+        }
+        tops.push(path);
+    }
+    tops
+}
+
+pub fn halt(hub: &Hub, ws: &Workspace, reason: String) {
+    let mut halted = ws.halted.lock().unwrap_or_else(|p| p.into_inner());
+    if halted.as_deref() != Some(reason.as_str()) {
+        tracing::error!(workspace = %ws.id, reason = %reason, "workspace halted by the safety brake; nothing is propagated");
+        if let Err(err) = hub.db.set_halted(&ws.id, Some(&reason)) {
+            tracing::error!(workspace = %ws.id, error = %err, "cannot record the halt");
+        }
+    }
+    *halted = Some(reason);
+}
+
+fn unhalt(hub: &Hub, ws: &Workspace) -> anyhow::Result<()> {
+    hub.db.set_halted(&ws.id, None)?;
+    *ws.halted.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    Ok(())
+}
+
+/// The body of an observation; the caller holds the commit lock (`seq`).
+/// `allow_empty` is set when an emptying was confirmed.
+pub fn observe_locked(hub: &Hub, ws: &Workspace, seq: &mut Seq, scope: Scope, allow_empty: bool) -> anyhow::Result<usize> {
+    if ws.halted().is_some() {
+        return Ok(0);
+    }
+    let root = ws.root();
+    if !root.still_in_place() {
+        halt(
+            hub,
+            ws,
+            format!(
+                "mirror directory {} was removed or replaced; run `ghostmirror confirm-empty --data-dir {} {}` if that was deliberate",
+                ws.mirror_path.display(),
+                hub.config.data_dir.display(),
+                ws.id
+            ),
+        );
+        return Ok(0);
+    }
+    let (tops, recursive): (Vec<Option<RelPath>>, bool) = match scope {
+        Scope::Full => (vec![None], true),
+        Scope::Subtrees(paths) => (minimal_tops(paths).into_iter().map(Some).collect(), true),
+        Scope::Exact(paths) => {
+            let mut racy = ws.racy.lock().unwrap_or_else(|p| p.into_inner());
+            for path in &paths {
+                racy.remove(path);
+            }
+            (paths.into_iter().map(Some).collect(), false)
+        }
+    };
+
+    let mut creations: Vec<(RelPath, Entry)> = Vec::new();
+    let mut deletions: Vec<RelPath> = Vec::new();
+    let mut batch = RecordBatch {
+        origin: "hub".into(),
+        ..Default::default()
+    };
+    let mut racy = Vec::new();
+    for top in &tops {
+        let cache = match (top, recursive) {
+            (Some(path), false) => hub
+                .db
+                .cache_get(&ws.id, path)?
+                .map(|record| HashMap::from([(path.clone(), record)]))
+                .unwrap_or_default(),
+            (top, _) => hub.db.cache_under(&ws.id, top.as_ref())?,
+        };
+        let scan = scan_tree(&root, top.as_ref(), recursive, &cache, &hub.config.scan)?;
+        Counters::add(&hub.counters.files_hashed, scan.hashed);
+        Counters::add(&hub.counters.hash_cache_hits, scan.cache_hits);
+        for problem in &scan.problems {
+            tracing::warn!(workspace = %ws.id, problem = %problem, "skipped while scanning the mirror");
+        }
+        let journal: Vec<(RelPath, Versioned)> = match (top, recursive) {
+            (Some(path), false) => hub.db.entry(&ws.id, path)?.map(|v| (path.clone(), v)).into_iter().collect(),
+            (top, _) => hub.db.entries_under(&ws.id, top.as_ref())?,
+        };
+        let live: HashMap<&RelPath, &Entry> = journal
+            .iter()
+            .filter_map(|(path, v)| v.entry.as_ref().map(|e| (path, e)))
+            .collect();
+        let unreadable = |path: &RelPath| scan.unreadable.iter().any(|u| u == path || u.is_ancestor_of(path));
+        let mut seen: BTreeSet<&RelPath> = BTreeSet::new();
+        let mut files_seen: BTreeSet<&RelPath> = BTreeSet::new();
+        for item in &scan.entries {
+            seen.insert(&item.path);
+            if matches!(item.entry, Entry::File { .. }) {
+                files_seen.insert(&item.path);
+            }
+            if live.get(&item.path) != Some(&&item.entry) {
+                creations.push((item.path.clone(), item.entry.clone()));
+            }
+        }
+        for path in live.keys() {
+            if !seen.contains(*path) && !unreadable(path) {
+                deletions.push((*path).clone());
+            }
+        }
+        for (path, record) in &scan.cache_updates {
+            if record.is_racy(hub.config.scan.racy_window_ns) {
+                racy.push(path.clone());
+            }
+        }
+        batch.cache_put.extend(scan.cache_updates);
+        for path in cache.keys() {
+            if !files_seen.contains(path) && !unreadable(path) {
+                batch.cache_del.push(path.clone());
+            }
+        }
+    }
+
+    if !deletions.is_empty() && !allow_empty && root.is_empty()? {
+        let counts = hub.db.counts(&ws.id)?;
+        let live = counts.files + counts.dirs + counts.symlinks;
+        if live > 0 {
+            halt(
+                hub,
+                ws,
+                format!(
+                    "mirror directory {} is empty but its journal lists {live} entries (an unmounted volume looks like this); nothing was deleted. If the emptying is deliberate run `ghostmirror confirm-empty --data-dir {} {}`",
+                    ws.mirror_path.display(),
+                    hub.config.data_dir.display(),
+                    ws.id
+                ),
+            );
+            return Ok(0);
+        }
+    }
+
+    // Children go before their parents when deleting, after them when creating.
+    deletions.sort();
+    deletions.dedup();
+    creations.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut next = *seq;
+    for path in deletions.iter().rev() {
+        next = next.next();
+        tracing::info!(workspace = %ws.id, path = %path, seq = next.0, "mirror change: deleted");
+        batch.changes.push((path.clone(), Versioned { entry: None, seq: next }));
+    }
+    for (path, entry) in creations {
+        next = next.next();
+        tracing::info!(workspace = %ws.id, path = %path, seq = next.0, kind = entry.kind_name(), "mirror change");
+        batch.changes.push((path, Versioned { entry: Some(entry), seq: next }));
+    }
+    let changed = batch.changes.len();
+    if changed > 0 || !batch.cache_put.is_empty() || !batch.cache_del.is_empty() {
+        hub.db.record(&ws.id, &batch)?;
+    }
+    if changed > 0 {
+        *seq = next;
+        ws.committed.send_replace(next.0);
+        Counters::add(&hub.counters.hub_side_changes, changed as u64);
+    }
+    ws.mark_racy(racy, std::time::Duration::from_nanos(hub.config.scan.racy_window_ns.max(0) as u64));
+    Ok(changed)
+}
+
+/// Looks at a halted workspace again: a confirmed emptying (or replacement)
+/// is journaled as it is now; a mirror that is back in place with content
+/// resumes. Anything else stays halted.
+pub fn recheck_halted(hub: &Hub, ws: &Workspace, seq: &mut Seq) -> anyhow::Result<()> {
+    if ws.halted().is_none() {
+        return Ok(());
+    }
+    if hub.db.take_confirm_empty(&ws.id)? {
+        if !ws.root().still_in_place() {
+            let root = Root::create(&ws.mirror_path, &hub.tag)?;
+            ws.replace_root(root);
+        }
+        unhalt(hub, ws)?;
+        tracing::warn!(workspace = %ws.id, "emptying confirmed; journaling the mirror as it is now");
+        observe_locked(hub, ws, seq, Scope::Full, true)?;
+        return Ok(());
+    }
+    let root = ws.root();
+    if root.still_in_place() && !root.is_empty()? {
+        unhalt(hub, ws)?;
+        tracing::info!(workspace = %ws.id, "mirror directory is back; resuming");
+        observe_locked(hub, ws, seq, Scope::Full, false)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_tops_drops_nested_paths() {
+        let paths = ["a/b", "a", "c/d", "c/d/e", "a-b", "c/dd"].map(|p| RelPath::new(p).unwrap());
+        let tops: Vec<String> = minimal_tops(paths).iter().map(|p| p.to_string()).collect();
+        assert_eq!(tops, ["a", "a-b", "c/d", "c/dd"]);
+    }
+}

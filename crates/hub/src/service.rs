@@ -1,0 +1,435 @@
+//! The gRPC surface of the hub: token check on every call, request
+//! validation, and the glue from RPCs to `observe`/`commit` and the database.
+//! Every bad request gets a status that names what is wrong and changes
+//! nothing.
+
+use std::io::Read;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use gm_core::{ContentHash, Hasher, NodeId, Seq, WorkspaceId};
+use gm_proto::pb::{self, sync_server::Sync};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::commit::commit_locked;
+use crate::observe::{Scope, observe_workspace};
+use crate::state::{Counters, Hub, Upload, Workspace};
+
+const DOWNLOAD_CHUNK: usize = 256 * 1024;
+const MAX_OPS_PER_COMMIT: usize = 50_000;
+const MAX_DOWNLOAD_ITEMS: usize = 50_000;
+
+pub async fn serve(hub: Arc<Hub>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let token: Arc<str> = Arc::from(hub.config.token.as_str());
+    let service = pb::sync_server::SyncServer::new(SyncService { hub })
+        .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
+    let service = tonic_check(service, token);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}
+
+fn tonic_check(
+    service: pb::sync_server::SyncServer<SyncService>,
+    token: Arc<str>,
+) -> tonic::service::interceptor::InterceptedService<pb::sync_server::SyncServer<SyncService>, impl tonic::service::Interceptor + Clone> {
+    tonic::service::interceptor::InterceptedService::new(service, move |request: Request<()>| {
+        check_token(&request, &token)?;
+        Ok(request)
+    })
+}
+
+/// Compares in constant time, so the token cannot be guessed byte by byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn check_token<T>(request: &Request<T>, expected: &str) -> Result<(), Status> {
+    let Some(value) = request.metadata().get(gm_proto::AUTH_HEADER) else {
+        return Err(Status::unauthenticated("no token: send `authorization: Bearer <token>`"));
+    };
+    let presented = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(Status::unauthenticated("the hub refused the token"))
+    }
+}
+
+pub struct SyncService {
+    hub: Arc<Hub>,
+}
+
+fn bad(what: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(what.to_string())
+}
+
+fn internal(err: impl std::fmt::Display) -> Status {
+    tracing::error!(error = %err, "request failed");
+    Status::internal(err.to_string())
+}
+
+impl SyncService {
+    fn attached(&self, raw: &str) -> Result<Arc<Workspace>, Status> {
+        let id = WorkspaceId::new(raw).map_err(bad)?;
+        self.hub
+            .workspace(&id)
+            .ok_or_else(|| Status::not_found(format!("workspace {id} is not attached; call Attach first")))
+    }
+}
+
+type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Sync for SyncService {
+    async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::AttachResponse>, Status> {
+        let req = request.into_inner();
+        let id = WorkspaceId::new(&req.workspace).map_err(bad)?;
+        let node = NodeId::new(&req.node_id).map_err(bad)?;
+        let hub = self.hub.clone();
+        let (ws, created) = tokio::task::spawn_blocking(move || hub.open_workspace(&id))
+            .await
+            .map_err(internal)?
+            .map_err(|e| internal(format!("{e:#}")))?;
+        if created {
+            tracing::info!(workspace = %ws.id, node = %node, "workspace created");
+            observe_workspace(&self.hub, &ws, Scope::Full)
+                .await
+                .map_err(|e| internal(format!("{e:#}")))?;
+        }
+        let seq = *ws.committed.borrow();
+        tracing::info!(workspace = %ws.id, node = %node, seq, "node attached");
+        Ok(Response::new(pb::AttachResponse {
+            epoch: ws.epoch.clone(),
+            seq,
+            hub_id: self.hub.db.hub_id().to_string(),
+        }))
+    }
+
+    type SubscribeStream = EventStream<pb::SubscribeEvent>;
+
+    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let ws = self.attached(&req.workspace)?;
+        let node = NodeId::new(&req.node_id).map_err(bad)?;
+        let since = if req.epoch == ws.epoch { Seq(req.since) } else { Seq::ZERO };
+        let (tx, rx) = mpsc::channel(8);
+        let hub = self.hub.clone();
+        let id = hub.next_subscription_id();
+        ws.subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, node.to_string());
+        tokio::spawn(async move {
+            let mut committed = ws.committed.subscribe();
+            let mut sent = since;
+            let mut caught_up = false;
+            loop {
+                let db = hub.db.clone();
+                let ws_id = ws.id.clone();
+                let changes = match tokio::task::spawn_blocking(move || db.changes_since(&ws_id, sent, 2000)).await {
+                    Ok(Ok(changes)) => changes,
+                    Ok(Err(err)) => {
+                        let _ = tx.send(Err(internal(err))).await;
+                        break;
+                    }
+                    Err(err) => {
+                        let _ = tx.send(Err(internal(err))).await;
+                        break;
+                    }
+                };
+                if let Some((_, last)) = changes.last() {
+                    sent = last.seq;
+                    let event = pb::SubscribeEvent {
+                        changes: changes.iter().map(|(p, v)| gm_proto::path_state_to_wire(p, v)).collect(),
+                        caught_up_to: None,
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                if !caught_up {
+                    caught_up = true;
+                    let event = pb::SubscribeEvent {
+                        changes: Vec::new(),
+                        caught_up_to: Some(sent.0),
+                    };
+                    if tx.send(Ok(event)).await.is_err() {
+                        break;
+                    }
+                }
+                tokio::select! {
+                    changed = committed.wait_for(|latest| *latest > sent.0) => {
+                        if changed.is_err() { break; }
+                    }
+                    () = tx.closed() => break,
+                }
+            }
+            ws.subscribers.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            tracing::info!(workspace = %ws.id, node = %node, "subscription ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+        let req = request.into_inner();
+        let ws = self.attached(&req.workspace)?;
+        let node = NodeId::new(&req.node_id).map_err(bad)?;
+        if req.ops.len() > MAX_OPS_PER_COMMIT {
+            return Err(bad(format!(
+                "{} operations in one commit; the limit is {MAX_OPS_PER_COMMIT}",
+                req.ops.len()
+            )));
+        }
+        if let Some(reason) = ws.halted() {
+            return Err(Status::failed_precondition(format!("workspace {} is halted on the hub: {reason}", ws.id)));
+        }
+        let guard = ws.seq.clone().lock_owned().await;
+        let hub = self.hub.clone();
+        let results = tokio::task::spawn_blocking(move || {
+            let mut guard = guard;
+            commit_locked(&hub, &ws, &mut guard, &node, req.ops)
+        })
+        .await
+        .map_err(internal)?
+        .map_err(|e| internal(format!("{e:#}")))?;
+        Ok(Response::new(pb::CommitResponse { results }))
+    }
+
+    async fn upload(&self, request: Request<Streaming<pb::UploadMessage>>) -> Result<Response<pb::UploadResponse>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| bad("empty upload: the first message must be `start`"))??;
+        let Some(pb::upload_message::Msg::Start(start)) = first.msg else {
+            return Err(bad("the first upload message must be `start`"));
+        };
+        let ws = self.attached(&start.workspace)?;
+        let hash = ContentHash::from_slice(&start.hash).map_err(bad)?;
+        if start.size > self.hub.config.max_file_size {
+            return Err(bad(format!(
+                "upload of {} bytes is over the hub's limit of {} bytes",
+                start.size, self.hub.config.max_file_size
+            )));
+        }
+        let root = ws.root();
+        let mut staged = root.stage_file().map_err(internal)?;
+        while let Some(message) = stream.next().await {
+            let message = message?;
+            match message.msg {
+                Some(pb::upload_message::Msg::Data(data)) => {
+                    if staged.len() + data.len() as u64 > start.size {
+                        return Err(bad(format!("upload for {hash} is longer than its claimed size {}", start.size)));
+                    }
+                    staged.write_all(&data).map_err(internal)?;
+                }
+                _ => return Err(bad("only data may follow the upload start")),
+            }
+        }
+        if staged.len() != start.size {
+            return Err(bad(format!(
+                "upload for {hash} was truncated: {} of {} bytes",
+                staged.len(),
+                start.size
+            )));
+        }
+        if staged.hash() != hash {
+            return Err(bad(format!("uploaded content does not match its hash {hash}")));
+        }
+        Counters::add(&self.hub.counters.bytes_received, start.size);
+        self.hub.uploads.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            (ws.id.clone(), hash),
+            Upload {
+                staged,
+                at: Instant::now(),
+            },
+        );
+        Ok(Response::new(pb::UploadResponse {}))
+    }
+
+    type DownloadStream = EventStream<pb::DownloadMessage>;
+
+    async fn download(&self, request: Request<pb::DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
+        let req = request.into_inner();
+        let ws = self.attached(&req.workspace)?;
+        if req.items.len() > MAX_DOWNLOAD_ITEMS {
+            return Err(bad(format!("{} items in one download; the limit is {MAX_DOWNLOAD_ITEMS}", req.items.len())));
+        }
+        let mut items = Vec::with_capacity(req.items.len());
+        for item in &req.items {
+            let path = gm_proto::path(&item.path).map_err(bad)?;
+            let hash = ContentHash::from_slice(&item.hash).map_err(|e| bad(format!("{}: {e}", item.path)))?;
+            items.push((path, hash));
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        tokio::task::spawn_blocking(move || {
+            let root = ws.root();
+            let mut buffer = vec![0u8; DOWNLOAD_CHUNK];
+            for (index, (path, expected)) in items.into_iter().enumerate() {
+                let index = index as u32;
+                let fail = |error: String| pb::DownloadMessage {
+                    index,
+                    data: Vec::new(),
+                    last: false,
+                    error,
+                };
+                let mut file = match root.open_read(&path) {
+                    Ok((file, _)) => file,
+                    Err(err) => {
+                        if tx.blocking_send(Ok(fail(format!("{path}: {err}")))).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                let mut hasher = Hasher::new();
+                let mut sent = 0u64;
+                let mut failed = None;
+                loop {
+                    match file.read(&mut buffer) {
+                        Ok(0) => break,
+                        Ok(read) => {
+                            hasher.update(&buffer[..read]);
+                            sent += read as u64;
+                            let message = pb::DownloadMessage {
+                                index,
+                                data: buffer[..read].to_vec(),
+                                last: false,
+                                error: String::new(),
+                            };
+                            if tx.blocking_send(Ok(message)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(err) => {
+                            failed = Some(format!("{path}: read: {err}"));
+                            break;
+                        }
+                    }
+                }
+                let end = match failed {
+                    Some(error) => fail(error),
+                    None if hasher.finalize() != expected => fail(format!("{path}: changed on the hub; wait for its journal entry")),
+                    None => {
+                        Counters::add(&hub.counters.files_sent, 1);
+                        Counters::add(&hub.counters.bytes_sent, sent);
+                        pb::DownloadMessage {
+                            index,
+                            data: Vec::new(),
+                            last: true,
+                            error: String::new(),
+                        }
+                    }
+                };
+                if tx.blocking_send(Ok(end)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let hub = self.hub.clone();
+        let response = tokio::task::spawn_blocking(move || build_status(&hub))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        Ok(Response::new(response))
+    }
+}
+
+fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
+    let mut workspaces = Vec::new();
+    for ws in hub.all_workspaces() {
+        let counts = hub.db.counts(&ws.id)?;
+        let conflicts = hub
+            .db
+            .conflicts(&ws.id)?
+            .into_iter()
+            .map(|c| pb::ConflictRecord {
+                path: c.path.to_string(),
+                copy_path: c.copy_path.to_string(),
+                node_id: c.node,
+                at_unix: c.at_unix,
+                seq: c.seq.0,
+            })
+            .collect();
+        let subscribers = ws
+            .subscribers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        workspaces.push(pb::WorkspaceStatus {
+            id: ws.id.to_string(),
+            seq: *ws.committed.borrow(),
+            files: counts.files,
+            dirs: counts.dirs,
+            symlinks: counts.symlinks,
+            bytes: counts.bytes,
+            halted: ws.halted().unwrap_or_default(),
+            conflicts,
+            subscribers,
+            racy_entries: ws.racy_count() as u64,
+        });
+    }
+    let c = hub.counters.snapshot();
+    Ok(pb::StatusResponse {
+        hub_id: hub.db.hub_id().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        data_dir: hub.config.data_dir.display().to_string(),
+        uptime_secs: hub.started.elapsed().as_secs(),
+        startup_scan_done: hub.is_ready(),
+        workspaces,
+        counters: Some(pb::Counters {
+            files_hashed: c.files_hashed,
+            hash_cache_hits: c.hash_cache_hits,
+            files_received: c.files_received,
+            bytes_received: c.bytes_received,
+            files_sent: c.files_sent,
+            bytes_sent: c.bytes_sent,
+            conflicts: c.conflicts,
+            refused_ops: c.refused_ops,
+            hub_side_changes: c.hub_side_changes,
+            local_copies: c.local_copies,
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_check() {
+        let mut request = Request::new(());
+        assert_eq!(check_token(&request, "s3cret").unwrap_err().code(), tonic::Code::Unauthenticated);
+        request.metadata_mut().insert("authorization", "Bearer wrong".parse().unwrap());
+        let err = check_token(&request, "s3cret").unwrap_err();
+        assert!(err.message().contains("refused the token"));
+        request.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(check_token(&request, "s3cret").is_ok());
+    }
+}

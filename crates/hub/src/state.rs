@@ -1,0 +1,279 @@
+//! The hub's shared state: the database, the open mirrors, the pending
+//! uploads and the counters.
+//!
+//! Concurrency: each workspace has one async commit lock (`Workspace::seq`)
+//! that serializes every journal write (node commits and mirror scans);
+//! the guard owns the workspace's current seq, so seqs are handed out only
+//! while holding it. Disk and database work runs on blocking threads with
+//! the guard moved in.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use gm_core::{ContentHash, RelPath, Seq, WorkspaceId};
+use gm_fs::{DirLock, Root, StagedFile};
+use gm_store::HubDb;
+use tokio::sync::watch;
+
+use crate::HubConfig;
+
+/// Monotonic counters, exposed by `status` and `/metrics`.
+#[derive(Default)]
+pub struct Counters {
+    pub files_hashed: AtomicU64,
+    pub hash_cache_hits: AtomicU64,
+    pub files_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub files_sent: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub conflicts: AtomicU64,
+    pub refused_ops: AtomicU64,
+    pub hub_side_changes: AtomicU64,
+    pub local_copies: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CounterSnapshot {
+    pub files_hashed: u64,
+    pub hash_cache_hits: u64,
+    pub files_received: u64,
+    pub bytes_received: u64,
+    pub files_sent: u64,
+    pub bytes_sent: u64,
+    pub conflicts: u64,
+    pub refused_ops: u64,
+    pub hub_side_changes: u64,
+    pub local_copies: u64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CounterSnapshot {
+            files_hashed: get(&self.files_hashed),
+            hash_cache_hits: get(&self.hash_cache_hits),
+            files_received: get(&self.files_received),
+            bytes_received: get(&self.bytes_received),
+            files_sent: get(&self.files_sent),
+            bytes_sent: get(&self.bytes_sent),
+            conflicts: get(&self.conflicts),
+            refused_ops: get(&self.refused_ops),
+            hub_side_changes: get(&self.hub_side_changes),
+            local_copies: get(&self.local_copies),
+        }
+    }
+}
+
+/// One mirrored workspace.
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub epoch: String,
+    pub mirror_path: PathBuf,
+    root: RwLock<Arc<Root>>,
+    /// The commit lock; its guard owns the current journal seq.
+    pub seq: Arc<tokio::sync::Mutex<Seq>>,
+    /// Latest committed seq, for subscribers to wait on.
+    pub committed: watch::Sender<u64>,
+    /// Connected subscribers: subscription id -> node id.
+    pub subscribers: Mutex<BTreeMap<u64, String>>,
+    /// Cache records still racily clean: path -> when they can be settled.
+    pub racy: Mutex<BTreeMap<RelPath, Instant>>,
+    /// Why the safety brake stopped this workspace, if it did.
+    pub halted: Mutex<Option<String>>,
+}
+
+impl Workspace {
+    pub fn root(&self) -> Arc<Root> {
+        self.root.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace_root(&self, root: Root) {
+        *self.root.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(root);
+    }
+
+    pub fn halted(&self) -> Option<String> {
+        self.halted.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn mark_racy(&self, paths: impl IntoIterator<Item = RelPath>, window: Duration) {
+        let due = Instant::now() + window + Duration::from_millis(50);
+        let mut racy = self.racy.lock().unwrap_or_else(|p| p.into_inner());
+        for path in paths {
+            racy.insert(path, due);
+        }
+    }
+
+    pub fn racy_count(&self) -> usize {
+        self.racy.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// A file a node uploaded, waiting for the commit that names it.
+pub struct Upload {
+    pub staged: StagedFile,
+    pub at: Instant,
+}
+
+pub struct Hub {
+    pub config: HubConfig,
+    pub db: Arc<HubDb>,
+    pub mirrors: PathBuf,
+    pub workspaces: Mutex<BTreeMap<WorkspaceId, Arc<Workspace>>>,
+    pub uploads: Mutex<HashMap<(WorkspaceId, ContentHash), Upload>>,
+    pub counters: Counters,
+    pub started: Instant,
+    /// Staging-file tag of this hub instance.
+    pub tag: String,
+    ready: AtomicBool,
+    next_subscription: AtomicU64,
+    _lock: DirLock,
+}
+
+impl Hub {
+    pub fn open(config: HubConfig) -> anyhow::Result<Hub> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
+        let lock = DirLock::acquire(&config.data_dir, "hub.lock")
+            .map_err(|e| anyhow::anyhow!("{e}; a second hub on the same data dir is refused"))?;
+        let mirrors = config.data_dir.join("mirrors");
+        std::fs::create_dir_all(&mirrors).with_context(|| format!("create {}", mirrors.display()))?;
+        let db = HubDb::open(&config.data_dir.join("state.db"))?;
+        Ok(Hub {
+            config,
+            db: Arc::new(db),
+            mirrors,
+            workspaces: Mutex::new(BTreeMap::new()),
+            uploads: Mutex::new(HashMap::new()),
+            counters: Counters::default(),
+            started: Instant::now(),
+            tag: format!("hub{:08x}", rand::random::<u32>()),
+            ready: AtomicBool::new(false),
+            next_subscription: AtomicU64::new(1),
+            _lock: lock,
+        })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn next_subscription_id(&self) -> u64 {
+        self.next_subscription.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn workspace(&self, id: &WorkspaceId) -> Option<Arc<Workspace>> {
+        self.workspaces.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    pub fn all_workspaces(&self) -> Vec<Arc<Workspace>> {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Opens (creating if new) the workspace and its mirror directory.
+    /// Blocking.
+    pub fn open_workspace(&self, id: &WorkspaceId) -> anyhow::Result<(Arc<Workspace>, bool)> {
+        if let Some(ws) = self.workspace(id) {
+            return Ok((ws, false));
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let row = self.db.ensure_workspace(id, now)?;
+        let mirror_path = self.mirrors.join(id.as_str());
+        let root = Root::create(&mirror_path, &self.tag)?;
+        let cleared = root.clear_staging()?;
+        if cleared > 0 {
+            tracing::info!(workspace = %id, entries = cleared, "removed staging left by an earlier hub");
+        }
+        let (committed, _) = watch::channel(row.seq.0);
+        let ws = Arc::new(Workspace {
+            id: id.clone(),
+            epoch: row.epoch,
+            mirror_path,
+            root: RwLock::new(Arc::new(root)),
+            seq: Arc::new(tokio::sync::Mutex::new(row.seq)),
+            committed,
+            subscribers: Mutex::new(BTreeMap::new()),
+            racy: Mutex::new(BTreeMap::new()),
+            halted: Mutex::new(row.halted),
+        });
+        let mut map = self.workspaces.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(id.clone()).or_insert(ws);
+        Ok((entry.clone(), true))
+    }
+
+    /// Writes `DATA_DIR/hub.json` with the bound addresses, for scripts and tests.
+    pub fn write_endpoints(&self, grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
+        let path = self.config.data_dir.join("hub.json");
+        let body = serde_json::json!({
+            "grpc": format!("http://{grpc}"),
+            "admin": format!("http://{admin}"),
+            "pid": std::process::id(),
+        });
+        let tmp = self.config.data_dir.join("hub.json.tmp");
+        std::fs::write(&tmp, body.to_string()).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
+        Ok(())
+    }
+
+    pub fn remove_endpoints(&self) {
+        let _ = std::fs::remove_file(self.config.data_dir.join("hub.json"));
+    }
+
+    /// Adopts every workspace known to the database or present as a
+    /// directory under `mirrors/`, then reconciles each mirror with its
+    /// journal (a stat walk; only changed files are hashed).
+    pub async fn startup_scan(self: &Arc<Self>) -> anyhow::Result<()> {
+        let hub = self.clone();
+        let ids = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<WorkspaceId>> {
+            let mut ids: Vec<WorkspaceId> = hub.db.workspaces()?.into_iter().map(|w| w.id).collect();
+            for entry in std::fs::read_dir(&hub.mirrors).with_context(|| format!("list {}", hub.mirrors.display()))? {
+                let entry = entry?;
+                if !entry.file_type()?.is_dir() {
+                    continue;
+                }
+                if let Some(id) = entry.file_name().to_str().and_then(|n| WorkspaceId::new(n).ok())
+                    && !ids.contains(&id)
+                {
+                    tracing::info!(workspace = %id, "adopting a mirror directory not yet in the database");
+                    ids.push(id);
+                }
+            }
+            Ok(ids)
+        })
+        .await??;
+        for id in ids {
+            let hub = self.clone();
+            let opened = tokio::task::spawn_blocking(move || hub.open_workspace(&id)).await?;
+            let (ws, _) = match opened {
+                Ok(opened) => opened,
+                Err(err) => {
+                    tracing::error!(error = %format!("{err:#}"), "cannot open a workspace mirror; it stays offline");
+                    continue;
+                }
+            };
+            if let Err(err) = crate::observe::observe_workspace(self, &ws, crate::observe::Scope::Full).await {
+                tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "startup scan failed");
+            }
+        }
+        Ok(())
+    }
+}
