@@ -18,5 +18,5 @@ pub use conflict::{CommitDecision, conflict_copy_name, decide_commit};
 pub use entry::{Entry, Seq, Versioned};
 pub use hash::{ContentHash, Hasher};
 pub use meta::{CacheRecord, Kind, Stat};
-pub use path::{NodeId, PathError, RelPath, WorkspaceId, INTERNAL_DIR};
+pub use path::{INTERNAL_DIR, NodeId, PathError, RelPath, WorkspaceId, minimal_tops};
 pub use reconcile::{NodeAction, decide_node};

@@ -175,6 +175,19 @@ impl fmt::Display for RelPath {
     }
 }
 
+/// Keeps only the topmost of nested paths (for subtree scans).
+pub fn minimal_tops(paths: impl IntoIterator<Item = RelPath>) -> Vec<RelPath> {
+    let sorted: std::collections::BTreeSet<RelPath> = paths.into_iter().collect();
+    let mut tops: Vec<RelPath> = Vec::new();
+    for path in sorted {
+        if tops.last().is_some_and(|top| top.is_ancestor_of(&path)) {
+            continue;
+        }
+        tops.push(path);
+    }
+    tops
+}
+
 fn is_simple_id(raw: &str, max: usize) -> bool {
     !raw.is_empty()
         && raw.len() <= max
@@ -330,6 +343,13 @@ mod tests {
         assert_eq!(names, ["a", "a/b"]);
         let moved = path.rebase(&a, &RelPath::new("z").unwrap()).unwrap();
         assert_eq!(moved.as_str(), "z/b/c");
+    }
+
+    #[test]
+    fn minimal_tops_drops_nested_paths() {
+        let paths = ["a/b", "a", "c/d", "c/d/e", "a-b", "c/dd"].map(|p| RelPath::new(p).unwrap());
+        let tops: Vec<String> = minimal_tops(paths).iter().map(|p| p.to_string()).collect();
+        assert_eq!(tops, ["a", "a-b", "c/d", "c/dd"]);
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //!   the window has passed (`Scope::Exact`), so a restart trusts them.
 
 use std::collections::{BTreeSet, HashMap};
+
+use gm_core::minimal_tops;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -42,19 +44,6 @@ pub async fn observe_workspace(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope
     })
     .await
     .context("observe task")?
-}
-
-/// Keeps only the topmost of nested paths.
-pub fn minimal_tops(paths: impl IntoIterator<Item = RelPath>) -> Vec<RelPath> {
-    let sorted: BTreeSet<RelPath> = paths.into_iter().collect();
-    let mut tops: Vec<RelPath> = Vec::new();
-    for path in sorted {
-        if tops.last().is_some_and(|top| top.is_ancestor_of(&path)) {
-            continue;
-        }
-        tops.push(path);
-    }
-    tops
 }
 
 pub fn halt(hub: &Hub, ws: &Workspace, reason: String) {
@@ -236,16 +225,4 @@ pub fn recheck_halted(hub: &Hub, ws: &Workspace, seq: &mut Seq) -> anyhow::Resul
         observe_locked(hub, ws, seq, Scope::Full, false)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn minimal_tops_drops_nested_paths() {
-        let paths = ["a/b", "a", "c/d", "c/d/e", "a-b", "c/dd"].map(|p| RelPath::new(p).unwrap());
-        let tops: Vec<String> = minimal_tops(paths).iter().map(|p| p.to_string()).collect();
-        assert_eq!(tops, ["a", "a-b", "c/d", "c/dd"]);
-    }
 }

@@ -1,1 +1,87 @@
-//! stub
+//! The ghostmirror node: binds workspace ids to local directories and keeps
+//! each in sync with its mirror on the hub, both ways.
+//!
+//! Entry point: `run(config, shutdown)`. Modules:
+//! - `client`: the gRPC channel, token, and which errors are worth a retry;
+//! - `session`: one workspace's life: attach, catch up, reconcile, then live
+//!   (watcher + subscription), reconnecting with backoff;
+//! - `reconcile`: the three-tree step (synced / local / remote) for a set of
+//!   paths: plan with `gm_core::decide_node`, then apply and propose;
+//! - `transfer`: downloads into staging and uploads of large files.
+
+mod client;
+mod reconcile;
+mod session;
+mod transfer;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use gm_core::{NodeId, WorkspaceId};
+use gm_fs::{DirLock, ScanConfig};
+use gm_store::NodeDb;
+use tokio_util::sync::CancellationToken;
+
+pub use client::SyncError;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub hub_url: String,
+    pub token: String,
+    pub node_id: NodeId,
+    pub state_dir: PathBuf,
+    pub workspaces: Vec<(WorkspaceId, PathBuf)>,
+    /// Reconcile both ways once and return.
+    pub once: bool,
+    pub scan: ScanConfig,
+    pub debounce: Duration,
+    pub debounce_max: Duration,
+    pub rescan_interval: Duration,
+    /// Files up to this size travel inline in commit batches.
+    pub inline_max: u64,
+    /// Byte budget of one commit batch's inline content.
+    pub batch_bytes: u64,
+    /// With `once`: how long to keep retrying an unreachable hub.
+    pub once_timeout: Duration,
+}
+
+/// Runs every bound workspace until `shutdown` (or, with `once`, until each
+/// has reconciled). Errors name the workspace and what went wrong.
+pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.workspaces.is_empty() {
+        anyhow::bail!("no workspace bound: pass --workspace ID=PATH (or GM_WORKSPACES)");
+    }
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("create state dir {}", config.state_dir.display()))?;
+    let _lock = DirLock::acquire(&config.state_dir, "node.lock")
+        .map_err(|e| anyhow::anyhow!("{e}; one node per state dir"))?;
+    let db = Arc::new(NodeDb::open(&config.state_dir.join("node.db"))?);
+    let client = client::connect(&config)?;
+    let config = Arc::new(config);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (id, path) in config.workspaces.clone() {
+        let session = session::WorkspaceTask::new(id.clone(), path, config.clone(), db.clone(), client.clone(), shutdown.clone());
+        tasks.spawn(async move { (id, session.run().await) });
+    }
+    let mut failures = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => {}
+            Ok((id, Err(err))) => {
+                if !config.once {
+                    // A fatal error (refused token) stops the whole node.
+                    shutdown.cancel();
+                }
+                failures.push(format!("workspace {id}: {err:#}"));
+            }
+            Err(err) => failures.push(format!("workspace task failed: {err}")),
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", failures.join("\n"))
+    }
+}

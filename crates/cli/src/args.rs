@@ -1,0 +1,350 @@
+//! Command-line flags, each also read from a `GM_*` environment variable,
+//! validated once into the libraries' typed configs.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gm_core::{NodeId, WorkspaceId};
+use gm_fs::ScanConfig;
+
+#[derive(Parser)]
+#[command(name = "ghostmirror", version, about = "Live two-way mirror of agent workspaces between nodes and a hub")]
+pub struct Cli {
+    /// Log format.
+    #[arg(long, env = "GM_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `gm_node=debug`.
+    #[arg(long, env = "GM_LOG", default_value = "info", global = true)]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the hub: mirrors, journal, gRPC for nodes, admin HTTP.
+    Hub(HubArgs),
+    /// Run a node: sync local workspace directories with the hub.
+    Node(NodeArgs),
+    /// Show what the hub holds: workspaces, conflicts, counters.
+    Status(StatusArgs),
+    /// Confirm that an emptied or replaced workspace root is deliberate, so
+    /// its deletions may propagate (the safety brake halted it).
+    ConfirmEmpty(ConfirmArgs),
+}
+
+/// Settings shared by hub and node scanning.
+#[derive(Args, Clone)]
+pub struct ScanArgs {
+    /// Threads that hash file content (default: number of cores).
+    #[arg(long, env = "GM_HASH_WORKERS")]
+    pub hash_workers: Option<usize>,
+    /// Cache records taken less than this long after a file's last change
+    /// are verified again later (racily clean).
+    #[arg(long, env = "GM_RACY_WINDOW_MS", default_value_t = 2000)]
+    pub racy_window_ms: u64,
+    /// Quiet time after the last file event before changes are synced.
+    #[arg(long, env = "GM_DEBOUNCE_MS", default_value_t = 30)]
+    pub debounce_ms: u64,
+    /// Longest a burst of file events may delay a sync.
+    #[arg(long, env = "GM_DEBOUNCE_MAX_MS", default_value_t = 1000)]
+    pub debounce_max_ms: u64,
+    /// Full stat walk as a safety net under the watcher, in seconds.
+    #[arg(long, env = "GM_RESCAN_INTERVAL", default_value_t = 600)]
+    pub rescan_interval: u64,
+}
+
+impl ScanArgs {
+    fn scan_config(&self) -> anyhow::Result<ScanConfig> {
+        let workers = match self.hash_workers {
+            Some(0) => bail!("GM_HASH_WORKERS / --hash-workers must be at least 1"),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(2, usize::from),
+        };
+        Ok(ScanConfig {
+            racy_window_ns: (self.racy_window_ms as i64).saturating_mul(1_000_000),
+            hash_workers: workers,
+        })
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if self.rescan_interval == 0 {
+            bail!("GM_RESCAN_INTERVAL / --rescan-interval must be at least 1 second");
+        }
+        if self.debounce_max_ms < self.debounce_ms {
+            bail!("GM_DEBOUNCE_MAX_MS must not be below GM_DEBOUNCE_MS");
+        }
+        Ok(())
+    }
+}
+
+#[derive(Args)]
+pub struct HubArgs {
+    /// Address for nodes (gRPC).
+    #[arg(long, env = "GM_LISTEN", default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// Address for /healthz and /metrics.
+    #[arg(long, env = "GM_ADMIN_LISTEN", default_value = "127.0.0.1:7071")]
+    pub admin_listen: SocketAddr,
+    /// Where mirrors and state live (default: $XDG_DATA_HOME/ghostmirror or ~/.local/share/ghostmirror).
+    #[arg(long, env = "GM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Token nodes must present; without it one is generated on first start
+    /// and kept in DATA_DIR/token (mode 0600).
+    #[arg(long, env = "GM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Largest file accepted from a node, in bytes.
+    #[arg(long, env = "GM_MAX_FILE_SIZE", default_value_t = 64 << 30)]
+    pub max_file_size: u64,
+    #[command(flatten)]
+    pub scan: ScanArgs,
+}
+
+fn default_dir(xdg: &str, fallback: &str, name: &str) -> PathBuf {
+    if let Some(base) = std::env::var_os(xdg).filter(|v| !v.is_empty()) {
+        return PathBuf::from(base).join(name);
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => PathBuf::from(home).join(fallback).join(name),
+        None => PathBuf::from(name),
+    }
+}
+
+impl HubArgs {
+    pub fn into_config(self) -> anyhow::Result<(gm_hub::HubConfig, SocketAddr, SocketAddr)> {
+        self.scan.check()?;
+        let data_dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| default_dir("XDG_DATA_HOME", ".local/share", "ghostmirror"));
+        std::fs::create_dir_all(&data_dir).with_context(|| format!("create data dir {}", data_dir.display()))?;
+        let token = match self.token.clone() {
+            Some(token) if token.trim().is_empty() => bail!("GM_TOKEN / --token is empty"),
+            Some(token) => token,
+            None => load_or_create_token(&data_dir)?,
+        };
+        if self.max_file_size == 0 {
+            bail!("GM_MAX_FILE_SIZE / --max-file-size must be above 0");
+        }
+        let config = gm_hub::HubConfig {
+            data_dir,
+            token,
+            scan: self.scan.scan_config()?,
+            debounce: Duration::from_millis(self.scan.debounce_ms),
+            debounce_max: Duration::from_millis(self.scan.debounce_max_ms),
+            rescan_interval: Duration::from_secs(self.scan.rescan_interval),
+            max_file_size: self.max_file_size,
+        };
+        Ok((config, self.listen, self.admin_listen))
+    }
+}
+
+/// Reads DATA_DIR/token, or creates it (mode 0600) with a random token.
+fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
+    let path = data_dir.join("token");
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => {
+            tracing::info!(path = %path.display(), "using the token stored in the data dir");
+            return Ok(token.trim().to_string());
+        }
+        Ok(_) => bail!("token file {} is empty; delete it to generate a new token", path.display()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err).with_context(|| format!("read token file {}", path.display())),
+    }
+    let token = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("create token file {}", path.display()))?;
+    file.write_all(token.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write token file {}", path.display()))?;
+    tracing::warn!(path = %path.display(), "no --token given: generated one; nodes need it (--token-file {})", path.display());
+    Ok(token)
+}
+
+/// Token for a client command: `--token`, else the contents of `--token-file`.
+#[derive(Args, Clone)]
+pub struct TokenArgs {
+    /// Token the hub expects.
+    #[arg(long, env = "GM_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the token (e.g. the hub's DATA_DIR/token).
+    #[arg(long, env = "GM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenArgs {
+    pub fn resolve(&self) -> anyhow::Result<String> {
+        if let Some(token) = &self.token {
+            if token.trim().is_empty() {
+                bail!("GM_TOKEN / --token is empty");
+            }
+            return Ok(token.clone());
+        }
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path).with_context(|| format!("read token file {}", path.display()))?;
+            if token.trim().is_empty() {
+                bail!("token file {} is empty", path.display());
+            }
+            return Ok(token.trim().to_string());
+        }
+        bail!("no token: pass --token (GM_TOKEN) or --token-file (GM_TOKEN_FILE)")
+    }
+}
+
+#[derive(Args)]
+pub struct NodeArgs {
+    /// Hub URL.
+    #[arg(long, env = "GM_HUB", default_value = "http://127.0.0.1:7070")]
+    pub hub: String,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// This node's name (appears in conflict-copy names; default: host name).
+    #[arg(long, env = "GM_NODE_ID")]
+    pub node_id: Option<String>,
+    /// Where the node keeps node.db (default: $XDG_STATE_HOME/ghostmirror-node or ~/.local/state/ghostmirror-node).
+    #[arg(long, env = "GM_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// A workspace to sync: ID=PATH. Repeat for several (GM_WORKSPACES: comma-separated).
+    #[arg(long = "workspace", env = "GM_WORKSPACES", value_delimiter = ',', required = true)]
+    pub workspaces: Vec<String>,
+    /// Reconcile both ways once, then exit: 0 when every workspace equals its mirror.
+    #[arg(long, env = "GM_ONCE")]
+    pub once: bool,
+    /// With --once: how long to keep retrying an unreachable hub, in seconds.
+    #[arg(long, env = "GM_ONCE_TIMEOUT", default_value_t = 120)]
+    pub once_timeout: u64,
+    /// Files up to this many bytes travel inline in commit batches.
+    #[arg(long, env = "GM_INLINE_MAX", default_value_t = 1 << 20)]
+    pub inline_max: u64,
+    /// Inline bytes per commit batch.
+    #[arg(long, env = "GM_BATCH_BYTES", default_value_t = 8 << 20)]
+    pub batch_bytes: u64,
+    #[command(flatten)]
+    pub scan: ScanArgs,
+}
+
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let cleaned: String = raw
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .take(64)
+        .collect();
+    if cleaned.is_empty() { "node".to_string() } else { cleaned }
+}
+
+impl NodeArgs {
+    pub fn into_config(self) -> anyhow::Result<gm_node::NodeConfig> {
+        self.scan.check()?;
+        let node_id = self.node_id.clone().unwrap_or_else(host_name);
+        let node_id = NodeId::new(&node_id).map_err(|e| anyhow::anyhow!("GM_NODE_ID / --node-id: {e}"))?;
+        let mut workspaces = Vec::new();
+        for spec in &self.workspaces {
+            let Some((id, path)) = spec.split_once('=') else {
+                bail!("--workspace {spec:?}: expected ID=PATH");
+            };
+            let id = WorkspaceId::new(id).map_err(|e| anyhow::anyhow!("--workspace {spec:?}: {e}"))?;
+            if path.is_empty() {
+                bail!("--workspace {spec:?}: the path is empty");
+            }
+            let path = PathBuf::from(path);
+            if workspaces.iter().any(|(other, _): &(WorkspaceId, PathBuf)| other == &id) {
+                bail!("--workspace {id} is given twice");
+            }
+            workspaces.push((id, path));
+        }
+        if self.inline_max > 16 << 20 {
+            bail!("GM_INLINE_MAX / --inline-max must be at most 16 MiB");
+        }
+        if self.batch_bytes == 0 || self.batch_bytes > 24 << 20 {
+            bail!("GM_BATCH_BYTES / --batch-bytes must be between 1 and 24 MiB");
+        }
+        Ok(gm_node::NodeConfig {
+            hub_url: self.hub.clone(),
+            token: self.token.resolve()?,
+            node_id,
+            state_dir: self
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| default_dir("XDG_STATE_HOME", ".local/state", "ghostmirror-node")),
+            workspaces,
+            once: self.once,
+            scan: self.scan.scan_config()?,
+            debounce: Duration::from_millis(self.scan.debounce_ms),
+            debounce_max: Duration::from_millis(self.scan.debounce_max_ms),
+            rescan_interval: Duration::from_secs(self.scan.rescan_interval),
+            inline_max: self.inline_max,
+            batch_bytes: self.batch_bytes,
+            once_timeout: Duration::from_secs(self.once_timeout),
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    /// Hub URL.
+    #[arg(long, env = "GM_HUB", default_value = "http://127.0.0.1:7070")]
+    pub hub: String,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["state_dir", "data_dir"])))]
+pub struct ConfirmArgs {
+    /// The workspace whose emptying (or replaced root) is deliberate.
+    pub workspace: String,
+    /// A node's state dir (the node's copy of the workspace was emptied).
+    #[arg(long, env = "GM_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The hub's data dir (the mirror was emptied).
+    #[arg(long, env = "GM_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ConfirmArgs {
+    pub fn run(self) -> anyhow::Result<()> {
+        let id = WorkspaceId::new(&self.workspace)?;
+        let found = match (&self.state_dir, &self.data_dir) {
+            (Some(dir), _) => {
+                let path = dir.join("node.db");
+                if !path.exists() {
+                    bail!("{} does not exist: is {} a node's state dir?", path.display(), dir.display());
+                }
+                gm_store::NodeDb::open(&path)?.request_confirm_empty(&id)?
+            }
+            (None, Some(dir)) => {
+                let path = dir.join("state.db");
+                if !path.exists() {
+                    bail!("{} does not exist: is {} a hub's data dir?", path.display(), dir.display());
+                }
+                gm_store::HubDb::open(&path)?.request_confirm_empty(&id)?
+            }
+            (None, None) => bail!("pass --state-dir (node) or --data-dir (hub)"),
+        };
+        if !found {
+            bail!("workspace {id} is not known there");
+        }
+        println!("confirmed: the next sync of {id} propagates its current (empty or replaced) root");
+        Ok(())
+    }
+}

@@ -1,0 +1,92 @@
+//! The connection to the hub: one lazily connected channel shared by every
+//! workspace, the token on every call, and the split of errors into
+//! "retry with backoff" and "stop and tell the user".
+
+use std::time::Duration;
+
+use gm_proto::pb::sync_client::SyncClient;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::NodeConfig;
+
+#[derive(Clone)]
+pub struct TokenInterceptor {
+    header: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Interceptor for TokenInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert(gm_proto::AUTH_HEADER, self.header.clone());
+        Ok(request)
+    }
+}
+
+pub type Client = SyncClient<InterceptedService<Channel, TokenInterceptor>>;
+
+pub fn connect(config: &NodeConfig) -> anyhow::Result<Client> {
+    let endpoint = Endpoint::from_shared(config.hub_url.clone())
+        .map_err(|e| anyhow::anyhow!("hub address {:?} is not a valid URL: {e}", config.hub_url))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect_lazy();
+    let header = format!("Bearer {}", config.token)
+        .parse()
+        .map_err(|_| anyhow::anyhow!("the token contains characters that cannot travel in a header"))?;
+    Ok(SyncClient::with_interceptor(channel, TokenInterceptor { header })
+        .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES))
+}
+
+/// How a failed step ends.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Worth trying again later (hub unreachable, stream cut, disk busy).
+    #[error("{0:#}")]
+    Retry(anyhow::Error),
+    /// Needs a person (token refused, invalid setup).
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+    /// The safety brake stopped this workspace.
+    #[error("{0}")]
+    Halted(String),
+}
+
+impl SyncError {
+    pub fn from_status(status: Status, what: &str) -> SyncError {
+        match status.code() {
+            Code::Unauthenticated => SyncError::Fatal(anyhow::anyhow!(
+                "the hub refused the token ({}); check --token / GM_TOKEN",
+                status.message()
+            )),
+            Code::Unavailable => SyncError::Retry(anyhow::anyhow!("{what}: hub unreachable: {}", status.message())),
+            Code::InvalidArgument if !status.message().contains("does not match") => {
+                SyncError::Fatal(anyhow::anyhow!("{what}: the hub refused the request: {}", status.message()))
+            }
+            _ => SyncError::Retry(anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())),
+        }
+    }
+}
+
+impl From<gm_store::StoreError> for SyncError {
+    fn from(err: gm_store::StoreError) -> Self {
+        SyncError::Fatal(err.into())
+    }
+}
+
+impl From<gm_fs::FsError> for SyncError {
+    fn from(err: gm_fs::FsError) -> Self {
+        SyncError::Retry(err.into())
+    }
+}
+
+impl From<tokio::task::JoinError> for SyncError {
+    fn from(err: tokio::task::JoinError) -> Self {
+        SyncError::Fatal(err.into())
+    }
+}

@@ -1,0 +1,767 @@
+//! One workspace's three trees and the step that brings them together.
+//!
+//! - synced: the last version of each path both sides agreed on, with the
+//!   hub seq that made it (persisted in `node.db`; the merge base);
+//! - local: what the disk holds now (a scan, with the hash cache);
+//! - remote: journal changes from the hub not yet in the synced tree.
+//!
+//! A round plans every path in scope with `gm_core::decide_node`, then:
+//! adopts remote versions the disk already holds, writes remote versions
+//! over paths the user did not change, and proposes local changes to the
+//! hub. Conflicts are decided by the hub; the node then moves its version
+//! to the conflict-copy name the hub chose (a rename, no bytes) and takes
+//! the hub's version at the path.
+//!
+//! Invariants:
+//! - A local change is never overwritten: writes check the target against
+//!   the scan (`Expect`) just before they land.
+//! - `last_seq` persisted in `node.db` never passes a remote change that
+//!   is not yet applied, so a crash or restart re-receives it.
+//! - Safety brake: a root that is gone, replaced or empty while the synced
+//!   tree is not halts the workspace before any deletion is proposed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gm_core::{CacheRecord, ContentHash, Entry, NodeAction, RelPath, Seq, Stat, Versioned, WorkspaceId, decide_node, minimal_tops};
+use gm_fs::{Expect, FsError, Root, ScanOutcome, scan_tree};
+use gm_proto::pb;
+use gm_store::{NodeBatch, NodeDb};
+
+use crate::NodeConfig;
+use crate::client::{Client, SyncError};
+use crate::transfer::{self, DownloadFailure, DownloadItem};
+
+/// Which paths a round looks at.
+#[derive(Debug, Clone)]
+pub enum Scope {
+    Full,
+    /// These subtrees (plus every pending remote change and follow-up).
+    Subtrees(Vec<RelPath>),
+}
+
+/// What a round did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RoundStats {
+    pub adopted: usize,
+    pub applied: usize,
+    pub proposed: usize,
+    pub conflicts: usize,
+    pub refused: usize,
+    pub failed: usize,
+}
+
+impl RoundStats {
+    pub fn idle(&self) -> bool {
+        self.adopted + self.applied + self.proposed + self.failed == 0
+    }
+}
+
+type Local = Option<(Entry, Stat)>;
+
+struct ApplyItem {
+    path: RelPath,
+    target: Versioned,
+    local: Local,
+}
+
+struct ProposeItem {
+    path: RelPath,
+    base: Seq,
+    local: Local,
+}
+
+pub struct Replica {
+    pub id: WorkspaceId,
+    pub root: Arc<Root>,
+    pub config: Arc<NodeConfig>,
+    pub db: Arc<NodeDb>,
+    pub client: Client,
+    pub synced: BTreeMap<RelPath, Versioned>,
+    pub remote: BTreeMap<RelPath, Versioned>,
+    /// Highest journal seq received from the hub.
+    pub highest_seen: Seq,
+    /// After a conflict: path -> (what the disk should hold now, the hub's
+    /// version to write over it).
+    force: HashMap<RelPath, (Option<Entry>, Versioned)>,
+    /// Local versions the hub refused; not proposed again until they change.
+    pub refused: HashMap<RelPath, (Option<Entry>, String)>,
+    /// Paths to look at again in the next round.
+    pub follow_up: BTreeSet<RelPath>,
+    /// Cache records still racily clean: path -> when to re-verify.
+    pub racy: BTreeMap<RelPath, Instant>,
+    batch: NodeBatch,
+}
+
+impl Replica {
+    pub fn new(
+        id: WorkspaceId,
+        root: Arc<Root>,
+        config: Arc<NodeConfig>,
+        db: Arc<NodeDb>,
+        client: Client,
+        synced: BTreeMap<RelPath, Versioned>,
+        last_seq: Seq,
+    ) -> Replica {
+        Replica {
+            id,
+            root,
+            config,
+            db,
+            client,
+            synced,
+            remote: BTreeMap::new(),
+            highest_seen: last_seq,
+            force: HashMap::new(),
+            refused: HashMap::new(),
+            follow_up: BTreeSet::new(),
+            racy: BTreeMap::new(),
+            batch: NodeBatch::default(),
+        }
+    }
+
+    /// Takes journal changes from the subscription.
+    pub fn absorb(&mut self, changes: &[pb::PathState]) {
+        for wire in changes {
+            let (path, state) = match gm_proto::path_state(wire) {
+                Ok(parsed) => parsed,
+                Err(err) => {
+                    tracing::warn!(workspace = %self.id, error = %err, "ignoring an invalid change from the hub");
+                    continue;
+                }
+            };
+            self.highest_seen = self.highest_seen.max(state.seq);
+            let synced_seq = self.synced.get(&path).map_or(Seq::ZERO, |s| s.seq);
+            if state.seq <= synced_seq {
+                continue;
+            }
+            match self.remote.get(&path) {
+                Some(existing) if existing.seq >= state.seq => {}
+                _ => {
+                    self.remote.insert(path, state);
+                }
+            }
+        }
+    }
+
+    pub fn saw_seq(&mut self, seq: Seq) {
+        self.highest_seen = self.highest_seen.max(seq);
+    }
+
+    /// True when nothing is pending on either side.
+    pub fn settled(&self) -> bool {
+        self.remote.is_empty() && self.force.is_empty() && self.follow_up.is_empty()
+    }
+
+    /// Records the agreed version of a path. Deletions are kept as
+    /// tombstones (with their seq) until every older journal event has been
+    /// absorbed, so a late event can never bring a deleted path back.
+    fn set_synced(&mut self, path: &RelPath, state: Versioned) {
+        if self.remote.get(path).is_some_and(|r| r.seq <= state.seq) {
+            self.remote.remove(path);
+        }
+        self.synced.insert(path.clone(), state.clone());
+        self.batch.synced_put.push((path.clone(), state));
+    }
+
+    /// Live entries in the synced tree.
+    pub fn live_synced(&self) -> usize {
+        self.synced.values().filter(|v| v.entry.is_some()).count()
+    }
+
+    fn put_cache(&mut self, path: &RelPath, stat: Stat, hash: ContentHash) {
+        let record = CacheRecord {
+            stat,
+            hash,
+            recorded_ns: gm_fs::scan::now_ns(),
+        };
+        if record.is_racy(self.config.scan.racy_window_ns) {
+            self.racy.insert(path.clone(), racy_due(&self.config));
+        }
+        self.batch.cache_put.push((path.clone(), record));
+    }
+
+    fn halt(&mut self, reason: String) -> SyncError {
+        tracing::error!(workspace = %self.id, reason = %reason, "workspace halted by the safety brake; nothing is propagated");
+        if let Err(err) = self.db.set_halted(&self.id, Some(&reason)) {
+            tracing::error!(workspace = %self.id, error = %err, "cannot record the halt");
+        }
+        SyncError::Halted(reason)
+    }
+
+    /// Writes what the round changed, and the highest seq below every
+    /// change still pending.
+    pub async fn persist(&mut self) -> Result<(), SyncError> {
+        let pending_floor = self.remote.values().map(|v| v.seq).min();
+        let last_seq = match pending_floor {
+            Some(floor) => Seq(floor.0.saturating_sub(1)).min(self.highest_seen),
+            None => self.highest_seen,
+        };
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.last_seq = Some(last_seq);
+        let settled_tombstones: Vec<RelPath> = self
+            .synced
+            .iter()
+            .filter(|(_, v)| v.entry.is_none() && v.seq <= last_seq)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in settled_tombstones {
+            self.synced.remove(&path);
+            batch.synced_del.push(path);
+        }
+        let db = self.db.clone();
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || db.apply(&id, &batch)).await??;
+        Ok(())
+    }
+
+    /// One round over `scope`.
+    pub async fn round(&mut self, scope: Scope, allow_empty: bool) -> Result<RoundStats, SyncError> {
+        if !self.root.still_in_place() {
+            return Err(self.halt(format!(
+                "workspace root {} vanished or was replaced; nothing was deleted. If that is deliberate run `ghostmirror confirm-empty --state-dir {} {}`",
+                self.root.path().display(),
+                self.config.state_dir.display(),
+                self.id
+            )));
+        }
+        let tops: Option<Vec<RelPath>> = match scope {
+            Scope::Full => {
+                self.follow_up.clear();
+                None
+            }
+            Scope::Subtrees(mut paths) => {
+                paths.extend(self.remote.keys().cloned());
+                paths.extend(self.force.keys().cloned());
+                paths.extend(std::mem::take(&mut self.follow_up));
+                Some(minimal_tops(paths))
+            }
+        };
+        let scans = self.scan(tops.clone()).await?;
+        let mut local: BTreeMap<RelPath, (Entry, Stat)> = BTreeMap::new();
+        let mut unreadable: Vec<RelPath> = Vec::new();
+        for scan in scans {
+            for problem in &scan.problems {
+                tracing::warn!(workspace = %self.id, problem = %problem, "skipped while scanning");
+            }
+            for (path, record) in &scan.cache_updates {
+                if record.is_racy(self.config.scan.racy_window_ns) {
+                    self.racy.insert(path.clone(), racy_due(&self.config));
+                }
+            }
+            self.batch.cache_put.extend(scan.cache_updates);
+            unreadable.extend(scan.unreadable);
+            for item in scan.entries {
+                local.insert(item.path, (item.entry, item.stat));
+            }
+        }
+        let in_scope = |path: &RelPath| match &tops {
+            None => true,
+            Some(tops) => tops.iter().any(|t| t == path || t.is_ancestor_of(path)),
+        };
+        let is_unreadable = |path: &RelPath| unreadable.iter().any(|u| u == path || u.is_ancestor_of(path));
+
+        let mut candidates: BTreeSet<RelPath> = local.keys().cloned().collect();
+        candidates.extend(self.synced.keys().filter(|p| in_scope(p)).cloned());
+        candidates.extend(self.remote.keys().filter(|p| in_scope(p)).cloned());
+        candidates.extend(self.force.keys().filter(|p| in_scope(p)).cloned());
+
+        let mut stats = RoundStats::default();
+        let mut applies: Vec<ApplyItem> = Vec::new();
+        let mut proposals: Vec<ProposeItem> = Vec::new();
+        for path in candidates {
+            if is_unreadable(&path) {
+                continue;
+            }
+            let here: Local = local.get(&path).cloned();
+            let here_entry = here.as_ref().map(|(e, _)| e.clone());
+            if let Some((expected, target)) = self.force.remove(&path) {
+                if here_entry == expected {
+                    if here_entry != target.entry {
+                        applies.push(ApplyItem { path, target, local: here });
+                    } else {
+                        self.set_synced(&path, target);
+                        stats.adopted += 1;
+                    }
+                    continue;
+                }
+            }
+            let base = self.synced.get(&path).cloned();
+            let base_entry = base.as_ref().and_then(|b| b.entry.clone());
+            let base_seq = base.as_ref().map_or(Seq::ZERO, |b| b.seq);
+            let remote = self.remote.get(&path).filter(|r| r.seq > base_seq).cloned();
+            if remote.is_none() {
+                self.remote.remove(&path);
+            }
+            let action = decide_node(
+                base_entry.as_ref(),
+                here_entry.as_ref(),
+                remote.as_ref().map(|r| r.entry.as_ref()),
+            );
+            match action {
+                NodeAction::Nothing => {
+                    self.refused.remove(&path);
+                }
+                NodeAction::AdoptRemote => {
+                    if let Some(remote) = remote {
+                        self.set_synced(&path, remote);
+                        stats.adopted += 1;
+                    }
+                }
+                NodeAction::ApplyRemote => {
+                    if let Some(target) = remote {
+                        applies.push(ApplyItem { path, target, local: here });
+                    }
+                }
+                NodeAction::Propose => {
+                    if self.refused.get(&path).is_some_and(|(entry, _)| *entry == here_entry) {
+                        continue;
+                    }
+                    proposals.push(ProposeItem {
+                        path,
+                        base: base_seq,
+                        local: here,
+                    });
+                }
+            }
+        }
+
+        // Safety brake: an empty root with a non-empty synced tree proposes nothing.
+        let deletes = proposals.iter().filter(|p| p.local.is_none()).count();
+        if deletes > 0 && self.live_synced() > 0 && self.root.is_empty()? {
+            let confirmed = allow_empty || self.db.take_confirm_empty(&self.id)?;
+            if !confirmed {
+                return Err(self.halt(format!(
+                    "workspace root {} is empty but {} entries were synced (an unmounted volume looks like this); nothing was deleted. If the emptying is deliberate run `ghostmirror confirm-empty --state-dir {} {}`",
+                    self.root.path().display(),
+                    self.live_synced(),
+                    self.config.state_dir.display(),
+                    self.id
+                )));
+            }
+            tracing::warn!(workspace = %self.id, deletes, "emptying confirmed; propagating the deletions");
+        }
+
+        // Creations and updates go parent-first, deletions child-first; new
+        // content lands before old content leaves, so renames find their bytes.
+        let (apply_deletes, apply_writes): (Vec<_>, Vec<_>) = applies.into_iter().partition(|a| a.target.entry.is_none());
+        let (propose_deletes, propose_writes): (Vec<_>, Vec<_>) = proposals.into_iter().partition(|p| p.local.is_none());
+        self.apply_writes(apply_writes, &mut stats).await?;
+        self.propose(propose_writes, &mut stats).await?;
+        let mut apply_deletes = apply_deletes;
+        apply_deletes.sort_by(|a, b| b.path.cmp(&a.path));
+        self.apply_deletes(apply_deletes, &mut stats);
+        let mut propose_deletes = propose_deletes;
+        propose_deletes.sort_by(|a, b| b.path.cmp(&a.path));
+        self.propose(propose_deletes, &mut stats).await?;
+        self.persist().await?;
+        if !stats.idle() {
+            tracing::debug!(workspace = %self.id, ?stats, "round done");
+        }
+        Ok(stats)
+    }
+
+    async fn scan(&self, tops: Option<Vec<RelPath>>) -> Result<Vec<ScanOutcome>, SyncError> {
+        let root = self.root.clone();
+        let db = self.db.clone();
+        let id = self.id.clone();
+        let config = self.config.scan;
+        let scans = tokio::task::spawn_blocking(move || -> Result<Vec<ScanOutcome>, SyncError> {
+            let mut out = Vec::new();
+            match tops {
+                None => {
+                    let cache = db.cache_under(&id, None)?;
+                    out.push(scan_tree(&root, None, true, &cache, &config)?);
+                }
+                Some(tops) => {
+                    for top in tops {
+                        let cache = db.cache_under(&id, Some(&top))?;
+                        out.push(scan_tree(&root, Some(&top), true, &cache, &config)?);
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await??;
+        Ok(scans)
+    }
+
+    /// Writes remote versions over paths the user did not change.
+    async fn apply_writes(&mut self, mut items: Vec<ApplyItem>, stats: &mut RoundStats) -> Result<(), SyncError> {
+        items.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut downloads: Vec<(DownloadItem, Versioned)> = Vec::new();
+        for item in items {
+            let Some(target_entry) = item.target.entry.clone() else { continue };
+            let expect = match &item.local {
+                Some((_, stat)) => Expect::Unchanged(*stat),
+                None => Expect::Absent,
+            };
+            // A different kind of entry is in the way: remove it first (it
+            // is the synced version, so nothing is lost).
+            let kind_changes = item.local.as_ref().is_some_and(|(local, _)| {
+                std::mem::discriminant(local) != std::mem::discriminant(&target_entry) || local.is_dir()
+            });
+            let expect = if kind_changes {
+                let Some((local_entry, stat)) = &item.local else { continue };
+                if local_entry.is_dir() && target_entry.is_dir() {
+                    expect
+                } else {
+                    match self.root.remove(&item.path, *stat) {
+                        Ok(()) => Expect::Absent,
+                        Err(err) => {
+                            self.note_failure(&item.path, &err, stats);
+                            continue;
+                        }
+                    }
+                }
+            } else {
+                expect
+            };
+            let result = match &target_entry {
+                Entry::Dir => self.root.make_dir(&item.path).map(|_| None),
+                Entry::Symlink { target } => self.root.make_symlink(&item.path, target, expect).map(|_| None),
+                Entry::File { hash, executable, .. } => {
+                    if let (Some((Entry::File { hash: here, .. }, stat)), Expect::Unchanged(_)) = (&item.local, expect)
+                        && here == hash
+                    {
+                        self.root.set_executable(&item.path, *executable, *stat).map(|s| Some((s, *hash)))
+                    } else if let Some(stat) = self.copy_local(&item.path, *hash, *executable, expect) {
+                        Ok(Some((stat, *hash)))
+                    } else {
+                        downloads.push((
+                            DownloadItem {
+                                path: item.path.clone(),
+                                hash: *hash,
+                                executable: *executable,
+                                expect,
+                            },
+                            item.target.clone(),
+                        ));
+                        continue;
+                    }
+                }
+            };
+            match result {
+                Ok(file) => {
+                    if let Some((stat, hash)) = file {
+                        self.put_cache(&item.path, stat, hash);
+                    }
+                    self.set_synced(&item.path, item.target);
+                    stats.applied += 1;
+                }
+                Err(err) => self.note_failure(&item.path, &err, stats),
+            }
+        }
+        // Downloads in bounded batches; a corrupt transfer is retried.
+        for chunk in downloads.chunks(512) {
+            let mut attempt_items: Vec<usize> = (0..chunk.len()).collect();
+            for attempt in 0..3 {
+                if attempt_items.is_empty() {
+                    break;
+                }
+                let request: Vec<DownloadItem> = attempt_items
+                    .iter()
+                    .map(|&i| DownloadItem {
+                        path: chunk[i].0.path.clone(),
+                        hash: chunk[i].0.hash,
+                        executable: chunk[i].0.executable,
+                        expect: chunk[i].0.expect,
+                    })
+                    .collect();
+                let outcomes = transfer::download(&mut self.client, &self.id, &self.root, &request).await?;
+                let mut again = Vec::new();
+                for (position, &i) in attempt_items.iter().enumerate() {
+                    let (item, target) = &chunk[i];
+                    match outcomes.get(&position) {
+                        Some(Ok(stat)) => {
+                            self.put_cache(&item.path, *stat, item.hash);
+                            self.set_synced(&item.path, target.clone());
+                            stats.applied += 1;
+                        }
+                        Some(Err(DownloadFailure::Corrupt)) if attempt < 2 => {
+                            tracing::warn!(workspace = %self.id, path = %item.path, "downloaded content did not match its hash; retrying");
+                            again.push(i);
+                        }
+                        Some(Err(DownloadFailure::Local(err))) => self.note_failure(&item.path, err, stats),
+                        Some(Err(DownloadFailure::Unavailable(why))) => {
+                            tracing::debug!(workspace = %self.id, path = %item.path, why = %why, "download not landed; waiting for the journal");
+                            stats.failed += 1;
+                            self.follow_up.insert(item.path.clone());
+                        }
+                        Some(Err(DownloadFailure::Corrupt)) => {
+                            tracing::warn!(workspace = %self.id, path = %item.path, "downloaded content kept failing its hash check");
+                            stats.failed += 1;
+                            self.follow_up.insert(item.path.clone());
+                        }
+                        None => {
+                            stats.failed += 1;
+                            self.follow_up.insert(item.path.clone());
+                        }
+                    }
+                }
+                attempt_items = again;
+            }
+        }
+        Ok(())
+    }
+
+    /// Lands content already present in this workspace (a rename or a copy
+    /// on the other side): bytes move on disk, not on the wire.
+    fn copy_local(&mut self, path: &RelPath, hash: ContentHash, executable: bool, expect: Expect) -> Option<Stat> {
+        let mut sources: Vec<RelPath> = self
+            .synced
+            .iter()
+            .filter(|(p, v)| *p != path && v.entry.as_ref().and_then(Entry::file_hash) == Some(hash))
+            .map(|(p, _)| p.clone())
+            .take(4)
+            .collect();
+        if sources.is_empty() {
+            sources = self.db.cached_paths_with_hash(&self.id, &hash, 4).ok()?;
+        }
+        for source in sources {
+            if &source == path {
+                continue;
+            }
+            let Ok(mut staged) = self.root.stage_file() else { return None };
+            if staged.copy_from(&self.root, &source).is_err() || staged.hash() != hash {
+                continue;
+            }
+            if let Ok(stat) = staged.commit(&self.root, path, hash, executable, expect) {
+                return Some(stat);
+            }
+        }
+        None
+    }
+
+    fn apply_deletes(&mut self, items: Vec<ApplyItem>, stats: &mut RoundStats) {
+        for item in items {
+            let result = match &item.local {
+                Some((_, stat)) => self.root.remove(&item.path, *stat),
+                None => Ok(()),
+            };
+            match result {
+                Ok(()) => {
+                    self.batch.cache_del.push(item.path.clone());
+                    self.set_synced(&item.path, item.target);
+                    stats.applied += 1;
+                }
+                Err(FsError::NotEmpty { .. }) => {
+                    // New local content inside: it is proposed, and the hub
+                    // brings the directory back.
+                    tracing::debug!(workspace = %self.id, path = %item.path, "remote deletion of a directory that has new local content");
+                }
+                Err(err) => self.note_failure(&item.path, &err, stats),
+            }
+        }
+    }
+
+    fn note_failure(&mut self, path: &RelPath, err: &FsError, stats: &mut RoundStats) {
+        if err.is_retryable() {
+            tracing::debug!(workspace = %self.id, path = %path, error = %err, "changed locally during the plan; looking again");
+        } else {
+            tracing::warn!(workspace = %self.id, path = %path, error = %err, "could not apply a remote change");
+        }
+        stats.failed += 1;
+        self.follow_up.insert(path.clone());
+    }
+
+    /// Proposes local changes in batches; handles each answer.
+    async fn propose(&mut self, items: Vec<ProposeItem>, stats: &mut RoundStats) -> Result<(), SyncError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let hub_has: HashSet<ContentHash> = self
+            .synced
+            .values()
+            .filter_map(|v| v.entry.as_ref().and_then(Entry::file_hash))
+            .collect();
+        let mut queue: Vec<(ProposeItem, bool)> = items.into_iter().map(|i| (i, false)).collect();
+        let mut round = 0;
+        while !queue.is_empty() && round < 3 {
+            round += 1;
+            let mut next: Vec<(ProposeItem, bool)> = Vec::new();
+            let mut start = 0;
+            while start < queue.len() {
+                // Build one batch within the byte budget.
+                let mut ops = Vec::new();
+                let mut members = Vec::new();
+                let mut bytes = 0u64;
+                let mut index = start;
+                while index < queue.len() && ops.len() < 4096 {
+                    let (item, force_inline) = &queue[index];
+                    let op = self.make_op(item, *force_inline, &hub_has);
+                    index += 1;
+                    let Some((op, item_local)) = op else { continue };
+                    bytes += op.data.as_ref().map_or(0, |d| d.len() as u64);
+                    ops.push(op);
+                    members.push((item.path.clone(), item.base, item_local));
+                    if bytes >= self.config.batch_bytes {
+                        break;
+                    }
+                }
+                start = index;
+                if ops.is_empty() {
+                    continue;
+                }
+                let request = pb::CommitRequest {
+                    workspace: self.id.to_string(),
+                    node_id: self.config.node_id.to_string(),
+                    ops,
+                };
+                let response = self
+                    .client
+                    .commit(request)
+                    .await
+                    .map_err(|s| SyncError::from_status(s, "commit"))?
+                    .into_inner();
+                for ((path, base, local), result) in members.into_iter().zip(response.results) {
+                    stats.proposed += 1;
+                    match result.outcome {
+                        Some(pb::op_result::Outcome::Committed(done)) => {
+                            let entry = local.as_ref().map(|(e, _)| e.clone());
+                            self.refused.remove(&path);
+                            self.set_synced(&path, Versioned { entry, seq: Seq(done.seq) });
+                        }
+                        Some(pb::op_result::Outcome::Conflict(conflict)) => {
+                            stats.conflicts += 1;
+                            self.on_conflict(&path, local, conflict);
+                        }
+                        Some(pb::op_result::Outcome::NeedContent(_)) => {
+                            let item = ProposeItem { path, base, local };
+                            match &item.local {
+                                Some((Entry::File { size, .. }, _)) if *size <= self.config.inline_max => next.push((item, true)),
+                                Some((Entry::File { hash, size, .. }, _)) => {
+                                    match transfer::upload(&mut self.client, &self.id, &self.root, &item.path, *hash, *size).await {
+                                        Ok(()) => next.push((item, false)),
+                                        Err(SyncError::Fatal(err)) if err.to_string().contains("token") => return Err(SyncError::Fatal(err)),
+                                        Err(err) => {
+                                            tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
+                                            stats.failed += 1;
+                                            self.follow_up.insert(item.path.clone());
+                                        }
+                                    }
+                                }
+                                _ => {
+                                    stats.failed += 1;
+                                    self.follow_up.insert(item.path.clone());
+                                }
+                            }
+                        }
+                        Some(pb::op_result::Outcome::Refused(reason)) => {
+                            stats.refused += 1;
+                            tracing::warn!(workspace = %self.id, path = %path, reason = %reason, "the hub refused a local change; it stays local");
+                            let entry = local.map(|(e, _)| e);
+                            self.refused.insert(path, (entry, reason));
+                        }
+                        None => {
+                            stats.failed += 1;
+                            self.follow_up.insert(path);
+                        }
+                    }
+                }
+            }
+            queue = next;
+        }
+        for (item, _) in queue {
+            self.follow_up.insert(item.path);
+        }
+        Ok(())
+    }
+
+    /// The wire op for one proposal; reads small files whole (the hash sent
+    /// is the hash of the bytes sent). `None` when the file vanished.
+    fn make_op(&mut self, item: &ProposeItem, force_inline: bool, hub_has: &HashSet<ContentHash>) -> Option<(pb::CommitOp, Local)> {
+        let mut local = item.local.clone();
+        let mut data = None;
+        if let Some((Entry::File { hash, size, executable }, _)) = &local {
+            let small = *size <= self.config.inline_max;
+            if small && (force_inline || !hub_has.contains(hash)) {
+                match self.root.read_whole(&item.path) {
+                    Ok((bytes, read_hash, stat)) => {
+                        let executable = *executable;
+                        if read_hash != *hash {
+                            // Changed since the scan: propose what was read.
+                            self.put_cache(&item.path, stat, read_hash);
+                        }
+                        local = Some((
+                            Entry::File {
+                                hash: read_hash,
+                                size: bytes.len() as u64,
+                                executable,
+                            },
+                            stat,
+                        ));
+                        data = Some(bytes);
+                    }
+                    Err(err) => {
+                        tracing::debug!(workspace = %self.id, path = %item.path, error = %err, "file changed while being read; looking again");
+                        self.follow_up.insert(item.path.clone());
+                        return None;
+                    }
+                }
+            }
+        }
+        let op = pb::CommitOp {
+            path: item.path.to_string(),
+            base_seq: item.base.0,
+            entry: local.as_ref().map(|(e, _)| gm_proto::entry_to_wire(e)),
+            data,
+        };
+        Some((op, local))
+    }
+
+    /// The hub kept its version at `path`. Ours, if it had content, is on
+    /// the hub under the copy name: move the local version there (a rename)
+    /// and take the hub's version at `path` in the next round.
+    fn on_conflict(&mut self, path: &RelPath, local: Local, conflict: pb::Conflict) {
+        let current = match conflict.current.as_ref().map(gm_proto::path_state) {
+            Some(Ok((_, current))) => current,
+            _ => {
+                tracing::warn!(workspace = %self.id, path = %path, "conflict answer without a valid current state");
+                self.follow_up.insert(path.clone());
+                return;
+            }
+        };
+        let copy = conflict.copy.as_ref().map(gm_proto::path_state);
+        let expected_after = match copy {
+            Some(Ok((copy_path, copy_state))) => {
+                let Some((entry, stat)) = &local else {
+                    self.follow_up.insert(path.clone());
+                    return;
+                };
+                match self.root.rename_noreplace(path, &copy_path, *stat) {
+                    Ok(new_stat) => {
+                        tracing::info!(workspace = %self.id, path = %path, copy = %copy_path, "conflict: the local version now lives at its conflict-copy name");
+                        if let Entry::File { hash, .. } = entry {
+                            self.put_cache(&copy_path, new_stat, *hash);
+                        }
+                        self.batch.cache_del.push(path.clone());
+                        self.set_synced(&copy_path, copy_state);
+                        if entry.is_dir() {
+                            self.follow_up.insert(copy_path);
+                        }
+                        None
+                    }
+                    Err(err) => {
+                        tracing::info!(workspace = %self.id, path = %path, error = %err, "conflict copy not moved yet; the local version changed again");
+                        self.follow_up.insert(path.clone());
+                        return;
+                    }
+                }
+            }
+            Some(Err(err)) => {
+                tracing::warn!(workspace = %self.id, path = %path, error = %err, "conflict answer with an invalid copy");
+                self.follow_up.insert(path.clone());
+                return;
+            }
+            None => local.map(|(e, _)| e),
+        };
+        self.force.insert(path.clone(), (expected_after, current));
+        self.follow_up.insert(path.clone());
+    }
+}
+
+fn racy_due(config: &NodeConfig) -> Instant {
+    Instant::now() + Duration::from_nanos(config.scan.racy_window_ns.max(0) as u64) + Duration::from_millis(50)
+}
