@@ -13,10 +13,20 @@ use gm_core::{NodeId, WorkspaceId};
 use gm_fs::ScanConfig;
 
 #[derive(Parser)]
-#[command(name = "ghostmirror", version, about = "Live two-way mirror of agent workspaces between nodes and a hub")]
+#[command(
+    name = "ghostmirror",
+    version,
+    about = "Live two-way mirror of agent workspaces between nodes and a hub"
+)]
 pub struct Cli {
     /// Log format.
-    #[arg(long, env = "GM_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "GM_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     pub log_format: LogFormat,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `gm_node=debug`.
     #[arg(long, env = "GM_LOG", default_value = "info", global = true)]
@@ -128,7 +138,8 @@ impl HubArgs {
             .data_dir
             .clone()
             .unwrap_or_else(|| default_dir("XDG_DATA_HOME", ".local/share", "ghostmirror"));
-        std::fs::create_dir_all(&data_dir).with_context(|| format!("create data dir {}", data_dir.display()))?;
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("create data dir {}", data_dir.display()))?;
         let token = match self.token.clone() {
             Some(token) if token.trim().is_empty() => bail!("GM_TOKEN / --token is empty"),
             Some(token) => token,
@@ -158,11 +169,18 @@ fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
             tracing::info!(path = %path.display(), "using the token stored in the data dir");
             return Ok(token.trim().to_string());
         }
-        Ok(_) => bail!("token file {} is empty; delete it to generate a new token", path.display()),
+        Ok(_) => bail!(
+            "token file {} is empty; delete it to generate a new token",
+            path.display()
+        ),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(err).with_context(|| format!("read token file {}", path.display())),
     }
-    let token = format!("{:032x}{:032x}", rand::random::<u128>(), rand::random::<u128>());
+    let token = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -196,7 +214,8 @@ impl TokenArgs {
             return Ok(token.clone());
         }
         if let Some(path) = &self.token_file {
-            let token = std::fs::read_to_string(path).with_context(|| format!("read token file {}", path.display()))?;
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("read token file {}", path.display()))?;
             if token.trim().is_empty() {
                 bail!("token file {} is empty", path.display());
             }
@@ -220,7 +239,12 @@ pub struct NodeArgs {
     #[arg(long, env = "GM_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// A workspace to sync: ID=PATH. Repeat for several (GM_WORKSPACES: comma-separated).
-    #[arg(long = "workspace", env = "GM_WORKSPACES", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "workspace",
+        env = "GM_WORKSPACES",
+        value_delimiter = ',',
+        required = true
+    )]
     pub workspaces: Vec<String>,
     /// Reconcile both ways once, then exit: 0 when every workspace equals its mirror.
     #[arg(long, env = "GM_ONCE")]
@@ -234,6 +258,10 @@ pub struct NodeArgs {
     /// Inline bytes per commit batch.
     #[arg(long, env = "GM_BATCH_BYTES", default_value_t = 8 << 20)]
     pub batch_bytes: u64,
+    /// Local deletions are sent once no new deletion has been seen for this
+    /// long (ms), so a root being emptied is caught whole by the safety brake.
+    #[arg(long, env = "GM_DELETE_DELAY_MS", default_value_t = 1000)]
+    pub delete_delay_ms: u64,
     #[command(flatten)]
     pub scan: ScanArgs,
 }
@@ -243,28 +271,43 @@ fn host_name() -> String {
     let cleaned: String = raw
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
-    if cleaned.is_empty() { "node".to_string() } else { cleaned }
+    if cleaned.is_empty() {
+        "node".to_string()
+    } else {
+        cleaned
+    }
 }
 
 impl NodeArgs {
     pub fn into_config(self) -> anyhow::Result<gm_node::NodeConfig> {
         self.scan.check()?;
         let node_id = self.node_id.clone().unwrap_or_else(host_name);
-        let node_id = NodeId::new(&node_id).map_err(|e| anyhow::anyhow!("GM_NODE_ID / --node-id: {e}"))?;
+        let node_id =
+            NodeId::new(&node_id).map_err(|e| anyhow::anyhow!("GM_NODE_ID / --node-id: {e}"))?;
         let mut workspaces = Vec::new();
         for spec in &self.workspaces {
             let Some((id, path)) = spec.split_once('=') else {
                 bail!("--workspace {spec:?}: expected ID=PATH");
             };
-            let id = WorkspaceId::new(id).map_err(|e| anyhow::anyhow!("--workspace {spec:?}: {e}"))?;
+            let id =
+                WorkspaceId::new(id).map_err(|e| anyhow::anyhow!("--workspace {spec:?}: {e}"))?;
             if path.is_empty() {
                 bail!("--workspace {spec:?}: the path is empty");
             }
             let path = PathBuf::from(path);
-            if workspaces.iter().any(|(other, _): &(WorkspaceId, PathBuf)| other == &id) {
+            if workspaces
+                .iter()
+                .any(|(other, _): &(WorkspaceId, PathBuf)| other == &id)
+            {
                 bail!("--workspace {id} is given twice");
             }
             workspaces.push((id, path));
@@ -279,10 +322,9 @@ impl NodeArgs {
             hub_url: self.hub.clone(),
             token: self.token.resolve()?,
             node_id,
-            state_dir: self
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| default_dir("XDG_STATE_HOME", ".local/state", "ghostmirror-node")),
+            state_dir: self.state_dir.clone().unwrap_or_else(|| {
+                default_dir("XDG_STATE_HOME", ".local/state", "ghostmirror-node")
+            }),
             workspaces,
             once: self.once,
             scan: self.scan.scan_config()?,
@@ -292,6 +334,7 @@ impl NodeArgs {
             inline_max: self.inline_max,
             batch_bytes: self.batch_bytes,
             once_timeout: Duration::from_secs(self.once_timeout),
+            delete_delay: Duration::from_millis(self.delete_delay_ms),
         })
     }
 }
@@ -328,14 +371,22 @@ impl ConfirmArgs {
             (Some(dir), _) => {
                 let path = dir.join("node.db");
                 if !path.exists() {
-                    bail!("{} does not exist: is {} a node's state dir?", path.display(), dir.display());
+                    bail!(
+                        "{} does not exist: is {} a node's state dir?",
+                        path.display(),
+                        dir.display()
+                    );
                 }
                 gm_store::NodeDb::open(&path)?.request_confirm_empty(&id)?
             }
             (None, Some(dir)) => {
                 let path = dir.join("state.db");
                 if !path.exists() {
-                    bail!("{} does not exist: is {} a hub's data dir?", path.display(), dir.display());
+                    bail!(
+                        "{} does not exist: is {} a hub's data dir?",
+                        path.display(),
+                        dir.display()
+                    );
                 }
                 gm_store::HubDb::open(&path)?.request_confirm_empty(&id)?
             }
@@ -344,7 +395,9 @@ impl ConfirmArgs {
         if !found {
             bail!("workspace {id} is not known there");
         }
-        println!("confirmed: the next sync of {id} propagates its current (empty or replaced) root");
+        println!(
+            "confirmed: the next sync of {id} propagates its current (empty or replaced) root"
+        );
         Ok(())
     }
 }

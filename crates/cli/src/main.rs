@@ -15,7 +15,10 @@ use args::{Cli, Command, LogFormat};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");
@@ -35,12 +38,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Hub(args) => {
             let (config, listen, admin_listen) = args.into_config()?;
-            let grpc = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (--listen / GM_LISTEN): {e}"))?;
+            let grpc = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+                anyhow::anyhow!("cannot listen on {listen} (--listen / GM_LISTEN): {e}")
+            })?;
             let admin = tokio::net::TcpListener::bind(admin_listen)
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {admin_listen} (--admin-listen / GM_ADMIN_LISTEN): {e}"))?;
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot listen on {admin_listen} (--admin-listen / GM_ADMIN_LISTEN): {e}"
+                    )
+                })?;
             gm_hub::run(config, grpc, admin, shutdown_on_signal()).await
         }
         Command::Node(args) => {
@@ -57,13 +64,14 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(term) => term,
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(err) => {
+                    tracing::error!(error = %err, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -75,8 +83,11 @@ fn shutdown_on_signal() -> CancellationToken {
 }
 
 fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),

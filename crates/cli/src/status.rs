@@ -14,18 +14,25 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("hub unreachable at {}: {e}", args.hub))?;
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
-        .parse()
-        .map_err(|_| anyhow::anyhow!("the token contains characters that cannot travel in a header"))?;
-    let mut client = pb::sync_client::SyncClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert(gm_proto::AUTH_HEADER, header.clone());
-        Ok(req)
-    });
+    let header: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {token}").parse().map_err(|_| {
+            anyhow::anyhow!("the token contains characters that cannot travel in a header")
+        })?;
+    let mut client = pb::sync_client::SyncClient::with_interceptor(
+        channel,
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert(gm_proto::AUTH_HEADER, header.clone());
+            Ok(req)
+        },
+    );
     let status = client
         .status(pb::StatusRequest {})
         .await
         .map_err(|s| match s.code() {
-            tonic::Code::Unauthenticated => anyhow::anyhow!("the hub refused the token: {}", s.message()),
+            tonic::Code::Unauthenticated => {
+                anyhow::anyhow!("the hub refused the token: {}", s.message())
+            }
             _ => anyhow::anyhow!("status failed: {}", s.message()),
         })?
         .into_inner();
@@ -38,7 +45,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
 }
 
 fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
-    let c = status.counters.clone().unwrap_or_default();
+    let c = status.counters.unwrap_or_default();
     json!({
         "hub_id": status.hub_id,
         "version": status.version,
@@ -84,8 +91,8 @@ fn print_table(status: &pb::StatusResponse) {
         status.hub_id, status.version, status.data_dir, status.uptime_secs
     );
     println!(
-        "{:<24} {:>8} {:>8} {:>6} {:>6} {:>12} {:>9}  {}",
-        "WORKSPACE", "SEQ", "FILES", "DIRS", "LINKS", "BYTES", "CONFLICTS", "NODES / STATE"
+        "{:<24} {:>8} {:>8} {:>6} {:>6} {:>12} {:>9}  NODES / STATE",
+        "WORKSPACE", "SEQ", "FILES", "DIRS", "LINKS", "BYTES", "CONFLICTS"
     );
     for w in &status.workspaces {
         let state = if w.halted.is_empty() {
@@ -107,7 +114,10 @@ fn print_table(status: &pb::StatusResponse) {
     }
     for w in &status.workspaces {
         for c in &w.conflicts {
-            println!("conflict in {}: {} -> {} (from {}, seq {})", w.id, c.path, c.copy_path, c.node_id, c.seq);
+            println!(
+                "conflict in {}: {} -> {} (from {}, seq {})",
+                w.id, c.path, c.copy_path, c.node_id, c.seq
+            );
         }
     }
     if let Some(c) = &status.counters {

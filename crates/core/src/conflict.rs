@@ -155,26 +155,74 @@ mod tests {
             // plain update, base matches
             (3, at(Some(a.clone()), 3), false, Some(b.clone()), Apply),
             // same content already there, whatever the base
-            (1, at(Some(a.clone()), 3), false, Some(a.clone()), AlreadyCurrent),
+            (
+                1,
+                at(Some(a.clone()), 3),
+                false,
+                Some(a.clone()),
+                AlreadyCurrent,
+            ),
             // concurrent edit: theirs keeps the path, ours is copied
-            (1, at(Some(a.clone()), 3), false, Some(b.clone()), KeepTheirs { copy_ours: true }),
+            (
+                1,
+                at(Some(a.clone()), 3),
+                false,
+                Some(b.clone()),
+                KeepTheirs { copy_ours: true },
+            ),
             // both created the same new path with different content
-            (0, at(Some(a.clone()), 2), false, Some(b.clone()), KeepTheirs { copy_ours: true }),
+            (
+                0,
+                at(Some(a.clone()), 2),
+                false,
+                Some(b.clone()),
+                KeepTheirs { copy_ours: true },
+            ),
             // modify vs delete: the modification wins either way
             (1, at(None, 3), false, Some(b.clone()), Apply),
-            (1, at(Some(a.clone()), 3), false, None, KeepTheirs { copy_ours: false }),
+            (
+                1,
+                at(Some(a.clone()), 3),
+                false,
+                None,
+                KeepTheirs { copy_ours: false },
+            ),
             // both deleted
             (1, at(None, 3), false, None, AlreadyCurrent),
             // plain delete
             (3, at(Some(a.clone()), 3), false, None, Apply),
             // executable bit only, concurrently: content is the same, nothing to copy
-            (1, at(Some(file(b"a", true)), 3), false, Some(a.clone()), KeepTheirs { copy_ours: false }),
+            (
+                1,
+                at(Some(file(b"a", true)), 3),
+                false,
+                Some(a.clone()),
+                KeepTheirs { copy_ours: false },
+            ),
             // directory that gained children is neither deleted nor replaced
-            (3, at(Some(Entry::Dir), 3), true, None, KeepTheirs { copy_ours: false }),
-            (3, at(Some(Entry::Dir), 3), true, Some(a.clone()), KeepTheirs { copy_ours: true }),
+            (
+                3,
+                at(Some(Entry::Dir), 3),
+                true,
+                None,
+                KeepTheirs { copy_ours: false },
+            ),
+            (
+                3,
+                at(Some(Entry::Dir), 3),
+                true,
+                Some(a.clone()),
+                KeepTheirs { copy_ours: true },
+            ),
             (3, at(Some(Entry::Dir), 3), false, None, Apply),
             // dir vs file created concurrently
-            (0, at(Some(a.clone()), 1), false, Some(Entry::Dir), KeepTheirs { copy_ours: true }),
+            (
+                0,
+                at(Some(a.clone()), 1),
+                false,
+                Some(Entry::Dir),
+                KeepTheirs { copy_ours: true },
+            ),
         ];
         for (base, current, children, ours, expect) in cases {
             assert_eq!(
@@ -197,15 +245,46 @@ mod tests {
         let node = NodeId::new("node-b").unwrap();
         let t = 1_795_300_000;
         let check = |path: &str, split: bool, attempt: u32, expect: &str| {
-            let got = conflict_copy_name(&RelPath::new(path).unwrap(), &node, t, attempt, split).unwrap();
+            let got =
+                conflict_copy_name(&RelPath::new(path).unwrap(), &node, t, attempt, split).unwrap();
             assert_eq!(got.as_str(), expect);
         };
-        check("docs/report.txt", true, 0, "docs/report.conflict-node-b-20261121T222640Z.txt");
-        check("a.tar.gz", true, 0, "a.tar.conflict-node-b-20261121T222640Z.gz");
-        check("Makefile", true, 0, "Makefile.conflict-node-b-20261121T222640Z");
-        check(".bashrc", true, 0, ".bashrc.conflict-node-b-20261121T222640Z");
-        check("trailing.", true, 0, "trailing..conflict-node-b-20261121T222640Z");
-        check("dir.v2", false, 0, "dir.v2.conflict-node-b-20261121T222640Z");
+        check(
+            "docs/report.txt",
+            true,
+            0,
+            "docs/report.conflict-node-b-20261121T222640Z.txt",
+        );
+        check(
+            "a.tar.gz",
+            true,
+            0,
+            "a.tar.conflict-node-b-20261121T222640Z.gz",
+        );
+        check(
+            "Makefile",
+            true,
+            0,
+            "Makefile.conflict-node-b-20261121T222640Z",
+        );
+        check(
+            ".bashrc",
+            true,
+            0,
+            ".bashrc.conflict-node-b-20261121T222640Z",
+        );
+        check(
+            "trailing.",
+            true,
+            0,
+            "trailing..conflict-node-b-20261121T222640Z",
+        );
+        check(
+            "dir.v2",
+            false,
+            0,
+            "dir.v2.conflict-node-b-20261121T222640Z",
+        );
         check("x.txt", true, 2, "x.conflict-node-b-20261121T222640Z-2.txt");
         let long = format!("{}.txt", "n".repeat(250));
         let got = conflict_copy_name(&RelPath::new(&long).unwrap(), &node, t, 0, true).unwrap();
@@ -217,8 +296,11 @@ mod tests {
         prop_oneof![
             Just(None),
             Just(Some(Entry::Dir)),
-            (0u8..4, any::<bool>()).prop_map(|(content, executable)| Some(file(&[content], executable))),
-            (0u8..2).prop_map(|t| Some(Entry::Symlink { target: format!("t{t}") })),
+            (0u8..4, any::<bool>())
+                .prop_map(|(content, executable)| Some(file(&[content], executable))),
+            (0u8..2).prop_map(|t| Some(Entry::Symlink {
+                target: format!("t{t}")
+            })),
         ]
     }
 

@@ -87,7 +87,10 @@ pub fn check_symlink_target(target: &str) -> Result<(), String> {
         return Err(format!("symlink target {target:?} contains NUL"));
     }
     if target.len() > 4096 {
-        return Err(format!("symlink target of {} bytes is too long", target.len()));
+        return Err(format!(
+            "symlink target of {} bytes is too long",
+            target.len()
+        ));
     }
     Ok(())
 }

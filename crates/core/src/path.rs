@@ -108,7 +108,9 @@ impl RelPath {
 
     /// The parent path, or `None` for a top-level name.
     pub fn parent(&self) -> Option<RelPath> {
-        self.0.rfind('/').map(|cut| RelPath(self.0[..cut].to_string()))
+        self.0
+            .rfind('/')
+            .map(|cut| RelPath(self.0[..cut].to_string()))
     }
 
     /// The last component.
@@ -319,7 +321,10 @@ mod tests {
 
     #[test]
     fn refuses_invalid_utf8() {
-        assert!(matches!(RelPath::from_bytes(b"a\xffb"), Err(PathError::NotUtf8(_))));
+        assert!(matches!(
+            RelPath::from_bytes(b"a\xffb"),
+            Err(PathError::NotUtf8(_))
+        ));
     }
 
     #[test]
@@ -337,9 +342,17 @@ mod tests {
         let a = RelPath::new("a").unwrap();
         assert!(a.is_ancestor_of(&path));
         assert!(!RelPath::new("a/b/c").unwrap().is_ancestor_of(&path));
-        assert!(!RelPath::new("a/b/").is_ok());
-        assert!(!RelPath::new("a/bb").unwrap().is_ancestor_of(&RelPath::new("a/b/c").unwrap()));
-        let names: Vec<_> = path.ancestors().iter().map(|p| p.as_str().to_string()).collect();
+        assert!(RelPath::new("a/b/").is_err());
+        assert!(
+            !RelPath::new("a/bb")
+                .unwrap()
+                .is_ancestor_of(&RelPath::new("a/b/c").unwrap())
+        );
+        let names: Vec<_> = path
+            .ancestors()
+            .iter()
+            .map(|p| p.as_str().to_string())
+            .collect();
         assert_eq!(names, ["a", "a/b"]);
         let moved = path.rebase(&a, &RelPath::new("z").unwrap()).unwrap();
         assert_eq!(moved.as_str(), "z/b/c");

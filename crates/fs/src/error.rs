@@ -26,11 +26,18 @@ pub enum FsError {
     #[error("{path}: {what}")]
     Unsupported { path: String, what: String },
     #[error("{path} is in use by another ghostmirror process{}", holder.as_ref().map(|h| format!(" (pid {h})")).unwrap_or_default())]
-    Locked { path: String, holder: Option<String> },
+    Locked {
+        path: String,
+        holder: Option<String>,
+    },
 }
 
 impl FsError {
-    pub fn io(op: &'static str, path: impl std::fmt::Display, source: impl Into<io::Error>) -> Self {
+    pub fn io(
+        op: &'static str,
+        path: impl std::fmt::Display,
+        source: impl Into<io::Error>,
+    ) -> Self {
         FsError::Io {
             op,
             path: path.to_string(),

@@ -24,7 +24,7 @@ pub mod stat;
 pub mod watch;
 
 pub use error::FsError;
+pub use gm_core::{CacheRecord, Kind, Stat};
 pub use lock::DirLock;
 pub use root::{Expect, Root, StagedFile};
-pub use gm_core::{CacheRecord, Kind, Stat};
 pub use scan::{ScanConfig, ScanOutcome, Scanned, scan_tree};

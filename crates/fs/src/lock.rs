@@ -38,9 +38,12 @@ impl DirLock {
             }
             return Err(FsError::io("lock", &shown, err));
         }
-        file.set_len(0).map_err(|e| FsError::io("truncate lock file", &shown, e))?;
-        file.rewind().map_err(|e| FsError::io("rewind lock file", &shown, e))?;
-        write!(file, "{}", std::process::id()).map_err(|e| FsError::io("write lock file", &shown, e))?;
+        file.set_len(0)
+            .map_err(|e| FsError::io("truncate lock file", &shown, e))?;
+        file.rewind()
+            .map_err(|e| FsError::io("rewind lock file", &shown, e))?;
+        write!(file, "{}", std::process::id())
+            .map_err(|e| FsError::io("write lock file", &shown, e))?;
         Ok(DirLock { _file: file })
     }
 }
@@ -55,7 +58,10 @@ mod tests {
         let first = DirLock::acquire(dir.path(), "lock").unwrap();
         let err = DirLock::acquire(dir.path(), "lock").err().unwrap();
         let text = err.to_string();
-        assert!(text.contains("in use") && text.contains(&std::process::id().to_string()), "{text}");
+        assert!(
+            text.contains("in use") && text.contains(&std::process::id().to_string()),
+            "{text}"
+        );
         drop(first);
         DirLock::acquire(dir.path(), "lock").unwrap();
     }

@@ -82,12 +82,19 @@ impl Root {
     /// staging directory. `staging_tag` names this process's staging files.
     pub fn open(path: &Path, staging_tag: &str) -> Result<Root, FsError> {
         let shown = path.display().to_string();
-        let dir = rustix::fs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .map_err(|e| match e {
-                Errno::NOTDIR => FsError::NotADirectory { path: shown.clone() },
-                other => FsError::io("open workspace root", &shown, other),
-            })?;
-        let identity = from_raw(&rustix::fs::fstat(&dir).map_err(|e| FsError::io("stat", &shown, e))?);
+        let dir = rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| match e {
+            Errno::NOTDIR => FsError::NotADirectory {
+                path: shown.clone(),
+            },
+            other => FsError::io("open workspace root", &shown, other),
+        })?;
+        let identity =
+            from_raw(&rustix::fs::fstat(&dir).map_err(|e| FsError::io("stat", &shown, e))?);
         let internal = open_or_make_dir(dir.as_fd(), gm_core::INTERNAL_DIR, 0o700, &shown)?;
         let staging = open_or_make_dir(internal.as_fd(), STAGING_DIR, 0o700, &shown)?;
         Ok(Root {
@@ -101,7 +108,8 @@ impl Root {
 
     /// Creates the directory (and its parents) if needed, then opens it.
     pub fn create(path: &Path, staging_tag: &str) -> Result<Root, FsError> {
-        std::fs::create_dir_all(path).map_err(|e| FsError::io("create directory", path.display(), e))?;
+        std::fs::create_dir_all(path)
+            .map_err(|e| FsError::io("create directory", path.display(), e))?;
         Root::open(path, staging_tag)
     }
 
@@ -120,7 +128,9 @@ impl Root {
         match rustix::fs::stat(&self.path) {
             Ok(raw) => {
                 let now = from_raw(&raw);
-                now.kind == Kind::Dir && now.ino == self.identity.ino && now.dev == self.identity.dev
+                now.kind == Kind::Dir
+                    && now.ino == self.identity.ino
+                    && now.dev == self.identity.dev
             }
             Err(_) => false,
         }
@@ -147,7 +157,13 @@ impl Root {
                 Err(Errno::NOENT) if create => {
                     match rustix::fs::mkdirat(&current, component, Mode::from_raw_mode(0o755)) {
                         Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => return Err(FsError::io("create directory", format!("{}/{walked}", self.path.display()), e)),
+                        Err(e) => {
+                            return Err(FsError::io(
+                                "create directory",
+                                format!("{}/{walked}", self.path.display()),
+                                e,
+                            ));
+                        }
                     }
                     rustix::fs::openat(&current, component, dir_flags(), Mode::empty())
                         .map_err(|e| self.walk_error(&walked, e))?
@@ -207,7 +223,9 @@ impl Root {
             },
             other => FsError::io("open", self.shown(path), other),
         })?;
-        let stat = from_raw(&rustix::fs::fstat(&fd).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        let stat = from_raw(
+            &rustix::fs::fstat(&fd).map_err(|e| FsError::io("stat", self.shown(path), e))?,
+        );
         if stat.kind != Kind::File {
             return Err(FsError::Unsupported {
                 path: self.shown(path),
@@ -224,15 +242,21 @@ impl Root {
         let mut hasher = Hasher::new();
         let mut buffer = vec![0u8; 256 * 1024];
         loop {
-            let read = file.read(&mut buffer).map_err(|e| FsError::io("read", self.shown(path), e))?;
+            let read = file
+                .read(&mut buffer)
+                .map_err(|e| FsError::io("read", self.shown(path), e))?;
             if read == 0 {
                 break;
             }
             hasher.update(&buffer[..read]);
         }
-        let after = from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        let after = from_raw(
+            &rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?,
+        );
         if !after.unchanged_since(&before) {
-            return Err(FsError::TargetChanged { path: self.shown(path) });
+            return Err(FsError::TargetChanged {
+                path: self.shown(path),
+            });
         }
         Ok((hasher.finalize(), after))
     }
@@ -241,10 +265,15 @@ impl Root {
     pub fn read_whole(&self, path: &RelPath) -> Result<(Vec<u8>, ContentHash, Stat), FsError> {
         let (mut file, before) = self.open_read(path)?;
         let mut data = Vec::with_capacity(before.size as usize);
-        file.read_to_end(&mut data).map_err(|e| FsError::io("read", self.shown(path), e))?;
-        let after = from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?);
+        file.read_to_end(&mut data)
+            .map_err(|e| FsError::io("read", self.shown(path), e))?;
+        let after = from_raw(
+            &rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?,
+        );
         if !after.unchanged_since(&before) {
-            return Err(FsError::TargetChanged { path: self.shown(path) });
+            return Err(FsError::TargetChanged {
+                path: self.shown(path),
+            });
         }
         let hash = ContentHash::of(&data);
         Ok((data, hash, after))
@@ -259,7 +288,13 @@ impl Root {
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
-        .map_err(|e| FsError::io("create staging file", format!("{}/.ghostmirror/staging/{name}", self.path.display()), e))?;
+        .map_err(|e| {
+            FsError::io(
+                "create staging file",
+                format!("{}/.ghostmirror/staging/{name}", self.path.display()),
+                e,
+            )
+        })?;
         let staging = self
             .staging
             .try_clone()
@@ -286,7 +321,9 @@ impl Root {
                 path.file_name(),
                 RenameFlags::NOREPLACE,
             ),
-            (Expect::Unchanged(planned), Some(now)) if now.unchanged_since(&planned) && now.kind != Kind::Dir => {
+            (Expect::Unchanged(planned), Some(now))
+                if now.unchanged_since(&planned) && now.kind != Kind::Dir =>
+            {
                 rustix::fs::renameat(&self.staging, staged_name, &parent, path.file_name())
             }
             _ => Err(Errno::EXIST),
@@ -295,16 +332,21 @@ impl Root {
             Ok(()) => {}
             Err(Errno::EXIST) => {
                 let _ = rustix::fs::unlinkat(&self.staging, staged_name, AtFlags::empty());
-                return Err(FsError::TargetChanged { path: self.shown(path) });
+                return Err(FsError::TargetChanged {
+                    path: self.shown(path),
+                });
             }
             Err(e) => {
                 let _ = rustix::fs::unlinkat(&self.staging, staged_name, AtFlags::empty());
                 return Err(FsError::io("rename into place", self.shown(path), e));
             }
         }
-        rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        rustix::fs::fsync(&parent)
+            .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
         self.stat_at(&parent, path)?
-            .ok_or_else(|| FsError::TargetChanged { path: self.shown(path) })
+            .ok_or_else(|| FsError::TargetChanged {
+                path: self.shown(path),
+            })
     }
 
     /// Creates a directory (parents too). An existing directory is fine.
@@ -312,22 +354,34 @@ impl Root {
         let parent = self.parent(path, true)?;
         match self.stat_at(&parent, path)? {
             Some(stat) if stat.kind == Kind::Dir => return Ok(stat),
-            Some(_) => return Err(FsError::TargetChanged { path: self.shown(path) }),
+            Some(_) => {
+                return Err(FsError::TargetChanged {
+                    path: self.shown(path),
+                });
+            }
             None => {}
         }
         match rustix::fs::mkdirat(&parent, path.file_name(), Mode::from_raw_mode(0o755)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(FsError::io("create directory", self.shown(path), e)),
         }
-        rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        rustix::fs::fsync(&parent)
+            .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
         match self.stat_at(&parent, path)? {
             Some(stat) if stat.kind == Kind::Dir => Ok(stat),
-            _ => Err(FsError::TargetChanged { path: self.shown(path) }),
+            _ => Err(FsError::TargetChanged {
+                path: self.shown(path),
+            }),
         }
     }
 
     /// Creates (or replaces, per `expect`) a symlink, atomically.
-    pub fn make_symlink(&self, path: &RelPath, target: &str, expect: Expect) -> Result<Stat, FsError> {
+    pub fn make_symlink(
+        &self,
+        path: &RelPath,
+        target: &str,
+        expect: Expect,
+    ) -> Result<Stat, FsError> {
         gm_core::entry::check_symlink_target(target).map_err(|what| FsError::Unsupported {
             path: self.shown(path),
             what,
@@ -339,14 +393,23 @@ impl Root {
     }
 
     /// Sets or clears the executable bit of a file that is still `expect`.
-    pub fn set_executable(&self, path: &RelPath, executable: bool, expect: Stat) -> Result<Stat, FsError> {
+    pub fn set_executable(
+        &self,
+        path: &RelPath,
+        executable: bool,
+        expect: Stat,
+    ) -> Result<Stat, FsError> {
         let (file, now) = self.open_read(path)?;
         if !now.unchanged_since(&expect) {
-            return Err(FsError::TargetChanged { path: self.shown(path) });
+            return Err(FsError::TargetChanged {
+                path: self.shown(path),
+            });
         }
         rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
             .map_err(|e| FsError::io("chmod", self.shown(path), e))?;
-        Ok(from_raw(&rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?))
+        Ok(from_raw(
+            &rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?,
+        ))
     }
 
     /// Removes a file, symlink or empty directory that is still the planned
@@ -364,15 +427,18 @@ impl Root {
         };
         if current.kind == Kind::Dir && expect.kind == Kind::Dir {
             return match rustix::fs::unlinkat(&parent, path.file_name(), AtFlags::REMOVEDIR) {
-                Ok(()) | Err(Errno::NOENT) => {
-                    rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))
-                }
-                Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => Err(FsError::NotEmpty { path: self.shown(path) }),
+                Ok(()) | Err(Errno::NOENT) => rustix::fs::fsync(&parent)
+                    .map_err(|e| FsError::io("fsync directory", self.shown(path), e)),
+                Err(Errno::NOTEMPTY) | Err(Errno::EXIST) => Err(FsError::NotEmpty {
+                    path: self.shown(path),
+                }),
                 Err(e) => Err(FsError::io("remove directory", self.shown(path), e)),
             };
         }
         if !current.unchanged_since(&expect) {
-            return Err(FsError::TargetChanged { path: self.shown(path) });
+            return Err(FsError::TargetChanged {
+                path: self.shown(path),
+            });
         }
         let aside = random_name(&self.staging_tag, "removed");
         rustix::fs::renameat(&parent, path.file_name(), &self.staging, aside.as_str())
@@ -383,22 +449,46 @@ impl Root {
         if moved.same_file_content(&expect) {
             rustix::fs::unlinkat(&self.staging, aside.as_str(), AtFlags::empty())
                 .map_err(|e| FsError::io("remove", self.shown(path), e))?;
-            rustix::fs::fsync(&parent).map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+            rustix::fs::fsync(&parent)
+                .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
             return Ok(());
         }
         // Changed between the check and the move: put it back, never lose it.
         self.restore_aside(&aside, &parent, path)?;
-        Err(FsError::TargetChanged { path: self.shown(path) })
+        Err(FsError::TargetChanged {
+            path: self.shown(path),
+        })
     }
 
-    fn restore_aside(&self, aside: &str, parent: &Parent<'_>, path: &RelPath) -> Result<(), FsError> {
-        match rustix::fs::renameat_with(&self.staging, aside, parent, path.file_name(), RenameFlags::NOREPLACE) {
+    fn restore_aside(
+        &self,
+        aside: &str,
+        parent: &Parent<'_>,
+        path: &RelPath,
+    ) -> Result<(), FsError> {
+        match rustix::fs::renameat_with(
+            &self.staging,
+            aside,
+            parent,
+            path.file_name(),
+            RenameFlags::NOREPLACE,
+        ) {
             Ok(()) => Ok(()),
             Err(Errno::EXIST) => {
-                let restored = format!("{}.ghostmirror-restored-{:08x}", path.file_name(), rand::random::<u32>());
+                let restored = format!(
+                    "{}.ghostmirror-restored-{:08x}",
+                    path.file_name(),
+                    rand::random::<u32>()
+                );
                 tracing::warn!(path = %path, restored = %restored, "a new entry appeared while restoring; keeping both");
-                rustix::fs::renameat_with(&self.staging, aside, parent, restored.as_str(), RenameFlags::NOREPLACE)
-                    .map_err(|e| FsError::io("restore moved entry", self.shown(path), e))
+                rustix::fs::renameat_with(
+                    &self.staging,
+                    aside,
+                    parent,
+                    restored.as_str(),
+                    RenameFlags::NOREPLACE,
+                )
+                .map_err(|e| FsError::io("restore moved entry", self.shown(path), e))
             }
             Err(e) => Err(FsError::io("restore moved entry", self.shown(path), e)),
         }
@@ -406,29 +496,50 @@ impl Root {
 
     /// Renames `from` (still `expect`) to `to`, which must not exist. Used
     /// to turn a local version into its conflict copy without moving bytes.
-    pub fn rename_noreplace(&self, from: &RelPath, to: &RelPath, expect: Stat) -> Result<Stat, FsError> {
+    pub fn rename_noreplace(
+        &self,
+        from: &RelPath,
+        to: &RelPath,
+        expect: Stat,
+    ) -> Result<Stat, FsError> {
         let from_parent = self.parent(from, false)?;
         let current = self
             .stat_at(&from_parent, from)?
-            .ok_or_else(|| FsError::TargetChanged { path: self.shown(from) })?;
+            .ok_or_else(|| FsError::TargetChanged {
+                path: self.shown(from),
+            })?;
         let same = if expect.kind == Kind::Dir {
             current.kind == Kind::Dir && current.ino == expect.ino
         } else {
             current.unchanged_since(&expect)
         };
         if !same {
-            return Err(FsError::TargetChanged { path: self.shown(from) });
+            return Err(FsError::TargetChanged {
+                path: self.shown(from),
+            });
         }
         let to_parent = self.parent(to, true)?;
-        rustix::fs::renameat_with(&from_parent, from.file_name(), &to_parent, to.file_name(), RenameFlags::NOREPLACE)
-            .map_err(|e| match e {
-                Errno::EXIST => FsError::TargetChanged { path: self.shown(to) },
-                other => FsError::io("rename", self.shown(from), other),
-            })?;
-        rustix::fs::fsync(&to_parent).map_err(|e| FsError::io("fsync directory", self.shown(to), e))?;
-        rustix::fs::fsync(&from_parent).map_err(|e| FsError::io("fsync directory", self.shown(from), e))?;
+        rustix::fs::renameat_with(
+            &from_parent,
+            from.file_name(),
+            &to_parent,
+            to.file_name(),
+            RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| match e {
+            Errno::EXIST => FsError::TargetChanged {
+                path: self.shown(to),
+            },
+            other => FsError::io("rename", self.shown(from), other),
+        })?;
+        rustix::fs::fsync(&to_parent)
+            .map_err(|e| FsError::io("fsync directory", self.shown(to), e))?;
+        rustix::fs::fsync(&from_parent)
+            .map_err(|e| FsError::io("fsync directory", self.shown(from), e))?;
         self.stat_at(&to_parent, to)?
-            .ok_or_else(|| FsError::TargetChanged { path: self.shown(to) })
+            .ok_or_else(|| FsError::TargetChanged {
+                path: self.shown(to),
+            })
     }
 
     /// Removes every staging entry of this root (left by an earlier process:
@@ -436,7 +547,9 @@ impl Root {
     pub fn clear_staging(&self) -> Result<usize, FsError> {
         let shown = format!("{}/.ghostmirror/staging", self.path.display());
         let mut names = Vec::new();
-        for entry in rustix::fs::Dir::read_from(&self.staging).map_err(|e| FsError::io("read directory", &shown, e))? {
+        for entry in rustix::fs::Dir::read_from(&self.staging)
+            .map_err(|e| FsError::io("read directory", &shown, e))?
+        {
             let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
             let name = entry.file_name().to_bytes();
             if name != b"." && name != b".." {
@@ -447,7 +560,8 @@ impl Root {
             match rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::empty()) {
                 Ok(()) | Err(Errno::NOENT) => {}
                 Err(Errno::ISDIR) => {
-                    let _ = rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::REMOVEDIR);
+                    let _ =
+                        rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::REMOVEDIR);
                 }
                 Err(e) => return Err(FsError::io("remove staging entry", &shown, e)),
             }
@@ -458,7 +572,9 @@ impl Root {
     /// True when the root holds nothing but the internal directory.
     pub fn is_empty(&self) -> Result<bool, FsError> {
         let shown = self.path.display().to_string();
-        for entry in rustix::fs::Dir::read_from(&self.dir).map_err(|e| FsError::io("read directory", &shown, e))? {
+        for entry in rustix::fs::Dir::read_from(&self.dir)
+            .map_err(|e| FsError::io("read directory", &shown, e))?
+        {
             let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
             let name = entry.file_name().to_bytes();
             if name != b"." && name != b".." && name != gm_core::INTERNAL_DIR.as_bytes() {
@@ -472,7 +588,9 @@ impl Root {
     pub fn staging_entries(&self) -> Result<usize, FsError> {
         let shown = format!("{}/.ghostmirror/staging", self.path.display());
         let mut count = 0;
-        for entry in rustix::fs::Dir::read_from(&self.staging).map_err(|e| FsError::io("read directory", &shown, e))? {
+        for entry in rustix::fs::Dir::read_from(&self.staging)
+            .map_err(|e| FsError::io("read directory", &shown, e))?
+        {
             let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
             let name = entry.file_name().to_bytes();
             if name != b"." && name != b".." {
@@ -490,17 +608,32 @@ impl Root {
     /// Opens the directory at `path` (no symlink followed anywhere).
     pub(crate) fn open_dir(&self, path: &RelPath) -> Result<OwnedFd, FsError> {
         let parent = self.parent(path, false)?;
-        rustix::fs::openat(&parent, path.file_name(), dir_flags(), Mode::empty()).map_err(|e| match e {
-            Errno::NOTDIR | Errno::LOOP => FsError::NotADirectory { path: self.shown(path) },
-            other => FsError::io("open directory", self.shown(path), other),
+        rustix::fs::openat(&parent, path.file_name(), dir_flags(), Mode::empty()).map_err(|e| {
+            match e {
+                Errno::NOTDIR | Errno::LOOP => FsError::NotADirectory {
+                    path: self.shown(path),
+                },
+                other => FsError::io("open directory", self.shown(path), other),
+            }
         })
     }
 }
 
-fn open_or_make_dir(parent: BorrowedFd<'_>, name: &str, mode: u32, shown: &str) -> Result<OwnedFd, FsError> {
+fn open_or_make_dir(
+    parent: BorrowedFd<'_>,
+    name: &str,
+    mode: u32,
+    shown: &str,
+) -> Result<OwnedFd, FsError> {
     match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(mode)) {
         Ok(()) | Err(Errno::EXIST) => {}
-        Err(e) => return Err(FsError::io("create directory", format!("{shown}/{name}"), e)),
+        Err(e) => {
+            return Err(FsError::io(
+                "create directory",
+                format!("{shown}/{name}"),
+                e,
+            ));
+        }
     }
     rustix::fs::openat(parent, name, dir_flags(), Mode::empty()).map_err(|e| match e {
         Errno::NOTDIR | Errno::LOOP => FsError::NotADirectory {
@@ -511,7 +644,8 @@ fn open_or_make_dir(parent: BorrowedFd<'_>, name: &str, mode: u32, shown: &str) 
 }
 
 pub(crate) fn read_link_at(dir: impl AsFd, name: &str, shown: &str) -> Result<String, FsError> {
-    let target = rustix::fs::readlinkat(dir, name, Vec::new()).map_err(|e| FsError::io("read symlink", shown, e))?;
+    let target = rustix::fs::readlinkat(dir, name, Vec::new())
+        .map_err(|e| FsError::io("read symlink", shown, e))?;
     String::from_utf8(target.into_bytes()).map_err(|_| FsError::Unsupported {
         path: shown.to_string(),
         what: "symlink target is not valid UTF-8".into(),
@@ -536,7 +670,8 @@ impl StagedFile {
                 what: "staged file already finished".into(),
             });
         };
-        file.write_all(data).map_err(|e| FsError::io("write staging file", &self.name, e))?;
+        file.write_all(data)
+            .map_err(|e| FsError::io("write staging file", &self.name, e))?;
         self.hasher.update(data);
         self.written += data.len() as u64;
         Ok(())
@@ -561,7 +696,9 @@ impl StagedFile {
         let (mut file, _) = root.open_read(source)?;
         let mut buffer = vec![0u8; 256 * 1024];
         loop {
-            let read = file.read(&mut buffer).map_err(|e| FsError::io("read", root.shown(source), e))?;
+            let read = file
+                .read(&mut buffer)
+                .map_err(|e| FsError::io("read", root.shown(source), e))?;
             if read == 0 {
                 return Ok(());
             }
@@ -597,7 +734,8 @@ impl StagedFile {
         };
         rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
             .map_err(|e| FsError::io("chmod staging file", root.shown(path), e))?;
-        file.sync_all().map_err(|e| FsError::io("fsync staging file", root.shown(path), e))?;
+        file.sync_all()
+            .map_err(|e| FsError::io("fsync staging file", root.shown(path), e))?;
         drop(file);
         let name = std::mem::take(&mut self.name);
         root.place(&name, path, expect)
@@ -621,7 +759,13 @@ mod tests {
         RelPath::new(raw).unwrap()
     }
 
-    fn write(root: &Root, path: &str, data: &[u8], executable: bool, expect: Expect) -> Result<Stat, FsError> {
+    fn write(
+        root: &Root,
+        path: &str,
+        data: &[u8],
+        executable: bool,
+        expect: Expect,
+    ) -> Result<Stat, FsError> {
         let mut staged = root.stage_file()?;
         staged.write_all(data)?;
         staged.commit(root, &rel(path), ContentHash::of(data), executable, expect)
@@ -635,7 +779,10 @@ mod tests {
         assert_eq!(stat.mode & 0o777, 0o755);
         let on_disk = std::fs::metadata(dir.path().join("a/b/c.sh")).unwrap();
         assert_eq!(on_disk.permissions().mode() & 0o777, 0o755);
-        assert_eq!(std::fs::read(dir.path().join("a/b/c.sh")).unwrap(), b"#!/bin/sh\n");
+        assert_eq!(
+            std::fs::read(dir.path().join("a/b/c.sh")).unwrap(),
+            b"#!/bin/sh\n"
+        );
         assert_eq!(root.staging_entries().unwrap(), 0);
     }
 
@@ -646,7 +793,13 @@ mod tests {
         let mut staged = root.stage_file().unwrap();
         staged.write_all(b"actual").unwrap();
         let err = staged
-            .commit(&root, &rel("x"), ContentHash::of(b"expected"), false, Expect::Absent)
+            .commit(
+                &root,
+                &rel("x"),
+                ContentHash::of(b"expected"),
+                false,
+                Expect::Absent,
+            )
             .unwrap_err();
         assert!(matches!(err, FsError::HashMismatch { .. }), "{err}");
         assert!(!dir.path().join("x").exists());
@@ -665,7 +818,10 @@ mod tests {
         assert!(matches!(err, FsError::TargetChanged { .. }), "{err}");
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"theirs!");
         // Expecting absence where something exists fails too.
-        assert!(matches!(write(&root, "f", b"3", false, Expect::Absent), Err(FsError::TargetChanged { .. })));
+        assert!(matches!(
+            write(&root, "f", b"3", false, Expect::Absent),
+            Err(FsError::TargetChanged { .. })
+        ));
         assert_eq!(root.staging_entries().unwrap(), 0);
     }
 
@@ -683,7 +839,10 @@ mod tests {
         std::fs::write(outside.path().join("secret"), b"s").unwrap();
         std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("s")).unwrap();
         assert!(root.open_read(&rel("s")).is_err());
-        assert_eq!(root.read_link(&rel("s")).unwrap(), outside.path().join("secret").display().to_string());
+        assert_eq!(
+            root.read_link(&rel("s")).unwrap(),
+            outside.path().join("secret").display().to_string()
+        );
     }
 
     #[test]
@@ -693,7 +852,10 @@ mod tests {
         let planned = write(&root, "f", b"one", false, Expect::Absent).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(dir.path().join("f"), b"edited").unwrap();
-        assert!(matches!(root.remove(&rel("f"), planned), Err(FsError::TargetChanged { .. })));
+        assert!(matches!(
+            root.remove(&rel("f"), planned),
+            Err(FsError::TargetChanged { .. })
+        ));
         assert_eq!(std::fs::read(dir.path().join("f")).unwrap(), b"edited");
         let now = root.lstat(&rel("f")).unwrap().unwrap();
         root.remove(&rel("f"), now).unwrap();
@@ -701,7 +863,10 @@ mod tests {
         root.remove(&rel("f"), now).unwrap();
         let d = root.make_dir(&rel("d/e")).unwrap();
         let d_parent = root.lstat(&rel("d")).unwrap().unwrap();
-        assert!(matches!(root.remove(&rel("d"), d_parent), Err(FsError::NotEmpty { .. })));
+        assert!(matches!(
+            root.remove(&rel("d"), d_parent),
+            Err(FsError::NotEmpty { .. })
+        ));
         root.remove(&rel("d/e"), d).unwrap();
         root.remove(&rel("d"), d_parent).unwrap();
         assert_eq!(root.staging_entries().unwrap(), 0);
@@ -711,17 +876,26 @@ mod tests {
     fn symlinks_and_renames() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path(), "t").unwrap();
-        let link = root.make_symlink(&rel("l"), "../../outside", Expect::Absent).unwrap();
+        let link = root
+            .make_symlink(&rel("l"), "../../outside", Expect::Absent)
+            .unwrap();
         assert_eq!(link.kind, Kind::Symlink);
         assert_eq!(root.read_link(&rel("l")).unwrap(), "../../outside");
-        let link2 = root.make_symlink(&rel("l"), "other", Expect::Unchanged(link)).unwrap();
-        let moved = root.rename_noreplace(&rel("l"), &rel("sub/l2"), link2).unwrap();
+        let link2 = root
+            .make_symlink(&rel("l"), "other", Expect::Unchanged(link))
+            .unwrap();
+        let moved = root
+            .rename_noreplace(&rel("l"), &rel("sub/l2"), link2)
+            .unwrap();
         assert_eq!(moved.kind, Kind::Symlink);
         assert_eq!(root.read_link(&rel("sub/l2")).unwrap(), "other");
         let stat = write(&root, "f", b"x", false, Expect::Absent).unwrap();
         let stat = root.set_executable(&rel("f"), true, stat).unwrap();
         assert!(stat.executable());
-        assert!(root.rename_noreplace(&rel("f"), &rel("sub/l2"), stat).is_err());
+        assert!(
+            root.rename_noreplace(&rel("f"), &rel("sub/l2"), stat)
+                .is_err()
+        );
     }
 
     #[test]

@@ -100,8 +100,13 @@ pub fn scan_tree(
     let mut stack: Vec<(OwnedFd, Option<RelPath>)> = Vec::new();
     match top {
         None => {
-            let fd = rustix::fs::openat(root.dir_fd(), ".", OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-                .map_err(|e| FsError::io("open directory", root.path().display(), e))?;
+            let fd = rustix::fs::openat(
+                root.dir_fd(),
+                ".",
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| FsError::io("open directory", root.path().display(), e))?;
             stack.push((fd, None));
         }
         Some(top) => {
@@ -140,7 +145,9 @@ pub fn scan_tree(
     for (index, item) in walked.iter().enumerate() {
         if item.stat.kind == Kind::File {
             match cache.get(&item.path) {
-                Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => outcome.cache_hits += 1,
+                Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => {
+                    outcome.cache_hits += 1
+                }
                 _ => to_hash.push(index),
             }
         }
@@ -171,7 +178,11 @@ pub fn scan_tree(
             Kind::File => {
                 let (hash, stat) = match fresh.remove(&index) {
                     Some((hash, stat)) => {
-                        let record = CacheRecord { stat, hash, recorded_ns };
+                        let record = CacheRecord {
+                            stat,
+                            hash,
+                            recorded_ns,
+                        };
                         if record.is_racy(config.racy_window_ns) {
                             outcome.racy += 1;
                         }
@@ -179,7 +190,9 @@ pub fn scan_tree(
                         (hash, stat)
                     }
                     None => match cache.get(&item.path) {
-                        Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => (record.hash, item.stat),
+                        Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => {
+                            (record.hash, item.stat)
+                        }
                         // Could not be hashed (changed while read, vanished): left for the next scan.
                         _ => continue,
                     },
@@ -252,7 +265,10 @@ fn walk_dir(
         let name = match std::str::from_utf8(raw) {
             Ok(name) => name,
             Err(_) => {
-                problems.push(format!("{shown_dir}/{}: name is not valid UTF-8; not synced", String::from_utf8_lossy(raw)));
+                problems.push(format!(
+                    "{shown_dir}/{}: name is not valid UTF-8; not synced",
+                    String::from_utf8_lossy(raw)
+                ));
                 continue;
             }
         };
@@ -279,7 +295,12 @@ fn walk_dir(
         let mut link_target = None;
         match stat.kind {
             Kind::Dir => {
-                match rustix::fs::openat(&dir, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()) {
+                match rustix::fs::openat(
+                    &dir,
+                    name,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                ) {
                     Ok(fd) => stack.push((fd, Some(path.clone()))),
                     Err(rustix::io::Errno::NOENT) => continue,
                     Err(e) => {
@@ -289,21 +310,29 @@ fn walk_dir(
                     }
                 }
             }
-            Kind::Symlink => match read_link_at(dir.as_fd(), name, &format!("{shown_dir}/{name}")) {
-                Ok(target) => link_target = Some(target),
-                Err(err) => {
-                    problems.push(err.to_string());
-                    unreadable.push(path);
-                    continue;
+            Kind::Symlink => {
+                match read_link_at(dir.as_fd(), name, &format!("{shown_dir}/{name}")) {
+                    Ok(target) => link_target = Some(target),
+                    Err(err) => {
+                        problems.push(err.to_string());
+                        unreadable.push(path);
+                        continue;
+                    }
                 }
-            },
+            }
             Kind::Other => {
-                problems.push(format!("{shown_dir}/{name}: special file (socket, fifo or device); not synced"));
+                problems.push(format!(
+                    "{shown_dir}/{name}: special file (socket, fifo or device); not synced"
+                ));
                 continue;
             }
             Kind::File => {}
         }
-        walked.push(Walked { path, stat, link_target });
+        walked.push(Walked {
+            path,
+            stat,
+            link_target,
+        });
     }
     Ok(())
 }
@@ -370,9 +399,15 @@ mod tests {
         let mut cache = HashMap::new();
         let first = scan_tree(&root, None, true, &cache, &config).unwrap();
         assert_eq!(first.hashed, 2);
-        let names: Vec<_> = first.entries.iter().map(|e| e.path.as_str().to_string()).collect();
+        let names: Vec<_> = first
+            .entries
+            .iter()
+            .map(|e| e.path.as_str().to_string())
+            .collect();
         assert_eq!(names, ["a", "a/b", "a/b/f", "link", "top"]);
-        assert!(matches!(&first.entries[3].entry, Entry::Symlink { target } if target == "/etc/passwd"));
+        assert!(
+            matches!(&first.entries[3].entry, Entry::Symlink { target } if target == "/etc/passwd")
+        );
         cache_of(&first, &mut cache);
         let second = scan_tree(&root, None, true, &cache, &config).unwrap();
         assert_eq!((second.hashed, second.cache_hits), (0, 2));
@@ -381,7 +416,10 @@ mod tests {
         let sub = scan_tree(&root, Some(&rel("a/b")), true, &cache, &config).unwrap();
         assert_eq!(sub.hashed, 1);
         assert_eq!(sub.entries.len(), 2);
-        assert_eq!(sub.entries[1].entry.file_hash(), Some(ContentHash::of(b"changed")));
+        assert_eq!(
+            sub.entries[1].entry.file_hash(),
+            Some(ContentHash::of(b"changed"))
+        );
     }
 
     #[test]
@@ -406,12 +444,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path(), "t").unwrap();
         std::fs::write(dir.path().join(".ghostmirror/x"), b"internal").unwrap();
-        rustix::fs::mknodat(rustix::fs::CWD, dir.path().join("fifo"), rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o644), 0).unwrap();
-        let outcome = scan_tree(&root, None, true, &HashMap::new(), &ScanConfig::default()).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.path().join("fifo"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let outcome =
+            scan_tree(&root, None, true, &HashMap::new(), &ScanConfig::default()).unwrap();
         assert!(outcome.entries.is_empty(), "{:?}", outcome.entries);
         assert_eq!(outcome.problems.len(), 1);
         assert!(outcome.problems[0].contains("fifo"));
-        let missing = scan_tree(&root, Some(&rel("nope/x")), true, &HashMap::new(), &ScanConfig::default()).unwrap();
+        let missing = scan_tree(
+            &root,
+            Some(&rel("nope/x")),
+            true,
+            &HashMap::new(),
+            &ScanConfig::default(),
+        )
+        .unwrap();
         assert!(!missing.found);
     }
 }

@@ -3,6 +3,8 @@
 use gm_core::{Kind, Stat};
 use rustix::fs::FileType;
 
+// The stat field types differ between targets; the casts are needed on some.
+#[allow(clippy::unnecessary_cast)]
 pub fn from_raw(raw: &rustix::fs::Stat) -> Stat {
     let kind = match FileType::from_raw_mode(raw.st_mode) {
         FileType::RegularFile => Kind::File,

@@ -23,18 +23,23 @@ pub struct Watcher {
 }
 
 impl Watcher {
-    pub fn new(dir: &Path, mut deliver: impl FnMut(WatchEvent) + Send + 'static) -> Result<Watcher, FsError> {
-        let mut inner = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(event) => {
-                if event.need_rescan() {
-                    deliver(WatchEvent::Rescan("watcher queue overflowed".into()));
-                } else if !matches!(event.kind, EventKind::Access(_)) && !event.paths.is_empty() {
-                    deliver(WatchEvent::Changed(event.paths));
+    pub fn new(
+        dir: &Path,
+        mut deliver: impl FnMut(WatchEvent) + Send + 'static,
+    ) -> Result<Watcher, FsError> {
+        let mut inner =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+                Ok(event) => {
+                    if event.need_rescan() {
+                        deliver(WatchEvent::Rescan("watcher queue overflowed".into()));
+                    } else if !matches!(event.kind, EventKind::Access(_)) && !event.paths.is_empty()
+                    {
+                        deliver(WatchEvent::Changed(event.paths));
+                    }
                 }
-            }
-            Err(err) => deliver(WatchEvent::Rescan(format!("watcher error: {err}"))),
-        })
-        .map_err(|e| FsError::io("start watcher", dir.display(), std::io::Error::other(e)))?;
+                Err(err) => deliver(WatchEvent::Rescan(format!("watcher error: {err}"))),
+            })
+            .map_err(|e| FsError::io("start watcher", dir.display(), std::io::Error::other(e)))?;
         inner
             .watch(dir, RecursiveMode::Recursive)
             .map_err(|e| FsError::io("watch", dir.display(), std::io::Error::other(e)))?;

@@ -38,25 +38,68 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> String {
     let c = hub.counters.snapshot();
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, value: u64| {
-        let _ = writeln!(out, "# HELP ghostmirror_{name} {help}\n# TYPE ghostmirror_{name} counter\nghostmirror_{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP ghostmirror_{name} {help}\n# TYPE ghostmirror_{name} counter\nghostmirror_{name} {value}"
+        );
     };
-    counter("files_hashed_total", "Files whose content was read and hashed.", c.files_hashed);
-    counter("hash_cache_hits_total", "Files whose hash came from the persistent cache.", c.hash_cache_hits);
-    counter("files_received_total", "Files received from nodes.", c.files_received);
-    counter("bytes_received_total", "Bytes received from nodes.", c.bytes_received);
+    counter(
+        "files_hashed_total",
+        "Files whose content was read and hashed.",
+        c.files_hashed,
+    );
+    counter(
+        "hash_cache_hits_total",
+        "Files whose hash came from the persistent cache.",
+        c.hash_cache_hits,
+    );
+    counter(
+        "files_received_total",
+        "Files received from nodes.",
+        c.files_received,
+    );
+    counter(
+        "bytes_received_total",
+        "Bytes received from nodes.",
+        c.bytes_received,
+    );
     counter("files_sent_total", "Files sent to nodes.", c.files_sent);
     counter("bytes_sent_total", "Bytes sent to nodes.", c.bytes_sent);
     counter("conflicts_total", "Conflicts decided.", c.conflicts);
     counter("refused_ops_total", "Operations refused.", c.refused_ops);
-    counter("hub_side_changes_total", "Changes found in mirrors, written by other programs.", c.hub_side_changes);
-    counter("local_copies_total", "Files whose content came from a file the hub already held.", c.local_copies);
-    let _ = writeln!(out, "# HELP ghostmirror_journal_seq Latest journal seq per workspace.\n# TYPE ghostmirror_journal_seq gauge");
+    counter(
+        "hub_side_changes_total",
+        "Changes found in mirrors, written by other programs.",
+        c.hub_side_changes,
+    );
+    counter(
+        "local_copies_total",
+        "Files whose content came from a file the hub already held.",
+        c.local_copies,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP ghostmirror_journal_seq Latest journal seq per workspace.\n# TYPE ghostmirror_journal_seq gauge"
+    );
     for ws in hub.all_workspaces() {
-        let _ = writeln!(out, "ghostmirror_journal_seq{{workspace=\"{}\"}} {}", ws.id, *ws.committed.borrow());
+        let _ = writeln!(
+            out,
+            "ghostmirror_journal_seq{{workspace=\"{}\"}} {}",
+            ws.id,
+            *ws.committed.borrow()
+        );
     }
-    let _ = writeln!(out, "# HELP ghostmirror_workspace_halted 1 when the safety brake stopped the workspace.\n# TYPE ghostmirror_workspace_halted gauge");
+    let _ = writeln!(
+        out,
+        "# HELP ghostmirror_workspace_halted 1 when the safety brake stopped the workspace.\n# TYPE ghostmirror_workspace_halted gauge"
+    );
     for ws in hub.all_workspaces() {
-        let _ = writeln!(out, "ghostmirror_workspace_halted{{workspace=\"{}\"}} {}", ws.id, u8::from(ws.halted().is_some()));
+        let _ = writeln!(
+            out,
+            "ghostmirror_workspace_halted{{workspace=\"{}\"}} {}",
+            ws.id,
+            u8::from(ws.halted().is_some())
+        );
     }
     out
 }

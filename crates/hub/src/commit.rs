@@ -19,8 +19,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use gm_core::{
-    CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned, conflict_copy_name,
-    decide_commit,
+    CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned,
+    conflict_copy_name, decide_commit,
 };
 use gm_fs::{Expect, FsError, Root, scan_tree};
 use gm_proto::pb;
@@ -43,8 +43,12 @@ enum OpError {
 impl From<FsError> for OpError {
     fn from(err: FsError) -> Self {
         match err {
-            FsError::TargetChanged { .. } | FsError::NotEmpty { .. } => OpError::Retry(err.to_string()),
-            FsError::NotADirectory { path } => OpError::Refused(format!("{path}: a parent is not a directory on the hub")),
+            FsError::TargetChanged { .. } | FsError::NotEmpty { .. } => {
+                OpError::Retry(err.to_string())
+            }
+            FsError::NotADirectory { path } => {
+                OpError::Refused(format!("{path}: a parent is not a directory on the hub"))
+            }
             FsError::Unsupported { .. } => OpError::Refused(err.to_string()),
             other => OpError::Fatal(other.into()),
         }
@@ -140,15 +144,26 @@ impl Ctx<'_> {
                 tracing::warn!(workspace = %self.ws.id, node = %self.node, path = %op.path, reason = %reason, "refused operation");
                 result(&op.path, pb::op_result::Outcome::Refused(reason))
             }
-            Err(OpError::NeedContent) => result(&op.path, pb::op_result::Outcome::NeedContent(pb::NeedContent {})),
+            Err(OpError::NeedContent) => result(
+                &op.path,
+                pb::op_result::Outcome::NeedContent(pb::NeedContent {}),
+            ),
             Err(OpError::Retry(why)) => {
                 Counters::add(&self.hub.counters.refused_ops, 1);
-                result(&op.path, pb::op_result::Outcome::Refused(format!("path keeps changing on the hub ({why}); try again")))
+                result(
+                    &op.path,
+                    pb::op_result::Outcome::Refused(format!(
+                        "path keeps changing on the hub ({why}); try again"
+                    )),
+                )
             }
             Err(OpError::Fatal(err)) => {
                 Counters::add(&self.hub.counters.refused_ops, 1);
                 tracing::error!(workspace = %self.ws.id, node = %self.node, path = %op.path, error = %format!("{err:#}"), "commit failed");
-                result(&op.path, pb::op_result::Outcome::Refused(format!("hub error: {err:#}")))
+                result(
+                    &op.path,
+                    pb::op_result::Outcome::Refused(format!("hub error: {err:#}")),
+                )
             }
         }
     }
@@ -156,7 +171,9 @@ impl Ctx<'_> {
     fn handle_checked(&mut self, op: &pb::CommitOp) -> Result<pb::OpResult, OpError> {
         let path = gm_proto::path(&op.path).map_err(|e| OpError::Refused(e.to_string()))?;
         let ours = match &op.entry {
-            Some(wire) => Some(gm_proto::entry(&op.path, wire).map_err(|e| OpError::Refused(e.to_string()))?),
+            Some(wire) => {
+                Some(gm_proto::entry(&op.path, wire).map_err(|e| OpError::Refused(e.to_string()))?)
+            }
             None => None,
         };
         if let Some(Entry::File { size, .. }) = &ours
@@ -176,7 +193,11 @@ impl Ctx<'_> {
                         data.len()
                     )));
                 }
-                _ => return Err(OpError::Refused(format!("{path}: inline content for something that is not a file"))),
+                _ => {
+                    return Err(OpError::Refused(format!(
+                        "{path}: inline content for something that is not a file"
+                    )));
+                }
             }
         }
         let mut last = String::new();
@@ -192,10 +213,18 @@ impl Ctx<'_> {
         Err(OpError::Retry(last))
     }
 
-    fn try_op(&mut self, path: &RelPath, base: Seq, ours: Option<&Entry>, data: Option<&[u8]>) -> Result<pb::OpResult, OpError> {
+    fn try_op(
+        &mut self,
+        path: &RelPath,
+        base: Seq,
+        ours: Option<&Entry>,
+        data: Option<&[u8]>,
+    ) -> Result<pb::OpResult, OpError> {
         let disk = self.sync_disk(path)?;
         let current = self.current(path)?;
-        let has_children = if current.entry.as_ref().is_some_and(Entry::is_dir) && !ours.is_some_and(Entry::is_dir) {
+        let has_children = if current.entry.as_ref().is_some_and(Entry::is_dir)
+            && !ours.is_some_and(Entry::is_dir)
+        {
             self.flush()?;
             self.hub.db.has_live_children(&self.ws.id, path)?
         } else {
@@ -208,13 +237,19 @@ impl Ctx<'_> {
             )),
             CommitDecision::Apply => {
                 let seq = self.apply(path, ours, &disk, data)?;
-                Ok(result(path.as_str(), pb::op_result::Outcome::Committed(pb::Committed { seq: seq.0 })))
+                Ok(result(
+                    path.as_str(),
+                    pb::op_result::Outcome::Committed(pb::Committed { seq: seq.0 }),
+                ))
             }
             CommitDecision::KeepTheirs { copy_ours } => {
                 let copy = match (copy_ours, ours) {
                     (true, Some(ours)) => {
                         let copy_path = self.free_copy_name(path, ours)?;
-                        let absent = DiskState { entry: None, stat: None };
+                        let absent = DiskState {
+                            entry: None,
+                            stat: None,
+                        };
                         let seq = self.apply(&copy_path, Some(ours), &absent, data)?;
                         self.batch.conflicts.push(ConflictRow {
                             path: path.clone(),
@@ -276,15 +311,28 @@ impl Ctx<'_> {
             return Ok(disk);
         }
         self.flush()?;
-        observe_locked(self.hub, self.ws, self.seq, Scope::Subtrees(vec![path.clone()]), false)?;
+        observe_locked(
+            self.hub,
+            self.ws,
+            self.seq,
+            Scope::Subtrees(vec![path.clone()]),
+            false,
+        )?;
         if self.ws.halted().is_some() {
-            return Err(OpError::Refused(format!("workspace {} is halted on the hub", self.ws.id)));
+            return Err(OpError::Refused(format!(
+                "workspace {} is halted on the hub",
+                self.ws.id
+            )));
         }
         self.read_disk(path)
     }
 
     fn read_disk(&mut self, path: &RelPath) -> Result<DiskState, OpError> {
-        let cache: HashMap<RelPath, CacheRecord> = self.cache(path)?.map(|r| (path.clone(), r)).into_iter().collect();
+        let cache: HashMap<RelPath, CacheRecord> = self
+            .cache(path)?
+            .map(|r| (path.clone(), r))
+            .into_iter()
+            .collect();
         let scan = scan_tree(&self.root, Some(path), false, &cache, &self.hub.config.scan)?;
         Counters::add(&self.hub.counters.files_hashed, scan.hashed);
         Counters::add(&self.hub.counters.hash_cache_hits, scan.cache_hits);
@@ -299,7 +347,10 @@ impl Ctx<'_> {
                 entry: Some(item.entry),
                 stat: Some(item.stat),
             },
-            None => DiskState { entry: None, stat: None },
+            None => DiskState {
+                entry: None,
+                stat: None,
+            },
         })
     }
 
@@ -313,7 +364,10 @@ impl Ctx<'_> {
 
     fn push_change(&mut self, path: &RelPath, entry: Option<Entry>) -> Seq {
         *self.seq = self.seq.next();
-        let state = Versioned { entry, seq: *self.seq };
+        let state = Versioned {
+            entry,
+            seq: *self.seq,
+        };
         self.pending.insert(path.clone(), state.clone());
         self.batch.changes.push((path.clone(), state));
         *self.seq
@@ -321,7 +375,10 @@ impl Ctx<'_> {
 
     /// Writes the batch's journal records (one transaction) and wakes subscribers.
     fn flush(&mut self) -> Result<(), OpError> {
-        if self.batch.changes.is_empty() && self.batch.cache_put.is_empty() && self.batch.cache_del.is_empty() {
+        if self.batch.changes.is_empty()
+            && self.batch.cache_put.is_empty()
+            && self.batch.cache_del.is_empty()
+        {
             return Ok(());
         }
         self.hub.db.record(&self.ws.id, &self.batch)?;
@@ -333,7 +390,8 @@ impl Ctx<'_> {
         self.pending.clear();
         self.pending_cache.clear();
         self.ws.committed.send_replace(self.seq.0);
-        let window = std::time::Duration::from_nanos(self.hub.config.scan.racy_window_ns.max(0) as u64);
+        let window =
+            std::time::Duration::from_nanos(self.hub.config.scan.racy_window_ns.max(0) as u64);
         self.ws.mark_racy(std::mem::take(&mut self.racy), window);
         Ok(())
     }
@@ -346,7 +404,9 @@ impl Ctx<'_> {
                 return Ok(name);
             }
         }
-        Err(OpError::Refused(format!("{path}: no free conflict-copy name")))
+        Err(OpError::Refused(format!(
+            "{path}: no free conflict-copy name"
+        )))
     }
 
     /// Makes sure every ancestor of `path` is a journaled directory.
@@ -381,14 +441,21 @@ impl Ctx<'_> {
     }
 
     /// Puts `ours` at `path` on disk (which holds `disk`) and journals it.
-    fn apply(&mut self, path: &RelPath, ours: Option<&Entry>, disk: &DiskState, data: Option<&[u8]>) -> Result<Seq, OpError> {
+    fn apply(
+        &mut self,
+        path: &RelPath,
+        ours: Option<&Entry>,
+        disk: &DiskState,
+        data: Option<&[u8]>,
+    ) -> Result<Seq, OpError> {
         if ours.is_some() {
             self.ensure_parents(path)?;
         }
         // Whatever is there and is not replaced in place goes first.
         let replace_in_place = matches!(
             (&disk.entry, ours),
-            (Some(Entry::File { .. }), Some(Entry::File { .. })) | (Some(Entry::Symlink { .. }), Some(Entry::Symlink { .. }))
+            (Some(Entry::File { .. }), Some(Entry::File { .. }))
+                | (Some(Entry::Symlink { .. }), Some(Entry::Symlink { .. }))
         );
         let mut expect = match disk.stat {
             Some(stat) if replace_in_place => Expect::Unchanged(stat),
@@ -402,7 +469,13 @@ impl Ctx<'_> {
                 if matches!(err, FsError::NotEmpty { .. }) {
                     // Untracked content under the directory: journal it first.
                     self.flush()?;
-                    observe_locked(self.hub, self.ws, self.seq, Scope::Subtrees(vec![path.clone()]), false)?;
+                    observe_locked(
+                        self.hub,
+                        self.ws,
+                        self.seq,
+                        Scope::Subtrees(vec![path.clone()]),
+                        false,
+                    )?;
                 }
                 return Err(err.into());
             }
@@ -455,10 +528,14 @@ impl Ctx<'_> {
         if let Some(data) = data {
             let mut staged = self.root.stage_file()?;
             staged.write_all(data)?;
-            let stat = staged.commit(&self.root, path, hash, executable, expect).map_err(|err| match err {
-                FsError::HashMismatch { .. } => OpError::Refused(format!("{path}: inline content does not match its hash")),
-                other => other.into(),
-            })?;
+            let stat = staged
+                .commit(&self.root, path, hash, executable, expect)
+                .map_err(|err| match err {
+                    FsError::HashMismatch { .. } => {
+                        OpError::Refused(format!("{path}: inline content does not match its hash"))
+                    }
+                    other => other.into(),
+                })?;
             Counters::add(&self.hub.counters.files_received, 1);
             Counters::add(&self.hub.counters.bytes_received, size);
             return Ok(stat);
@@ -470,7 +547,9 @@ impl Ctx<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(self.ws.id.clone(), hash));
         if let Some(upload) = upload {
-            let stat = upload.staged.commit(&self.root, path, hash, executable, expect)?;
+            let stat = upload
+                .staged
+                .commit(&self.root, path, hash, executable, expect)?;
             Counters::add(&self.hub.counters.files_received, 1);
             return Ok(stat);
         }

@@ -63,7 +63,9 @@ pub async fn run(
     let admin_task = tokio::spawn(admin::serve(hub.clone(), admin, shutdown.clone()));
 
     let started = std::time::Instant::now();
-    hub.startup_scan().await.context("startup scan of the mirrors")?;
+    hub.startup_scan()
+        .await
+        .context("startup scan of the mirrors")?;
     let counters = hub.counters.snapshot();
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,

@@ -61,9 +61,8 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let deadline = first_event.map(|first| {
-            (last_event + hub.config.debounce).min(first + hub.config.debounce_max)
-        });
+        let deadline = first_event
+            .map(|first| (last_event + hub.config.debounce).min(first + hub.config.debounce_max));
         let sleep_until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -148,7 +147,11 @@ async fn tick(hub: &Arc<Hub>, last_full: &mut Instant) {
         }
         let due: Vec<RelPath> = {
             let racy = ws.racy.lock().unwrap_or_else(|p| p.into_inner());
-            racy.iter().filter(|(_, at)| **at <= now).map(|(p, _)| p.clone()).take(10_000).collect()
+            racy.iter()
+                .filter(|(_, at)| **at <= now)
+                .map(|(p, _)| p.clone())
+                .take(10_000)
+                .collect()
         };
         if !due.is_empty() {
             observe_logged(hub, &ws, Scope::Exact(due)).await;

@@ -34,7 +34,11 @@ pub enum Scope {
 }
 
 /// Observes under the workspace's commit lock, on a blocking thread.
-pub async fn observe_workspace(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) -> anyhow::Result<usize> {
+pub async fn observe_workspace(
+    hub: &Arc<Hub>,
+    ws: &Arc<Workspace>,
+    scope: Scope,
+) -> anyhow::Result<usize> {
     let guard = ws.seq.clone().lock_owned().await;
     let hub = hub.clone();
     let ws = ws.clone();
@@ -65,7 +69,13 @@ fn unhalt(hub: &Hub, ws: &Workspace) -> anyhow::Result<()> {
 
 /// The body of an observation; the caller holds the commit lock (`seq`).
 /// `allow_empty` is set when an emptying was confirmed.
-pub fn observe_locked(hub: &Hub, ws: &Workspace, seq: &mut Seq, scope: Scope, allow_empty: bool) -> anyhow::Result<usize> {
+pub fn observe_locked(
+    hub: &Hub,
+    ws: &Workspace,
+    seq: &mut Seq,
+    scope: Scope,
+    allow_empty: bool,
+) -> anyhow::Result<usize> {
     if ws.halted().is_some() {
         return Ok(0);
     }
@@ -118,14 +128,23 @@ pub fn observe_locked(hub: &Hub, ws: &Workspace, seq: &mut Seq, scope: Scope, al
             tracing::warn!(workspace = %ws.id, problem = %problem, "skipped while scanning the mirror");
         }
         let journal: Vec<(RelPath, Versioned)> = match (top, recursive) {
-            (Some(path), false) => hub.db.entry(&ws.id, path)?.map(|v| (path.clone(), v)).into_iter().collect(),
+            (Some(path), false) => hub
+                .db
+                .entry(&ws.id, path)?
+                .map(|v| (path.clone(), v))
+                .into_iter()
+                .collect(),
             (top, _) => hub.db.entries_under(&ws.id, top.as_ref())?,
         };
         let live: HashMap<&RelPath, &Entry> = journal
             .iter()
             .filter_map(|(path, v)| v.entry.as_ref().map(|e| (path, e)))
             .collect();
-        let unreadable = |path: &RelPath| scan.unreadable.iter().any(|u| u == path || u.is_ancestor_of(path));
+        let unreadable = |path: &RelPath| {
+            scan.unreadable
+                .iter()
+                .any(|u| u == path || u.is_ancestor_of(path))
+        };
         let mut seen: BTreeSet<&RelPath> = BTreeSet::new();
         let mut files_seen: BTreeSet<&RelPath> = BTreeSet::new();
         for item in &scan.entries {
@@ -181,12 +200,24 @@ pub fn observe_locked(hub: &Hub, ws: &Workspace, seq: &mut Seq, scope: Scope, al
     for path in deletions.iter().rev() {
         next = next.next();
         tracing::info!(workspace = %ws.id, path = %path, seq = next.0, "mirror change: deleted");
-        batch.changes.push((path.clone(), Versioned { entry: None, seq: next }));
+        batch.changes.push((
+            path.clone(),
+            Versioned {
+                entry: None,
+                seq: next,
+            },
+        ));
     }
     for (path, entry) in creations {
         next = next.next();
         tracing::info!(workspace = %ws.id, path = %path, seq = next.0, kind = entry.kind_name(), "mirror change");
-        batch.changes.push((path, Versioned { entry: Some(entry), seq: next }));
+        batch.changes.push((
+            path,
+            Versioned {
+                entry: Some(entry),
+                seq: next,
+            },
+        ));
     }
     let changed = batch.changes.len();
     if changed > 0 || !batch.cache_put.is_empty() || !batch.cache_del.is_empty() {
@@ -197,7 +228,10 @@ pub fn observe_locked(hub: &Hub, ws: &Workspace, seq: &mut Seq, scope: Scope, al
         ws.committed.send_replace(next.0);
         Counters::add(&hub.counters.hub_side_changes, changed as u64);
     }
-    ws.mark_racy(racy, std::time::Duration::from_nanos(hub.config.scan.racy_window_ns.max(0) as u64));
+    ws.mark_racy(
+        racy,
+        std::time::Duration::from_nanos(hub.config.scan.racy_window_ns.max(0) as u64),
+    );
     Ok(changed)
 }
 

@@ -26,11 +26,18 @@ const DOWNLOAD_CHUNK: usize = 256 * 1024;
 const MAX_OPS_PER_COMMIT: usize = 50_000;
 const MAX_DOWNLOAD_ITEMS: usize = 50_000;
 
-pub async fn serve(hub: Arc<Hub>, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let token: Arc<str> = Arc::from(hub.config.token.as_str());
-    let service = pb::sync_server::SyncServer::new(SyncService { hub })
-        .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
+    let service = pb::sync_server::SyncServer::new(SyncService {
+        hub,
+        shutdown: shutdown.clone(),
+    })
+    .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
     let service = tonic_check(service, token);
     tonic::transport::Server::builder()
         .add_service(service)
@@ -42,7 +49,10 @@ pub async fn serve(hub: Arc<Hub>, listener: TcpListener, shutdown: CancellationT
 fn tonic_check(
     service: pb::sync_server::SyncServer<SyncService>,
     token: Arc<str>,
-) -> tonic::service::interceptor::InterceptedService<pb::sync_server::SyncServer<SyncService>, impl tonic::service::Interceptor + Clone> {
+) -> tonic::service::interceptor::InterceptedService<
+    pb::sync_server::SyncServer<SyncService>,
+    impl tonic::service::Interceptor + Clone,
+> {
     tonic::service::interceptor::InterceptedService::new(service, move |request: Request<()>| {
         check_token(&request, &token)?;
         Ok(request)
@@ -59,7 +69,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn check_token<T>(request: &Request<T>, expected: &str) -> Result<(), Status> {
     let Some(value) = request.metadata().get(gm_proto::AUTH_HEADER) else {
-        return Err(Status::unauthenticated("no token: send `authorization: Bearer <token>`"));
+        return Err(Status::unauthenticated(
+            "no token: send `authorization: Bearer <token>`",
+        ));
     };
     let presented = value
         .to_str()
@@ -75,6 +87,8 @@ fn check_token<T>(request: &Request<T>, expected: &str) -> Result<(), Status> {
 
 pub struct SyncService {
     hub: Arc<Hub>,
+    /// Ends long-lived subscription streams so a graceful stop can finish.
+    shutdown: CancellationToken,
 }
 
 fn bad(what: impl std::fmt::Display) -> Status {
@@ -89,9 +103,9 @@ fn internal(err: impl std::fmt::Display) -> Status {
 impl SyncService {
     fn attached(&self, raw: &str) -> Result<Arc<Workspace>, Status> {
         let id = WorkspaceId::new(raw).map_err(bad)?;
-        self.hub
-            .workspace(&id)
-            .ok_or_else(|| Status::not_found(format!("workspace {id} is not attached; call Attach first")))
+        self.hub.workspace(&id).ok_or_else(|| {
+            Status::not_found(format!("workspace {id} is not attached; call Attach first"))
+        })
     }
 }
 
@@ -99,7 +113,10 @@ type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'sta
 
 #[tonic::async_trait]
 impl Sync for SyncService {
-    async fn attach(&self, request: Request<pb::AttachRequest>) -> Result<Response<pb::AttachResponse>, Status> {
+    async fn attach(
+        &self,
+        request: Request<pb::AttachRequest>,
+    ) -> Result<Response<pb::AttachResponse>, Status> {
         let req = request.into_inner();
         let id = WorkspaceId::new(&req.workspace).map_err(bad)?;
         let node = NodeId::new(&req.node_id).map_err(bad)?;
@@ -125,13 +142,21 @@ impl Sync for SyncService {
 
     type SubscribeStream = EventStream<pb::SubscribeEvent>;
 
-    async fn subscribe(&self, request: Request<pb::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
+    async fn subscribe(
+        &self,
+        request: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         let ws = self.attached(&req.workspace)?;
         let node = NodeId::new(&req.node_id).map_err(bad)?;
-        let since = if req.epoch == ws.epoch { Seq(req.since) } else { Seq::ZERO };
+        let since = if req.epoch == ws.epoch {
+            Seq(req.since)
+        } else {
+            Seq::ZERO
+        };
         let (tx, rx) = mpsc::channel(8);
         let hub = self.hub.clone();
+        let shutdown = self.shutdown.clone();
         let id = hub.next_subscription_id();
         ws.subscribers
             .lock()
@@ -144,21 +169,27 @@ impl Sync for SyncService {
             loop {
                 let db = hub.db.clone();
                 let ws_id = ws.id.clone();
-                let changes = match tokio::task::spawn_blocking(move || db.changes_since(&ws_id, sent, 2000)).await {
-                    Ok(Ok(changes)) => changes,
-                    Ok(Err(err)) => {
-                        let _ = tx.send(Err(internal(err))).await;
-                        break;
-                    }
-                    Err(err) => {
-                        let _ = tx.send(Err(internal(err))).await;
-                        break;
-                    }
-                };
+                let changes =
+                    match tokio::task::spawn_blocking(move || db.changes_since(&ws_id, sent, 2000))
+                        .await
+                    {
+                        Ok(Ok(changes)) => changes,
+                        Ok(Err(err)) => {
+                            let _ = tx.send(Err(internal(err))).await;
+                            break;
+                        }
+                        Err(err) => {
+                            let _ = tx.send(Err(internal(err))).await;
+                            break;
+                        }
+                    };
                 if let Some((_, last)) = changes.last() {
                     sent = last.seq;
                     let event = pb::SubscribeEvent {
-                        changes: changes.iter().map(|(p, v)| gm_proto::path_state_to_wire(p, v)).collect(),
+                        changes: changes
+                            .iter()
+                            .map(|(p, v)| gm_proto::path_state_to_wire(p, v))
+                            .collect(),
                         caught_up_to: None,
                     };
                     if tx.send(Ok(event)).await.is_err() {
@@ -177,19 +208,29 @@ impl Sync for SyncService {
                     }
                 }
                 tokio::select! {
-                    changed = committed.wait_for(|latest| *latest > sent.0) => {
-                        if changed.is_err() { break; }
+                    alive = async { committed.wait_for(|latest| *latest > sent.0).await.is_ok() } => {
+                        if !alive { break; }
                     }
                     () = tx.closed() => break,
+                    () = shutdown.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("the hub is shutting down"))).await;
+                        break;
+                    }
                 }
             }
-            ws.subscribers.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+            ws.subscribers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             tracing::info!(workspace = %ws.id, node = %node, "subscription ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn commit(&self, request: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+    async fn commit(
+        &self,
+        request: Request<pb::CommitRequest>,
+    ) -> Result<Response<pb::CommitResponse>, Status> {
         let req = request.into_inner();
         let ws = self.attached(&req.workspace)?;
         let node = NodeId::new(&req.node_id).map_err(bad)?;
@@ -200,7 +241,10 @@ impl Sync for SyncService {
             )));
         }
         if let Some(reason) = ws.halted() {
-            return Err(Status::failed_precondition(format!("workspace {} is halted on the hub: {reason}", ws.id)));
+            return Err(Status::failed_precondition(format!(
+                "workspace {} is halted on the hub: {reason}",
+                ws.id
+            )));
         }
         let guard = ws.seq.clone().lock_owned().await;
         let hub = self.hub.clone();
@@ -214,7 +258,10 @@ impl Sync for SyncService {
         Ok(Response::new(pb::CommitResponse { results }))
     }
 
-    async fn upload(&self, request: Request<Streaming<pb::UploadMessage>>) -> Result<Response<pb::UploadResponse>, Status> {
+    async fn upload(
+        &self,
+        request: Request<Streaming<pb::UploadMessage>>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
         let mut stream = request.into_inner();
         let first = stream
             .next()
@@ -238,7 +285,10 @@ impl Sync for SyncService {
             match message.msg {
                 Some(pb::upload_message::Msg::Data(data)) => {
                     if staged.len() + data.len() as u64 > start.size {
-                        return Err(bad(format!("upload for {hash} is longer than its claimed size {}", start.size)));
+                        return Err(bad(format!(
+                            "upload for {hash} is longer than its claimed size {}",
+                            start.size
+                        )));
                     }
                     staged.write_all(&data).map_err(internal)?;
                 }
@@ -253,31 +303,44 @@ impl Sync for SyncService {
             )));
         }
         if staged.hash() != hash {
-            return Err(bad(format!("uploaded content does not match its hash {hash}")));
+            return Err(bad(format!(
+                "uploaded content does not match its hash {hash}"
+            )));
         }
         Counters::add(&self.hub.counters.bytes_received, start.size);
-        self.hub.uploads.lock().unwrap_or_else(|p| p.into_inner()).insert(
-            (ws.id.clone(), hash),
-            Upload {
-                staged,
-                at: Instant::now(),
-            },
-        );
+        self.hub
+            .uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                (ws.id.clone(), hash),
+                Upload {
+                    staged,
+                    at: Instant::now(),
+                },
+            );
         Ok(Response::new(pb::UploadResponse {}))
     }
 
     type DownloadStream = EventStream<pb::DownloadMessage>;
 
-    async fn download(&self, request: Request<pb::DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
+    async fn download(
+        &self,
+        request: Request<pb::DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
         let req = request.into_inner();
         let ws = self.attached(&req.workspace)?;
         if req.items.len() > MAX_DOWNLOAD_ITEMS {
-            return Err(bad(format!("{} items in one download; the limit is {MAX_DOWNLOAD_ITEMS}", req.items.len())));
+            return Err(bad(format!(
+                "{} items in one download; the limit is {MAX_DOWNLOAD_ITEMS}",
+                req.items.len()
+            )));
         }
         let mut items = Vec::with_capacity(req.items.len());
         for item in &req.items {
             let path = gm_proto::path(&item.path).map_err(bad)?;
-            let hash = ContentHash::from_slice(&item.hash).map_err(|e| bad(format!("{}: {e}", item.path)))?;
+            let hash = ContentHash::from_slice(&item.hash)
+                .map_err(|e| bad(format!("{}: {e}", item.path)))?;
             items.push((path, hash));
         }
         let (tx, rx) = mpsc::channel(4);
@@ -296,7 +359,10 @@ impl Sync for SyncService {
                 let mut file = match root.open_read(&path) {
                     Ok((file, _)) => file,
                     Err(err) => {
-                        if tx.blocking_send(Ok(fail(format!("{path}: {err}")))).is_err() {
+                        if tx
+                            .blocking_send(Ok(fail(format!("{path}: {err}"))))
+                            .is_err()
+                        {
                             return;
                         }
                         continue;
@@ -329,7 +395,9 @@ impl Sync for SyncService {
                 }
                 let end = match failed {
                     Some(error) => fail(error),
-                    None if hasher.finalize() != expected => fail(format!("{path}: changed on the hub; wait for its journal entry")),
+                    None if hasher.finalize() != expected => fail(format!(
+                        "{path}: changed on the hub; wait for its journal entry"
+                    )),
                     None => {
                         Counters::add(&hub.counters.files_sent, 1);
                         Counters::add(&hub.counters.bytes_sent, sent);
@@ -349,7 +417,10 @@ impl Sync for SyncService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let hub = self.hub.clone();
         let response = tokio::task::spawn_blocking(move || build_status(&hub))
             .await
@@ -425,11 +496,18 @@ mod tests {
     #[test]
     fn token_check() {
         let mut request = Request::new(());
-        assert_eq!(check_token(&request, "s3cret").unwrap_err().code(), tonic::Code::Unauthenticated);
-        request.metadata_mut().insert("authorization", "Bearer wrong".parse().unwrap());
+        assert_eq!(
+            check_token(&request, "s3cret").unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer wrong".parse().unwrap());
         let err = check_token(&request, "s3cret").unwrap_err();
         assert!(err.message().contains("refused the token"));
-        request.metadata_mut().insert("authorization", "Bearer s3cret".parse().unwrap());
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer s3cret".parse().unwrap());
         assert!(check_token(&request, "s3cret").is_ok());
     }
 }

@@ -101,7 +101,10 @@ impl Workspace {
     }
 
     pub fn halted(&self) -> Option<String> {
-        self.halted.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.halted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn mark_racy(&self, paths: impl IntoIterator<Item = RelPath>, window: Duration) {
@@ -145,7 +148,8 @@ impl Hub {
         let lock = DirLock::acquire(&config.data_dir, "hub.lock")
             .map_err(|e| anyhow::anyhow!("{e}; a second hub on the same data dir is refused"))?;
         let mirrors = config.data_dir.join("mirrors");
-        std::fs::create_dir_all(&mirrors).with_context(|| format!("create {}", mirrors.display()))?;
+        std::fs::create_dir_all(&mirrors)
+            .with_context(|| format!("create {}", mirrors.display()))?;
         let db = HubDb::open(&config.data_dir.join("state.db"))?;
         Ok(Hub {
             config,
@@ -175,7 +179,11 @@ impl Hub {
     }
 
     pub fn workspace(&self, id: &WorkspaceId) -> Option<Arc<Workspace>> {
-        self.workspaces.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
     }
 
     pub fn all_workspaces(&self) -> Vec<Arc<Workspace>> {
@@ -229,7 +237,8 @@ impl Hub {
             "pid": std::process::id(),
         });
         let tmp = self.config.data_dir.join("hub.json.tmp");
-        std::fs::write(&tmp, body.to_string()).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::write(&tmp, body.to_string())
+            .with_context(|| format!("write {}", tmp.display()))?;
         std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
         Ok(())
     }
@@ -270,7 +279,9 @@ impl Hub {
                     continue;
                 }
             };
-            if let Err(err) = crate::observe::observe_workspace(self, &ws, crate::observe::Scope::Full).await {
+            if let Err(err) =
+                crate::observe::observe_workspace(self, &ws, crate::observe::Scope::Full).await
+            {
                 tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "startup scan failed");
             }
         }

@@ -19,7 +19,9 @@ pub struct TokenInterceptor {
 
 impl Interceptor for TokenInterceptor {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert(gm_proto::AUTH_HEADER, self.header.clone());
+        request
+            .metadata_mut()
+            .insert(gm_proto::AUTH_HEADER, self.header.clone());
         Ok(request)
     }
 }
@@ -35,12 +37,14 @@ pub fn connect(config: &NodeConfig) -> anyhow::Result<Client> {
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect_lazy();
-    let header = format!("Bearer {}", config.token)
-        .parse()
-        .map_err(|_| anyhow::anyhow!("the token contains characters that cannot travel in a header"))?;
-    Ok(SyncClient::with_interceptor(channel, TokenInterceptor { header })
-        .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES))
+    let header = format!("Bearer {}", config.token).parse().map_err(|_| {
+        anyhow::anyhow!("the token contains characters that cannot travel in a header")
+    })?;
+    Ok(
+        SyncClient::with_interceptor(channel, TokenInterceptor { header })
+            .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES),
+    )
 }
 
 /// How a failed step ends.
@@ -64,11 +68,21 @@ impl SyncError {
                 "the hub refused the token ({}); check --token / GM_TOKEN",
                 status.message()
             )),
-            Code::Unavailable => SyncError::Retry(anyhow::anyhow!("{what}: hub unreachable: {}", status.message())),
+            Code::Unavailable => SyncError::Retry(anyhow::anyhow!(
+                "{what}: hub unreachable: {}",
+                status.message()
+            )),
             Code::InvalidArgument if !status.message().contains("does not match") => {
-                SyncError::Fatal(anyhow::anyhow!("{what}: the hub refused the request: {}", status.message()))
+                SyncError::Fatal(anyhow::anyhow!(
+                    "{what}: the hub refused the request: {}",
+                    status.message()
+                ))
             }
-            _ => SyncError::Retry(anyhow::anyhow!("{what}: {} ({:?})", status.message(), status.code())),
+            _ => SyncError::Retry(anyhow::anyhow!(
+                "{what}: {} ({:?})",
+                status.message(),
+                status.code()
+            )),
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub batch_bytes: u64,
     /// With `once`: how long to keep retrying an unreachable hub.
     pub once_timeout: Duration,
+    /// Local deletions are proposed once no new deletion has been seen for
+    /// this long, so an emptying root is caught whole by the safety brake.
+    pub delete_delay: Duration,
 }
 
 /// Runs every bound workspace until `shutdown` (or, with `once`, until each
@@ -62,7 +65,14 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
     let config = Arc::new(config);
     let mut tasks = tokio::task::JoinSet::new();
     for (id, path) in config.workspaces.clone() {
-        let session = session::WorkspaceTask::new(id.clone(), path, config.clone(), db.clone(), client.clone(), shutdown.clone());
+        let session = session::WorkspaceTask::new(
+            id.clone(),
+            path,
+            config.clone(),
+            db.clone(),
+            client.clone(),
+            shutdown.clone(),
+        );
         tasks.spawn(async move { (id, session.run().await) });
     }
     let mut failures = Vec::new();

@@ -24,7 +24,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gm_core::{CacheRecord, ContentHash, Entry, NodeAction, RelPath, Seq, Stat, Versioned, WorkspaceId, decide_node, minimal_tops};
+use gm_core::{
+    CacheRecord, ContentHash, Entry, NodeAction, RelPath, Seq, Stat, Versioned, WorkspaceId,
+    decide_node, minimal_tops,
+};
 use gm_fs::{Expect, FsError, Root, ScanOutcome, scan_tree};
 use gm_proto::pb;
 use gm_store::{NodeBatch, NodeDb};
@@ -89,6 +92,13 @@ pub struct Replica {
     pub refused: HashMap<RelPath, (Option<Entry>, String)>,
     /// Paths to look at again in the next round.
     pub follow_up: BTreeSet<RelPath>,
+    /// Local deletions held back until no new deletion has been seen for
+    /// `delete_delay`: a root being emptied (`rm -rf`, an unmount) is then
+    /// seen empty by the brake before any of its deletions leave the node.
+    deferred: BTreeSet<RelPath>,
+    last_deletion: Option<Instant>,
+    /// Set by `confirm-empty`: the next emptying is deliberate.
+    pub emptying_confirmed: bool,
     /// Cache records still racily clean: path -> when to re-verify.
     pub racy: BTreeMap<RelPath, Instant>,
     batch: NodeBatch,
@@ -116,6 +126,9 @@ impl Replica {
             force: HashMap::new(),
             refused: HashMap::new(),
             follow_up: BTreeSet::new(),
+            deferred: BTreeSet::new(),
+            last_deletion: None,
+            emptying_confirmed: false,
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
         }
@@ -151,7 +164,10 @@ impl Replica {
 
     /// True when nothing is pending on either side.
     pub fn settled(&self) -> bool {
-        self.remote.is_empty() && self.force.is_empty() && self.follow_up.is_empty()
+        self.remote.is_empty()
+            && self.force.is_empty()
+            && self.follow_up.is_empty()
+            && self.deferred.is_empty()
     }
 
     /// Records the agreed version of a path. Deletions are kept as
@@ -216,8 +232,26 @@ impl Replica {
         Ok(())
     }
 
-    /// One round over `scope`.
-    pub async fn round(&mut self, scope: Scope, allow_empty: bool) -> Result<RoundStats, SyncError> {
+    /// True when deferred local deletions have been quiet long enough.
+    pub fn deletions_due(&self) -> bool {
+        !self.deferred.is_empty()
+            && self
+                .last_deletion
+                .is_none_or(|at| at.elapsed() >= self.config.delete_delay)
+    }
+
+    /// Paths whose local deletion waits.
+    pub fn deferred_deletions(&self) -> Vec<RelPath> {
+        self.deferred.iter().cloned().collect()
+    }
+
+    /// One round over `scope`. Local deletions are only proposed when
+    /// `release_deletes` is set; otherwise they wait in `deferred`.
+    pub async fn round(
+        &mut self,
+        scope: Scope,
+        release_deletes: bool,
+    ) -> Result<RoundStats, SyncError> {
         if !self.root.still_in_place() {
             return Err(self.halt(format!(
                 "workspace root {} vanished or was replaced; nothing was deleted. If that is deliberate run `ghostmirror confirm-empty --state-dir {} {}`",
@@ -260,7 +294,11 @@ impl Replica {
             None => true,
             Some(tops) => tops.iter().any(|t| t == path || t.is_ancestor_of(path)),
         };
-        let is_unreadable = |path: &RelPath| unreadable.iter().any(|u| u == path || u.is_ancestor_of(path));
+        let is_unreadable = |path: &RelPath| {
+            unreadable
+                .iter()
+                .any(|u| u == path || u.is_ancestor_of(path))
+        };
 
         let mut candidates: BTreeSet<RelPath> = local.keys().cloned().collect();
         candidates.extend(self.synced.keys().filter(|p| in_scope(p)).cloned());
@@ -276,10 +314,16 @@ impl Replica {
             }
             let here: Local = local.get(&path).cloned();
             let here_entry = here.as_ref().map(|(e, _)| e.clone());
-            if let Some((expected, target)) = self.force.remove(&path) {
-                if here_entry == expected {
+            if let Some((expected, target)) = self.force.remove(&path)
+                && here_entry == expected
+            {
+                {
                     if here_entry != target.entry {
-                        applies.push(ApplyItem { path, target, local: here });
+                        applies.push(ApplyItem {
+                            path,
+                            target,
+                            local: here,
+                        });
                     } else {
                         self.set_synced(&path, target);
                         stats.adopted += 1;
@@ -299,6 +343,9 @@ impl Replica {
                 here_entry.as_ref(),
                 remote.as_ref().map(|r| r.entry.as_ref()),
             );
+            if here.is_some() || action != NodeAction::Propose {
+                self.deferred.remove(&path);
+            }
             match action {
                 NodeAction::Nothing => {
                     self.refused.remove(&path);
@@ -311,13 +358,30 @@ impl Replica {
                 }
                 NodeAction::ApplyRemote => {
                     if let Some(target) = remote {
-                        applies.push(ApplyItem { path, target, local: here });
+                        applies.push(ApplyItem {
+                            path,
+                            target,
+                            local: here,
+                        });
                     }
                 }
                 NodeAction::Propose => {
-                    if self.refused.get(&path).is_some_and(|(entry, _)| *entry == here_entry) {
+                    if self
+                        .refused
+                        .get(&path)
+                        .is_some_and(|(entry, _)| *entry == here_entry)
+                    {
                         continue;
                     }
+                    if here.is_none() && base_entry.is_some() && !release_deletes {
+                        // A local deletion waits until deletions have been
+                        // quiet for the delete delay (see `deferred`).
+                        if self.deferred.insert(path) {
+                            self.last_deletion = Some(Instant::now());
+                        }
+                        continue;
+                    }
+                    self.deferred.remove(&path);
                     proposals.push(ProposeItem {
                         path,
                         base: base_seq,
@@ -330,7 +394,8 @@ impl Replica {
         // Safety brake: an empty root with a non-empty synced tree proposes nothing.
         let deletes = proposals.iter().filter(|p| p.local.is_none()).count();
         if deletes > 0 && self.live_synced() > 0 && self.root.is_empty()? {
-            let confirmed = allow_empty || self.db.take_confirm_empty(&self.id)?;
+            let confirmed = std::mem::take(&mut self.emptying_confirmed)
+                || self.db.take_confirm_empty(&self.id)?;
             if !confirmed {
                 return Err(self.halt(format!(
                     "workspace root {} is empty but {} entries were synced (an unmounted volume looks like this); nothing was deleted. If the emptying is deliberate run `ghostmirror confirm-empty --state-dir {} {}`",
@@ -345,8 +410,10 @@ impl Replica {
 
         // Creations and updates go parent-first, deletions child-first; new
         // content lands before old content leaves, so renames find their bytes.
-        let (apply_deletes, apply_writes): (Vec<_>, Vec<_>) = applies.into_iter().partition(|a| a.target.entry.is_none());
-        let (propose_deletes, propose_writes): (Vec<_>, Vec<_>) = proposals.into_iter().partition(|p| p.local.is_none());
+        let (apply_deletes, apply_writes): (Vec<_>, Vec<_>) =
+            applies.into_iter().partition(|a| a.target.entry.is_none());
+        let (propose_deletes, propose_writes): (Vec<_>, Vec<_>) =
+            proposals.into_iter().partition(|p| p.local.is_none());
         self.apply_writes(apply_writes, &mut stats).await?;
         self.propose(propose_writes, &mut stats).await?;
         let mut apply_deletes = apply_deletes;
@@ -388,11 +455,17 @@ impl Replica {
     }
 
     /// Writes remote versions over paths the user did not change.
-    async fn apply_writes(&mut self, mut items: Vec<ApplyItem>, stats: &mut RoundStats) -> Result<(), SyncError> {
+    async fn apply_writes(
+        &mut self,
+        mut items: Vec<ApplyItem>,
+        stats: &mut RoundStats,
+    ) -> Result<(), SyncError> {
         items.sort_by(|a, b| a.path.cmp(&b.path));
         let mut downloads: Vec<(DownloadItem, Versioned)> = Vec::new();
         for item in items {
-            let Some(target_entry) = item.target.entry.clone() else { continue };
+            let Some(target_entry) = item.target.entry.clone() else {
+                continue;
+            };
             let expect = match &item.local {
                 Some((_, stat)) => Expect::Unchanged(*stat),
                 None => Expect::Absent,
@@ -400,10 +473,13 @@ impl Replica {
             // A different kind of entry is in the way: remove it first (it
             // is the synced version, so nothing is lost).
             let kind_changes = item.local.as_ref().is_some_and(|(local, _)| {
-                std::mem::discriminant(local) != std::mem::discriminant(&target_entry) || local.is_dir()
+                std::mem::discriminant(local) != std::mem::discriminant(&target_entry)
+                    || local.is_dir()
             });
             let expect = if kind_changes {
-                let Some((local_entry, stat)) = &item.local else { continue };
+                let Some((local_entry, stat)) = &item.local else {
+                    continue;
+                };
                 if local_entry.is_dir() && target_entry.is_dir() {
                     expect
                 } else {
@@ -420,13 +496,23 @@ impl Replica {
             };
             let result = match &target_entry {
                 Entry::Dir => self.root.make_dir(&item.path).map(|_| None),
-                Entry::Symlink { target } => self.root.make_symlink(&item.path, target, expect).map(|_| None),
-                Entry::File { hash, executable, .. } => {
-                    if let (Some((Entry::File { hash: here, .. }, stat)), Expect::Unchanged(_)) = (&item.local, expect)
+                Entry::Symlink { target } => self
+                    .root
+                    .make_symlink(&item.path, target, expect)
+                    .map(|_| None),
+                Entry::File {
+                    hash, executable, ..
+                } => {
+                    if let (Some((Entry::File { hash: here, .. }, stat)), Expect::Unchanged(_)) =
+                        (&item.local, expect)
                         && here == hash
                     {
-                        self.root.set_executable(&item.path, *executable, *stat).map(|s| Some((s, *hash)))
-                    } else if let Some(stat) = self.copy_local(&item.path, *hash, *executable, expect) {
+                        self.root
+                            .set_executable(&item.path, *executable, *stat)
+                            .map(|s| Some((s, *hash)))
+                    } else if let Some(stat) =
+                        self.copy_local(&item.path, *hash, *executable, expect)
+                    {
                         Ok(Some((stat, *hash)))
                     } else {
                         downloads.push((
@@ -469,7 +555,8 @@ impl Replica {
                         expect: chunk[i].0.expect,
                     })
                     .collect();
-                let outcomes = transfer::download(&mut self.client, &self.id, &self.root, &request).await?;
+                let outcomes =
+                    transfer::download(&mut self.client, &self.id, &self.root, &request).await?;
                 let mut again = Vec::new();
                 for (position, &i) in attempt_items.iter().enumerate() {
                     let (item, target) = &chunk[i];
@@ -483,7 +570,9 @@ impl Replica {
                             tracing::warn!(workspace = %self.id, path = %item.path, "downloaded content did not match its hash; retrying");
                             again.push(i);
                         }
-                        Some(Err(DownloadFailure::Local(err))) => self.note_failure(&item.path, err, stats),
+                        Some(Err(DownloadFailure::Local(err))) => {
+                            self.note_failure(&item.path, err, stats)
+                        }
                         Some(Err(DownloadFailure::Unavailable(why))) => {
                             tracing::debug!(workspace = %self.id, path = %item.path, why = %why, "download not landed; waiting for the journal");
                             stats.failed += 1;
@@ -508,11 +597,19 @@ impl Replica {
 
     /// Lands content already present in this workspace (a rename or a copy
     /// on the other side): bytes move on disk, not on the wire.
-    fn copy_local(&mut self, path: &RelPath, hash: ContentHash, executable: bool, expect: Expect) -> Option<Stat> {
+    fn copy_local(
+        &mut self,
+        path: &RelPath,
+        hash: ContentHash,
+        executable: bool,
+        expect: Expect,
+    ) -> Option<Stat> {
         let mut sources: Vec<RelPath> = self
             .synced
             .iter()
-            .filter(|(p, v)| *p != path && v.entry.as_ref().and_then(Entry::file_hash) == Some(hash))
+            .filter(|(p, v)| {
+                *p != path && v.entry.as_ref().and_then(Entry::file_hash) == Some(hash)
+            })
             .map(|(p, _)| p.clone())
             .take(4)
             .collect();
@@ -523,7 +620,9 @@ impl Replica {
             if &source == path {
                 continue;
             }
-            let Ok(mut staged) = self.root.stage_file() else { return None };
+            let Ok(mut staged) = self.root.stage_file() else {
+                return None;
+            };
             if staged.copy_from(&self.root, &source).is_err() || staged.hash() != hash {
                 continue;
             }
@@ -567,7 +666,11 @@ impl Replica {
     }
 
     /// Proposes local changes in batches; handles each answer.
-    async fn propose(&mut self, items: Vec<ProposeItem>, stats: &mut RoundStats) -> Result<(), SyncError> {
+    async fn propose(
+        &mut self,
+        items: Vec<ProposeItem>,
+        stats: &mut RoundStats,
+    ) -> Result<(), SyncError> {
         if items.is_empty() {
             return Ok(());
         }
@@ -621,7 +724,13 @@ impl Replica {
                         Some(pb::op_result::Outcome::Committed(done)) => {
                             let entry = local.as_ref().map(|(e, _)| e.clone());
                             self.refused.remove(&path);
-                            self.set_synced(&path, Versioned { entry, seq: Seq(done.seq) });
+                            self.set_synced(
+                                &path,
+                                Versioned {
+                                    entry,
+                                    seq: Seq(done.seq),
+                                },
+                            );
                         }
                         Some(pb::op_result::Outcome::Conflict(conflict)) => {
                             stats.conflicts += 1;
@@ -630,11 +739,28 @@ impl Replica {
                         Some(pb::op_result::Outcome::NeedContent(_)) => {
                             let item = ProposeItem { path, base, local };
                             match &item.local {
-                                Some((Entry::File { size, .. }, _)) if *size <= self.config.inline_max => next.push((item, true)),
+                                Some((Entry::File { size, .. }, _))
+                                    if *size <= self.config.inline_max =>
+                                {
+                                    next.push((item, true))
+                                }
                                 Some((Entry::File { hash, size, .. }, _)) => {
-                                    match transfer::upload(&mut self.client, &self.id, &self.root, &item.path, *hash, *size).await {
+                                    match transfer::upload(
+                                        &mut self.client,
+                                        &self.id,
+                                        &self.root,
+                                        &item.path,
+                                        *hash,
+                                        *size,
+                                    )
+                                    .await
+                                    {
                                         Ok(()) => next.push((item, false)),
-                                        Err(SyncError::Fatal(err)) if err.to_string().contains("token") => return Err(SyncError::Fatal(err)),
+                                        Err(SyncError::Fatal(err))
+                                            if err.to_string().contains("token") =>
+                                        {
+                                            return Err(SyncError::Fatal(err));
+                                        }
                                         Err(err) => {
                                             tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
                                             stats.failed += 1;
@@ -671,10 +797,23 @@ impl Replica {
 
     /// The wire op for one proposal; reads small files whole (the hash sent
     /// is the hash of the bytes sent). `None` when the file vanished.
-    fn make_op(&mut self, item: &ProposeItem, force_inline: bool, hub_has: &HashSet<ContentHash>) -> Option<(pb::CommitOp, Local)> {
+    fn make_op(
+        &mut self,
+        item: &ProposeItem,
+        force_inline: bool,
+        hub_has: &HashSet<ContentHash>,
+    ) -> Option<(pb::CommitOp, Local)> {
         let mut local = item.local.clone();
         let mut data = None;
-        if let Some((Entry::File { hash, size, executable }, _)) = &local {
+        if let Some((
+            Entry::File {
+                hash,
+                size,
+                executable,
+            },
+            _,
+        )) = &local
+        {
             let small = *size <= self.config.inline_max;
             if small && (force_inline || !hub_has.contains(hash)) {
                 match self.root.read_whole(&item.path) {
@@ -763,5 +902,7 @@ impl Replica {
 }
 
 fn racy_due(config: &NodeConfig) -> Instant {
-    Instant::now() + Duration::from_nanos(config.scan.racy_window_ns.max(0) as u64) + Duration::from_millis(50)
+    Instant::now()
+        + Duration::from_nanos(config.scan.racy_window_ns.max(0) as u64)
+        + Duration::from_millis(50)
 }

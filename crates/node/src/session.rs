@@ -135,7 +135,10 @@ impl WorkspaceTask {
                 )));
             }
             Err(err) => {
-                return Err(SyncError::Fatal(anyhow!("workspace directory {} cannot be used: {err}", self.path.display())));
+                return Err(SyncError::Fatal(anyhow!(
+                    "workspace directory {} cannot be used: {err}",
+                    self.path.display()
+                )));
             }
         };
         let identity = (root.identity().dev, root.identity().ino);
@@ -178,7 +181,9 @@ impl WorkspaceTask {
                 () = self.shutdown.cancelled() => return false,
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
-            let Ok(Some(row)) = self.db.workspace(&self.id) else { continue };
+            let Ok(Some(row)) = self.db.workspace(&self.id) else {
+                continue;
+            };
             if row.confirm_empty {
                 tracing::warn!(workspace = %self.id, "confirm-empty received; resuming");
                 let _ = self.db.set_halted(&self.id, None);
@@ -186,7 +191,9 @@ impl WorkspaceTask {
             }
             if let Ok(root) = Root::open(&self.path, &self.tag) {
                 let identity = (root.identity().dev, root.identity().ino);
-                if row.root_identity.is_none_or(|r| r == identity) && !root.is_empty().unwrap_or(true) {
+                if row.root_identity.is_none_or(|r| r == identity)
+                    && !root.is_empty().unwrap_or(true)
+                {
                     tracing::info!(workspace = %self.id, "workspace root is back; resuming");
                     let _ = self.db.set_halted(&self.id, None);
                     return true;
@@ -229,6 +236,7 @@ impl WorkspaceTask {
             synced,
             row.last_seq,
         );
+        replica.emptying_confirmed = allow_empty;
 
         // Watch before the first scan so nothing written meanwhile is missed.
         let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchEvent>();
@@ -274,7 +282,7 @@ impl WorkspaceTask {
         }
         tracing::info!(workspace = %self.id, pending = replica.remote.len(), seq = replica.highest_seen.0, "caught up with the hub");
 
-        let first = replica.round(Scope::Full, allow_empty).await?;
+        let first = replica.round(Scope::Full, self.config.once).await?;
         tracing::info!(workspace = %self.id, ?first, "first reconciliation done");
 
         if self.config.once {
@@ -290,8 +298,11 @@ impl WorkspaceTask {
         let mut ticker = tokio::time::interval(TICK);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let deadline = first_event.map(|first| (last_event + self.config.debounce).min(first + self.config.debounce_max));
-            let sleep_until = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let deadline = first_event.map(|first| {
+                (last_event + self.config.debounce).min(first + self.config.debounce_max)
+            });
+            let sleep_until =
+                deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 () = self.shutdown.cancelled() => {
                     replica.persist().await?;
@@ -351,7 +362,7 @@ impl WorkspaceTask {
                     let now = Instant::now();
                     if now.duration_since(last_full) >= self.config.rescan_interval {
                         last_full = now;
-                        replica.round(Scope::Full, false).await?;
+                        replica.round(Scope::Full, self.config.once).await?;
                         continue;
                     }
                     let due: Vec<RelPath> = replica.racy.iter().filter(|(_, at)| **at <= now).map(|(p, _)| p.clone()).collect();
@@ -361,6 +372,10 @@ impl WorkspaceTask {
                     if !due.is_empty() || !replica.follow_up.is_empty() {
                         replica.round(Scope::Subtrees(due), false).await?;
                     }
+                    if replica.deletions_due() {
+                        let paths = replica.deferred_deletions();
+                        replica.round(Scope::Subtrees(paths), true).await?;
+                    }
                 }
             }
         }
@@ -368,7 +383,11 @@ impl WorkspaceTask {
 
     /// `--once`: rounds until nothing is left to do, then a final full
     /// round that must find nothing to do either.
-    async fn finish_once(&self, replica: &mut Replica, incoming: &mut mpsc::Receiver<Incoming>) -> Result<(), SyncError> {
+    async fn finish_once(
+        &self,
+        replica: &mut Replica,
+        incoming: &mut mpsc::Receiver<Incoming>,
+    ) -> Result<(), SyncError> {
         for _ in 0..ONCE_ROUNDS {
             while let Ok(message) = incoming.try_recv() {
                 match message {
@@ -378,14 +397,14 @@ impl WorkspaceTask {
                 }
             }
             let stats = if replica.settled() {
-                replica.round(Scope::Full, false).await?
+                replica.round(Scope::Full, self.config.once).await?
             } else {
                 // Give the journal a moment to deliver what our commits caused.
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                replica.round(Scope::Subtrees(Vec::new()), false).await?
+                replica.round(Scope::Subtrees(Vec::new()), true).await?
             };
             if stats.idle() && replica.settled() && stats.refused == 0 {
-                let final_round = replica.round(Scope::Full, false).await?;
+                let final_round = replica.round(Scope::Full, self.config.once).await?;
                 if final_round.idle() && replica.settled() && replica.refused.is_empty() {
                     tracing::info!(workspace = %self.id, seq = replica.highest_seen.0, "workspace equals its mirror");
                     return Ok(());
@@ -394,13 +413,21 @@ impl WorkspaceTask {
         }
         let mut why = Vec::new();
         if !replica.remote.is_empty() {
-            why.push(format!("{} remote changes not applied", replica.remote.len()));
+            why.push(format!(
+                "{} remote changes not applied",
+                replica.remote.len()
+            ));
         }
         for (path, (_, reason)) in replica.refused.iter().take(10) {
             why.push(format!("{path}: refused by the hub: {reason}"));
         }
         if !replica.follow_up.is_empty() {
-            let sample: Vec<String> = replica.follow_up.iter().take(10).map(|p| p.to_string()).collect();
+            let sample: Vec<String> = replica
+                .follow_up
+                .iter()
+                .take(10)
+                .map(|p| p.to_string())
+                .collect();
             why.push(format!("still changing: {}", sample.join(", ")));
         }
         Err(SyncError::Fatal(anyhow!(
@@ -430,7 +457,9 @@ async fn read_stream(mut stream: tonic::Streaming<pb::SubscribeEvent>, tx: mpsc:
     loop {
         match stream.message().await {
             Ok(Some(event)) => {
-                if !event.changes.is_empty() && tx.send(Incoming::Changes(event.changes)).await.is_err() {
+                if !event.changes.is_empty()
+                    && tx.send(Incoming::Changes(event.changes)).await.is_err()
+                {
                     return;
                 }
                 if let Some(seq) = event.caught_up_to

@@ -69,15 +69,17 @@ pub async fn download(
         };
         let index = message.index as usize;
         let Some(item) = items.get(index) else {
-            return Err(SyncError::Retry(anyhow::anyhow!("hub sent data for unknown item {index}")));
+            return Err(SyncError::Retry(anyhow::anyhow!(
+                "hub sent data for unknown item {index}"
+            )));
         };
         if !message.error.is_empty() {
             staged.remove(&index);
             outcomes.insert(index, Err(DownloadFailure::Unavailable(message.error)));
             continue;
         }
-        if !staged.contains_key(&index) {
-            staged.insert(index, root.stage_file()?);
+        if let std::collections::hash_map::Entry::Vacant(slot) = staged.entry(index) {
+            slot.insert(root.stage_file()?);
         }
         if !message.data.is_empty()
             && let Some(file) = staged.get_mut(&index)
@@ -91,7 +93,9 @@ pub async fn download(
             && let Some(file) = staged.remove(&index)
         {
             let root = root.clone();
-            let result = tokio::task::block_in_place(|| file.commit(&root, &item.path, item.hash, item.executable, item.expect));
+            let result = tokio::task::block_in_place(|| {
+                file.commit(&root, &item.path, item.hash, item.executable, item.expect)
+            });
             let outcome = match result {
                 Ok(stat) => Ok(stat),
                 Err(FsError::HashMismatch { .. }) => Err(DownloadFailure::Corrupt),
@@ -101,9 +105,11 @@ pub async fn download(
         }
     }
     for index in 0..items.len() {
-        outcomes
-            .entry(index)
-            .or_insert_with(|| Err(DownloadFailure::Unavailable("stream ended before the item".into())));
+        outcomes.entry(index).or_insert_with(|| {
+            Err(DownloadFailure::Unavailable(
+                "stream ended before the item".into(),
+            ))
+        });
     }
     Ok(outcomes)
 }

@@ -49,9 +49,11 @@ pub fn entry(path: &str, wire: &pb::Entry) -> Result<Entry, WireError> {
         }),
         Some(pb::entry::Kind::Dir(_)) => Ok(Entry::Dir),
         Some(pb::entry::Kind::Symlink(link)) => {
-            gm_core::entry::check_symlink_target(&link.target).map_err(|reason| WireError::Symlink {
-                path: path.to_string(),
-                reason,
+            gm_core::entry::check_symlink_target(&link.target).map_err(|reason| {
+                WireError::Symlink {
+                    path: path.to_string(),
+                    reason,
+                }
             })?;
             Ok(Entry::Symlink {
                 target: link.target.clone(),

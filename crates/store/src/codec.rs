@@ -13,15 +13,31 @@ pub const KIND_SYMLINK: i64 = 3;
 /// `(kind, hash, size, executable, target)` columns for an entry.
 pub fn entry_columns(entry: Option<&Entry>) -> [Value; 5] {
     match entry {
-        None => [Value::Integer(KIND_TOMBSTONE), Value::Null, Value::Integer(0), Value::Integer(0), Value::Null],
-        Some(Entry::File { hash, size, executable }) => [
+        None => [
+            Value::Integer(KIND_TOMBSTONE),
+            Value::Null,
+            Value::Integer(0),
+            Value::Integer(0),
+            Value::Null,
+        ],
+        Some(Entry::File {
+            hash,
+            size,
+            executable,
+        }) => [
             Value::Integer(KIND_FILE),
             Value::Blob(hash.as_bytes().to_vec()),
             Value::Integer(*size as i64),
             Value::Integer(i64::from(*executable)),
             Value::Null,
         ],
-        Some(Entry::Dir) => [Value::Integer(KIND_DIR), Value::Null, Value::Integer(0), Value::Integer(0), Value::Null],
+        Some(Entry::Dir) => [
+            Value::Integer(KIND_DIR),
+            Value::Null,
+            Value::Integer(0),
+            Value::Integer(0),
+            Value::Null,
+        ],
         Some(Entry::Symlink { target }) => [
             Value::Integer(KIND_SYMLINK),
             Value::Null,

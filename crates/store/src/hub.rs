@@ -116,7 +116,9 @@ impl HubDb {
         let shown = path.display().to_string();
         let conn = open_with(path, MIGRATIONS)?;
         let existing: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'hub_id'", [], |row| row.get(0))
+            .query_row("SELECT value FROM meta WHERE key = 'hub_id'", [], |row| {
+                row.get(0)
+            })
             .optional()
             .map_err(|source| StoreError::Sqlite {
                 path: shown.clone(),
@@ -145,8 +147,14 @@ impl HubDb {
         &self.hub_id
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut conn).map_err(|source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
@@ -166,9 +174,13 @@ impl HubDb {
 
     pub fn workspaces(&self) -> Result<Vec<HubWorkspace>, StoreError> {
         let rows: Vec<(String, String, i64, Option<String>, i64)> = self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT id, epoch, seq, halted, confirm_empty FROM workspaces ORDER BY id")?;
-            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
-                .collect()
+            let mut stmt = c.prepare_cached(
+                "SELECT id, epoch, seq, halted, confirm_empty FROM workspaces ORDER BY id",
+            )?;
+            stmt.query_map([], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+            })?
+            .collect()
         })?;
         rows.into_iter()
             .map(|(id, epoch, seq, halted, confirm)| {
@@ -188,7 +200,11 @@ impl HubDb {
     }
 
     /// Returns the workspace, creating it (with a fresh epoch) if new.
-    pub fn ensure_workspace(&self, ws: &WorkspaceId, now_unix: i64) -> Result<HubWorkspace, StoreError> {
+    pub fn ensure_workspace(
+        &self,
+        ws: &WorkspaceId,
+        now_unix: i64,
+    ) -> Result<HubWorkspace, StoreError> {
         let epoch = random_id();
         self.with(|c| {
             c.execute(
@@ -201,14 +217,22 @@ impl HubDb {
     }
 
     pub fn set_halted(&self, ws: &WorkspaceId, reason: Option<&str>) -> Result<(), StoreError> {
-        self.with(|c| c.execute("UPDATE workspaces SET halted = ?2 WHERE id = ?1", params![ws.as_str(), reason]))?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET halted = ?2 WHERE id = ?1",
+                params![ws.as_str(), reason],
+            )
+        })?;
         Ok(())
     }
 
     /// Marks an emptying of the mirror as deliberate (`ghostmirror confirm-empty`).
     pub fn request_confirm_empty(&self, ws: &WorkspaceId) -> Result<bool, StoreError> {
         let changed = self.with(|c| {
-            c.execute("UPDATE workspaces SET confirm_empty = 1 WHERE id = ?1", params![ws.as_str()])
+            c.execute(
+                "UPDATE workspaces SET confirm_empty = 1 WHERE id = ?1",
+                params![ws.as_str()],
+            )
         })?;
         Ok(changed > 0)
     }
@@ -243,7 +267,11 @@ impl HubDb {
 
     /// Every journaled path at or under `top` (all paths when `None`),
     /// tombstones included, ordered by path.
-    pub fn entries_under(&self, ws: &WorkspaceId, top: Option<&RelPath>) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
+    pub fn entries_under(
+        &self,
+        ws: &WorkspaceId,
+        top: Option<&RelPath>,
+    ) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
         let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| match top {
             None => {
                 let mut stmt = c.prepare_cached(
@@ -289,7 +317,12 @@ impl HubDb {
     }
 
     /// Journal entries with seq > `since`, in seq order, at most `limit`.
-    pub fn changes_since(&self, ws: &WorkspaceId, since: Seq, limit: usize) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
+    pub fn changes_since(
+        &self,
+        ws: &WorkspaceId,
+        since: Seq,
+        limit: usize,
+    ) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
         let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT path, seq, kind, hash, size, executable, target FROM entries
@@ -314,11 +347,21 @@ impl HubDb {
     }
 
     /// Live files holding content `hash` (for local copies instead of transfers).
-    pub fn paths_with_hash(&self, ws: &WorkspaceId, hash: &ContentHash, limit: usize) -> Result<Vec<RelPath>, StoreError> {
+    pub fn paths_with_hash(
+        &self,
+        ws: &WorkspaceId,
+        hash: &ContentHash,
+        limit: usize,
+    ) -> Result<Vec<RelPath>, StoreError> {
         let rows: Vec<String> = self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT path FROM entries WHERE ws = ?1 AND hash = ?2 AND kind = 1 LIMIT ?3")?;
-            stmt.query_map(params![ws.as_str(), hash.as_bytes().as_slice(), limit as i64], |r| r.get(0))?
-                .collect()
+            let mut stmt = c.prepare_cached(
+                "SELECT path FROM entries WHERE ws = ?1 AND hash = ?2 AND kind = 1 LIMIT ?3",
+            )?;
+            stmt.query_map(
+                params![ws.as_str(), hash.as_bytes().as_slice(), limit as i64],
+                |r| r.get(0),
+            )?
+            .collect()
         })?;
         rows.iter().map(|p| self.path_of(p)).collect()
     }
@@ -367,7 +410,12 @@ impl HubDb {
     }
 
     /// Updates cache records only (no journal change).
-    pub fn update_cache(&self, ws: &WorkspaceId, put: &[(RelPath, CacheRecord)], del: &[RelPath]) -> Result<(), StoreError> {
+    pub fn update_cache(
+        &self,
+        ws: &WorkspaceId,
+        put: &[(RelPath, CacheRecord)],
+        del: &[RelPath],
+    ) -> Result<(), StoreError> {
         if put.is_empty() && del.is_empty() {
             return Ok(());
         }
@@ -379,7 +427,11 @@ impl HubDb {
     }
 
     /// The cache record of one path.
-    pub fn cache_get(&self, ws: &WorkspaceId, path: &RelPath) -> Result<Option<CacheRecord>, StoreError> {
+    pub fn cache_get(
+        &self,
+        ws: &WorkspaceId,
+        path: &RelPath,
+    ) -> Result<Option<CacheRecord>, StoreError> {
         let row: Option<Result<CacheRecord, String>> = self.with(|c| {
             let mut stmt = c.prepare_cached(
                 "SELECT kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns FROM hash_cache WHERE ws = ?1 AND path = ?2",
@@ -390,7 +442,11 @@ impl HubDb {
     }
 
     /// Cache records at or under `top` (all when `None`).
-    pub fn cache_under(&self, ws: &WorkspaceId, top: Option<&RelPath>) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
+    pub fn cache_under(
+        &self,
+        ws: &WorkspaceId,
+        top: Option<&RelPath>,
+    ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
         let rows: Vec<(String, Result<CacheRecord, String>)> = self.with(|c| {
             const COLUMNS: &str = "path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns";
             match top {
@@ -470,7 +526,10 @@ fn put_cache(
     )?;
     for (path, record) in put {
         let columns = cache_columns(record);
-        let mut values: Vec<rusqlite::types::Value> = vec![ws.as_str().to_string().into(), path.as_str().to_string().into()];
+        let mut values: Vec<rusqlite::types::Value> = vec![
+            ws.as_str().to_string().into(),
+            path.as_str().to_string().into(),
+        ];
         values.extend(columns);
         insert.execute(params_from_iter(values))?;
     }
@@ -505,9 +564,15 @@ mod tests {
         let ws = WorkspaceId::new("w").unwrap();
         let created = db.ensure_workspace(&ws, 1).unwrap();
         assert_eq!(created.seq, Seq(0));
-        let at = |entry, seq| Versioned { entry, seq: Seq(seq) };
+        let at = |entry, seq| Versioned {
+            entry,
+            seq: Seq(seq),
+        };
         let batch = RecordBatch {
-            changes: vec![(rel("d"), at(Some(Entry::Dir), 1)), (rel("d/f"), at(Some(file(b"x")), 2))],
+            changes: vec![
+                (rel("d"), at(Some(Entry::Dir), 1)),
+                (rel("d/f"), at(Some(file(b"x")), 2)),
+            ],
             origin: "node-a".into(),
             ..Default::default()
         };
@@ -526,7 +591,13 @@ mod tests {
         assert!(db.record(&ws, &stale).is_err(), "a seq is never reused");
         let since = db.changes_since(&ws, Seq(1), 100).unwrap();
         assert_eq!(since.len(), 1, "the file's latest state only: {since:?}");
-        assert_eq!(since[0].1, Versioned { entry: None, seq: Seq(3) });
+        assert_eq!(
+            since[0].1,
+            Versioned {
+                entry: None,
+                seq: Seq(3)
+            }
+        );
         assert!(!db.has_live_children(&ws, &rel("d")).unwrap());
         assert_eq!(db.workspace(&ws).unwrap().unwrap().seq, Seq(3));
         assert_eq!(db.entries_under(&ws, Some(&rel("d"))).unwrap().len(), 2);
@@ -544,11 +615,28 @@ mod tests {
         let ws = WorkspaceId::new("w").unwrap();
         db.ensure_workspace(&ws, 1).unwrap();
         let record = CacheRecord {
-            stat: Stat { kind: Kind::File, size: 1, mtime_ns: 5, ctime_ns: 6, ino: 7, dev: 8, mode: 0o644 },
+            stat: Stat {
+                kind: Kind::File,
+                size: 1,
+                mtime_ns: 5,
+                ctime_ns: 6,
+                ino: 7,
+                dev: 8,
+                mode: 0o644,
+            },
             hash: ContentHash::of(b"x"),
             recorded_ns: 9,
         };
-        db.update_cache(&ws, &[(rel("a/x"), record), (rel("a-b"), record), (rel("a"), record)], &[]).unwrap();
+        db.update_cache(
+            &ws,
+            &[
+                (rel("a/x"), record),
+                (rel("a-b"), record),
+                (rel("a"), record),
+            ],
+            &[],
+        )
+        .unwrap();
         let under = db.cache_under(&ws, Some(&rel("a"))).unwrap();
         assert_eq!(under.len(), 2, "a and a/x, not a-b");
         assert_eq!(under[&rel("a/x")], record);

@@ -30,25 +30,40 @@ pub enum StoreError {
     },
     #[error("database {path}: corrupt row: {what}")]
     Corrupt { path: String, what: String },
-    #[error("database {path} has schema version {found}, newer than this build knows ({known}); upgrade ghostmirror")]
-    TooNew { path: String, found: i64, known: i64 },
+    #[error(
+        "database {path} has schema version {found}, newer than this build knows ({known}); upgrade ghostmirror"
+    )]
+    TooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
     #[error("unknown workspace {0}")]
     UnknownWorkspace(String),
 }
 
 /// Opens a SQLite file with the project's pragmas and applies `migrations`.
-fn open_with(path: &std::path::Path, migrations: &[&str]) -> Result<rusqlite::Connection, StoreError> {
+fn open_with(
+    path: &std::path::Path,
+    migrations: &[&str],
+) -> Result<rusqlite::Connection, StoreError> {
     let shown = path.display().to_string();
     let err = |source| StoreError::Sqlite {
         path: shown.clone(),
         source,
     };
     let mut conn = rusqlite::Connection::open(path).map_err(err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
-    let version: i64 = conn.pragma_query_value(None, "user_version", |row| row.get(0)).map_err(err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(err)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(err)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(err)?;
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |row| row.get(0))
+        .map_err(err)?;
     let known = migrations.len() as i64;
     if version > known {
         return Err(StoreError::TooNew {
@@ -60,7 +75,8 @@ fn open_with(path: &std::path::Path, migrations: &[&str]) -> Result<rusqlite::Co
     for (index, sql) in migrations.iter().enumerate().skip(version as usize) {
         let tx = conn.transaction().map_err(err)?;
         tx.execute_batch(sql).map_err(err)?;
-        tx.pragma_update(None, "user_version", index as i64 + 1).map_err(err)?;
+        tx.pragma_update(None, "user_version", index as i64 + 1)
+            .map_err(err)?;
         tx.commit().map_err(err)?;
         tracing::info!(database = %shown, version = index + 1, "applied schema migration");
     }

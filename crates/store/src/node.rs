@@ -97,8 +97,14 @@ impl NodeDb {
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         f(&mut conn).map_err(|source| StoreError::Sqlite {
             path: self.path.clone(),
             source,
@@ -117,7 +123,8 @@ impl NodeDb {
     }
 
     pub fn workspace(&self, ws: &WorkspaceId) -> Result<Option<NodeWorkspace>, StoreError> {
-        let row: Option<(String, i64, Option<i64>, Option<i64>, Option<String>, i64)> = self.with(|c| {
+        type Row = (String, i64, Option<i64>, Option<i64>, Option<String>, i64);
+        let row: Option<Row> = self.with(|c| {
             c.query_row(
                 "SELECT epoch, last_seq, root_dev, root_ino, halted, confirm_empty FROM workspaces WHERE id = ?1",
                 [ws.as_str()],
@@ -125,19 +132,27 @@ impl NodeDb {
             )
             .optional()
         })?;
-        Ok(row.map(|(epoch, last_seq, dev, ino, halted, confirm)| NodeWorkspace {
-            epoch,
-            last_seq: Seq(last_seq as u64),
-            root_identity: dev.zip(ino).map(|(d, i)| (d as u64, i as u64)),
-            halted,
-            confirm_empty: confirm != 0,
-        }))
+        Ok(row.map(
+            |(epoch, last_seq, dev, ino, halted, confirm)| NodeWorkspace {
+                epoch,
+                last_seq: Seq(last_seq as u64),
+                root_identity: dev.zip(ino).map(|(d, i)| (d as u64, i as u64)),
+                halted,
+                confirm_empty: confirm != 0,
+            },
+        ))
     }
 
     /// Creates the workspace row if missing.
     pub fn ensure_workspace(&self, ws: &WorkspaceId) -> Result<NodeWorkspace, StoreError> {
-        self.with(|c| c.execute("INSERT OR IGNORE INTO workspaces (id) VALUES (?1)", [ws.as_str()]))?;
-        self.workspace(ws)?.ok_or_else(|| StoreError::UnknownWorkspace(ws.to_string()))
+        self.with(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO workspaces (id) VALUES (?1)",
+                [ws.as_str()],
+            )
+        })?;
+        self.workspace(ws)?
+            .ok_or_else(|| StoreError::UnknownWorkspace(ws.to_string()))
     }
 
     /// Starts over against a hub journal with another epoch: the synced tree
@@ -154,7 +169,11 @@ impl NodeDb {
         })
     }
 
-    pub fn set_root_identity(&self, ws: &WorkspaceId, identity: (u64, u64)) -> Result<(), StoreError> {
+    pub fn set_root_identity(
+        &self,
+        ws: &WorkspaceId,
+        identity: (u64, u64),
+    ) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE workspaces SET root_dev = ?2, root_ino = ?3 WHERE id = ?1",
@@ -165,14 +184,22 @@ impl NodeDb {
     }
 
     pub fn set_halted(&self, ws: &WorkspaceId, reason: Option<&str>) -> Result<(), StoreError> {
-        self.with(|c| c.execute("UPDATE workspaces SET halted = ?2 WHERE id = ?1", params![ws.as_str(), reason]))?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE workspaces SET halted = ?2 WHERE id = ?1",
+                params![ws.as_str(), reason],
+            )
+        })?;
         Ok(())
     }
 
     /// Marks an emptying (or replacement) of the root as deliberate.
     pub fn request_confirm_empty(&self, ws: &WorkspaceId) -> Result<bool, StoreError> {
         let changed = self.with(|c| {
-            c.execute("UPDATE workspaces SET confirm_empty = 1 WHERE id = ?1", [ws.as_str()])
+            c.execute(
+                "UPDATE workspaces SET confirm_empty = 1 WHERE id = ?1",
+                [ws.as_str()],
+            )
         })?;
         Ok(changed > 0)
     }
@@ -255,7 +282,11 @@ impl NodeDb {
     }
 
     /// Cache records at or under `top` (all when `None`).
-    pub fn cache_under(&self, ws: &WorkspaceId, top: Option<&RelPath>) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
+    pub fn cache_under(
+        &self,
+        ws: &WorkspaceId,
+        top: Option<&RelPath>,
+    ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
         let rows: Vec<(String, Result<CacheRecord, String>)> = self.with(|c| {
             const COLUMNS: &str = "path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns";
             match top {
@@ -283,11 +314,21 @@ impl NodeDb {
     }
 
     /// Local files whose cached hash is `hash` (sources for local copies).
-    pub fn cached_paths_with_hash(&self, ws: &WorkspaceId, hash: &gm_core::ContentHash, limit: usize) -> Result<Vec<RelPath>, StoreError> {
+    pub fn cached_paths_with_hash(
+        &self,
+        ws: &WorkspaceId,
+        hash: &gm_core::ContentHash,
+        limit: usize,
+    ) -> Result<Vec<RelPath>, StoreError> {
         let rows: Vec<String> = self.with(|c| {
-            let mut stmt = c.prepare_cached("SELECT path FROM hash_cache WHERE ws = ?1 AND hash = ?2 LIMIT ?3")?;
-            stmt.query_map(params![ws.as_str(), hash.as_bytes().as_slice(), limit as i64], |r| r.get(0))?
-                .collect()
+            let mut stmt = c.prepare_cached(
+                "SELECT path FROM hash_cache WHERE ws = ?1 AND hash = ?2 LIMIT ?3",
+            )?;
+            stmt.query_map(
+                params![ws.as_str(), hash.as_bytes().as_slice(), limit as i64],
+                |r| r.get(0),
+            )?
+            .collect()
         })?;
         rows.iter().map(|p| self.path_of(p)).collect()
     }
@@ -305,16 +346,37 @@ mod tests {
         let ws = WorkspaceId::new("w").unwrap();
         db.ensure_workspace(&ws).unwrap();
         db.reset_epoch(&ws, "e1").unwrap();
-        let file = Entry::File { hash: ContentHash::of(b"x"), size: 1, executable: true };
+        let file = Entry::File {
+            hash: ContentHash::of(b"x"),
+            size: 1,
+            executable: true,
+        };
         let batch = NodeBatch {
-            synced_put: vec![(RelPath::new("f").unwrap(), Versioned { entry: Some(file.clone()), seq: Seq(4) })],
+            synced_put: vec![(
+                RelPath::new("f").unwrap(),
+                Versioned {
+                    entry: Some(file.clone()),
+                    seq: Seq(4),
+                },
+            )],
             last_seq: Some(Seq(4)),
             ..Default::default()
         };
         db.apply(&ws, &batch).unwrap();
-        db.apply(&ws, &NodeBatch { last_seq: Some(Seq(2)), ..Default::default() }).unwrap();
+        db.apply(
+            &ws,
+            &NodeBatch {
+                last_seq: Some(Seq(2)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let state = db.workspace(&ws).unwrap().unwrap();
-        assert_eq!((state.epoch.as_str(), state.last_seq), ("e1", Seq(4)), "last_seq never goes down");
+        assert_eq!(
+            (state.epoch.as_str(), state.last_seq),
+            ("e1", Seq(4)),
+            "last_seq never goes down"
+        );
         assert_eq!(db.synced(&ws).unwrap()[0].1.entry, Some(file));
         assert!(db.request_confirm_empty(&ws).unwrap());
         assert!(db.take_confirm_empty(&ws).unwrap());

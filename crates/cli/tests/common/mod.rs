@@ -1,0 +1,388 @@
+//! Test harness: the real `ghostmirror` binary as a hub and nodes on
+//! 127.0.0.1 (port 0, read back from DATA_DIR/hub.json), each in its own
+//! temp dirs, with helpers to wait for a condition and to snapshot trees.
+//! On a failed test the tails of every process log are printed.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const TOKEN: &str = "test-token-0123456789";
+/// Generous: tests must not flake on a loaded 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ghostmirror")
+}
+
+/// A command with a clean GM_* environment and test-friendly settings.
+pub fn command() -> Command {
+    let mut cmd = Command::new(bin());
+    for (key, _) in std::env::vars() {
+        if key.starts_with("GM_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("GM_LOG", "info,gm_node=debug,gm_hub=debug");
+    cmd.env("GM_RACY_WINDOW_MS", "300");
+    cmd.stdin(Stdio::null());
+    cmd
+}
+
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < WAIT {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {WAIT:?} waiting for: {what}");
+}
+
+fn print_log(name: &str, path: &Path) {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = &lines[lines.len().saturating_sub(60)..];
+        eprintln!(
+            "----- last lines of {name} ({}) -----\n{}",
+            path.display(),
+            tail.join("\n")
+        );
+    }
+}
+
+pub struct Hub {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub url: String,
+    pub admin: String,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Hub {
+    pub fn start(base: &Path) -> Hub {
+        let mut hub = Hub {
+            child: None,
+            data_dir: base.join("hub"),
+            url: String::new(),
+            admin: String::new(),
+            log: base.join("hub.log"),
+            starts: 0,
+        };
+        hub.spawn();
+        hub
+    }
+
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let _ = std::fs::remove_file(self.data_dir.join("hub.json"));
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open hub log");
+        let child = command()
+            .args([
+                "hub",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--token",
+                TOKEN,
+            ])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn hub");
+        self.child = Some(child);
+        let endpoints = self.data_dir.join("hub.json");
+        wait_until("hub writes hub.json", || endpoints.exists());
+        let text = std::fs::read_to_string(&endpoints).expect("read hub.json");
+        let value: serde_json::Value = serde_json::from_str(&text).expect("parse hub.json");
+        self.url = value["grpc"].as_str().expect("grpc").to_string();
+        self.admin = value["admin"].as_str().expect("admin").to_string();
+    }
+
+    pub fn mirror(&self, workspace: &str) -> PathBuf {
+        self.data_dir.join("mirrors").join(workspace)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let output = command()
+            .args(["status", "--json", "--hub", &self.url, "--token", TOKEN])
+            .output()
+            .expect("run status");
+        assert!(
+            output.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).expect("status json")
+    }
+
+    pub fn workspace_status(&self, workspace: &str) -> serde_json::Value {
+        let status = self.status();
+        status["workspaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["id"] == workspace).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if start.elapsed() > WAIT {
+                    let _ = child.kill();
+                    panic!("hub did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log("hub", &self.log);
+        }
+        self.kill();
+    }
+}
+
+pub struct Node {
+    child: Option<Child>,
+    pub name: String,
+    pub root: PathBuf,
+    pub state_dir: PathBuf,
+    workspace: String,
+    hub_url: String,
+    log: PathBuf,
+}
+
+impl Node {
+    /// A node binding `workspace` to `root` (created if missing).
+    pub fn new(base: &Path, hub: &Hub, name: &str, workspace: &str) -> Node {
+        let root = base.join(format!("{name}-root"));
+        std::fs::create_dir_all(&root).expect("create node root");
+        Node {
+            child: None,
+            name: name.to_string(),
+            root,
+            state_dir: base.join(format!("{name}-state")),
+            workspace: workspace.to_string(),
+            hub_url: hub.url.clone(),
+            log: base.join(format!("{name}.log")),
+        }
+    }
+
+    pub fn set_hub(&mut self, hub: &Hub) {
+        self.hub_url = hub.url.clone();
+    }
+
+    fn base_command(&self) -> Command {
+        let mut cmd = command();
+        cmd.args([
+            "node",
+            "--hub",
+            &self.hub_url,
+            "--token",
+            TOKEN,
+            "--node-id",
+            &self.name,
+        ])
+        .arg("--state-dir")
+        .arg(&self.state_dir)
+        .arg("--workspace")
+        .arg(format!("{}={}", self.workspace, self.root.display()));
+        cmd
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open node log");
+        let child = self
+            .base_command()
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn node");
+        self.child = Some(child);
+    }
+
+    /// `ghostmirror node --once`.
+    pub fn once(&self) -> Output {
+        let output = self
+            .base_command()
+            .arg("--once")
+            .output()
+            .expect("run node --once");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open node log");
+        use std::io::Write;
+        let _ = log.write_all(&output.stderr);
+        output
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe {
+                libc::kill(child.id() as i32, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            while !matches!(child.try_wait(), Ok(Some(_))) {
+                if start.elapsed() > WAIT {
+                    let _ = child.kill();
+                    panic!("node {} did not stop on SIGTERM", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log(&self.name, &self.log);
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// What one path holds, for comparing replicas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    File { content: Vec<u8>, executable: bool },
+    Dir,
+    Link(String),
+}
+
+/// Every path under `root` except `.ghostmirror/`.
+pub fn tree(root: &Path) -> BTreeMap<String, Item> {
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Item>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let rel = path
+            .strip_prefix(root)
+            .expect("under root")
+            .to_string_lossy()
+            .to_string();
+        if rel == ".ghostmirror" {
+            continue;
+        }
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&path)
+                .map(|t| t.to_string_lossy().to_string())
+                .unwrap_or_default();
+            out.insert(rel, Item::Link(target));
+        } else if meta.is_dir() {
+            out.insert(rel, Item::Dir);
+            walk(root, &path, out);
+        } else if let Ok(content) = std::fs::read(&path) {
+            out.insert(
+                rel,
+                Item::File {
+                    content,
+                    executable: meta.permissions().mode() & 0o100 != 0,
+                },
+            );
+        }
+    }
+}
+
+/// Waits until every root holds the same tree, and returns it.
+pub fn wait_converged(what: &str, roots: &[&Path]) -> BTreeMap<String, Item> {
+    let mut last = BTreeMap::new();
+    wait_until(what, || {
+        let first = tree(roots[0]);
+        let same = roots[1..].iter().all(|r| tree(r) == first);
+        last = first;
+        same
+    });
+    last
+}
+
+/// Waits until `condition` holds for the tree of every root.
+pub fn wait_all(
+    what: &str,
+    roots: &[&Path],
+    condition: impl Fn(&BTreeMap<String, Item>) -> bool,
+) -> BTreeMap<String, Item> {
+    let mut last = BTreeMap::new();
+    wait_until(what, || {
+        let trees: Vec<_> = roots.iter().map(|r| tree(r)).collect();
+        let ok = trees.iter().all(&condition) && trees.windows(2).all(|w| w[0] == w[1]);
+        last = trees.into_iter().next().unwrap_or_default();
+        ok
+    });
+    last
+}
+
+pub fn file(content: &str) -> Item {
+    Item::File {
+        content: content.as_bytes().to_vec(),
+        executable: false,
+    }
+}
+
+pub fn write(path: &Path, content: &str) {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).expect("create parent");
+    }
+    std::fs::write(path, content).expect("write file");
+}

@@ -1,0 +1,560 @@
+//! End-to-end behaviour: the real binary as a hub and two nodes over
+//! 127.0.0.1, each test in its own temp dirs.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use common::*;
+
+const WS: &str = "ws1";
+
+/// Fields drop in order: processes (printing their logs on failure) before
+/// the temp dir that holds the logs.
+struct Cluster {
+    hub: Hub,
+    a: Node,
+    b: Node,
+    base: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn cluster() -> Cluster {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base = dir.path().to_path_buf();
+    let hub = Hub::start(&base);
+    let a = Node::new(&base, &hub, "node-a", WS);
+    let b = Node::new(&base, &hub, "node-b", WS);
+    Cluster {
+        hub,
+        a,
+        b,
+        base,
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    fn mirror(&self) -> std::path::PathBuf {
+        self.hub.mirror(WS)
+    }
+
+    fn converged(&self, what: &str) -> std::collections::BTreeMap<String, Item> {
+        wait_converged(what, &[&self.a.root, &self.b.root, &self.mirror()])
+    }
+
+    fn all(
+        &self,
+        what: &str,
+        condition: impl Fn(&std::collections::BTreeMap<String, Item>) -> bool,
+    ) -> std::collections::BTreeMap<String, Item> {
+        wait_all(
+            what,
+            &[&self.a.root, &self.b.root, &self.mirror()],
+            condition,
+        )
+    }
+}
+
+fn conflict_copies(tree: &std::collections::BTreeMap<String, Item>, stem: &str) -> Vec<String> {
+    tree.keys()
+        .filter(|k| k.starts_with(&format!("{stem}.conflict-")))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn initial_sync_both_ways() {
+    let mut c = cluster();
+    write(&c.a.path("from-a/one.txt"), "one");
+    write(&c.a.path("shared.txt"), "same");
+    write(&c.b.path("from-b/two.txt"), "two");
+    write(&c.b.path("shared.txt"), "same");
+    std::fs::create_dir_all(c.b.path("empty/dir")).unwrap();
+    std::os::unix::fs::symlink("../../outside/target", c.b.path("escape")).unwrap();
+    c.a.start();
+    c.b.start();
+    let tree = c.converged("both nodes' files everywhere");
+    assert_eq!(tree.get("from-a/one.txt"), Some(&file("one")));
+    assert_eq!(tree.get("from-b/two.txt"), Some(&file("two")));
+    assert_eq!(tree.get("shared.txt"), Some(&file("same")));
+    assert_eq!(tree.get("empty/dir"), Some(&Item::Dir));
+    assert_eq!(
+        tree.get("escape"),
+        Some(&Item::Link("../../outside/target".into())),
+        "a link leaving the workspace stays a link"
+    );
+    assert!(
+        conflict_copies(&tree, "shared").is_empty(),
+        "identical files are not conflicts"
+    );
+}
+
+#[test]
+fn live_changes_reach_the_other_node() {
+    let mut c = cluster();
+    c.a.start();
+    c.b.start();
+    // create
+    write(&c.a.path("docs/readme.md"), "v1");
+    c.all("create", |t| t.get("docs/readme.md") == Some(&file("v1")));
+    // modify
+    write(&c.a.path("docs/readme.md"), "v2 longer");
+    c.all("modify", |t| {
+        t.get("docs/readme.md") == Some(&file("v2 longer"))
+    });
+    // mkdir (empty)
+    std::fs::create_dir(c.b.path("empty")).unwrap();
+    c.all("mkdir", |t| t.get("empty") == Some(&Item::Dir));
+    // rmdir
+    std::fs::remove_dir(c.a.path("empty")).unwrap();
+    c.all("rmdir", |t| !t.contains_key("empty"));
+    // chmod +x
+    write(&c.b.path("run.sh"), "#!/bin/sh\necho hi\n");
+    c.all("script arrives", |t| t.contains_key("run.sh"));
+    std::fs::set_permissions(c.b.path("run.sh"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    c.all("chmod +x", |t| {
+        matches!(
+            t.get("run.sh"),
+            Some(Item::File {
+                executable: true,
+                ..
+            })
+        )
+    });
+    // symlink
+    std::os::unix::fs::symlink("docs/readme.md", c.a.path("link")).unwrap();
+    c.all("symlink", |t| {
+        t.get("link") == Some(&Item::Link("docs/readme.md".into()))
+    });
+    // rename a file and a directory
+    std::fs::rename(c.b.path("docs/readme.md"), c.b.path("docs/README.md")).unwrap();
+    c.all("rename file", |t| {
+        t.get("docs/README.md") == Some(&file("v2 longer")) && !t.contains_key("docs/readme.md")
+    });
+    write(&c.a.path("tree/x/1"), "1");
+    write(&c.a.path("tree/x/2"), "2");
+    c.all("tree arrives", |t| t.contains_key("tree/x/2"));
+    std::fs::rename(c.a.path("tree"), c.a.path("moved")).unwrap();
+    c.all("rename dir", |t| {
+        t.get("moved/x/1") == Some(&file("1")) && !t.contains_key("tree")
+    });
+    // delete
+    std::fs::remove_file(c.b.path("run.sh")).unwrap();
+    std::fs::remove_file(c.b.path("link")).unwrap();
+    let tree = c.all("delete", |t| {
+        !t.contains_key("run.sh") && !t.contains_key("link")
+    });
+    assert!(
+        tree.keys().all(|k| !k.contains(".conflict-")),
+        "no conflicts in plain live edits: {tree:?}"
+    );
+}
+
+#[test]
+fn hub_side_write_reaches_both_nodes() {
+    let mut c = cluster();
+    c.a.start();
+    c.b.start();
+    write(&c.a.path("seed"), "s");
+    c.all("seed", |t| t.contains_key("seed"));
+    write(
+        &c.mirror().join("tool/output.txt"),
+        "written by a hub-side tool",
+    );
+    c.all("hub-side file on every replica", |t| {
+        t.get("tool/output.txt") == Some(&file("written by a hub-side tool"))
+    });
+    std::fs::remove_file(c.mirror().join("seed")).unwrap();
+    c.all("hub-side delete", |t| !t.contains_key("seed"));
+    let status = c.hub.status();
+    assert!(
+        status["counters"]["hub_side_changes"].as_u64().unwrap_or(0) >= 2,
+        "{status}"
+    );
+}
+
+#[test]
+fn offline_node_catches_up_without_loss() {
+    let mut c = cluster();
+    write(&c.a.path("keep.txt"), "k");
+    write(&c.a.path("edit-on-a.txt"), "a0");
+    write(&c.a.path("edit-on-b.txt"), "b0");
+    c.a.start();
+    c.b.start();
+    c.all("seed", |t| t.contains_key("edit-on-b.txt"));
+    c.b.stop();
+    // Changes on both sides while b is offline.
+    write(&c.a.path("edit-on-a.txt"), "a1");
+    write(&c.a.path("new-on-a/f"), "na");
+    write(&c.mirror().join("new-on-hub"), "nh");
+    write(&c.b.path("edit-on-b.txt"), "b1");
+    write(&c.b.path("new-on-b/f"), "nb");
+    std::fs::remove_file(c.b.path("keep.txt")).unwrap();
+    c.wait_a_on_hub();
+    c.b.start();
+    let tree = c.converged("b catches up");
+    assert_eq!(tree.get("edit-on-a.txt"), Some(&file("a1")));
+    assert_eq!(tree.get("edit-on-b.txt"), Some(&file("b1")));
+    assert_eq!(tree.get("new-on-a/f"), Some(&file("na")));
+    assert_eq!(tree.get("new-on-b/f"), Some(&file("nb")));
+    assert_eq!(tree.get("new-on-hub"), Some(&file("nh")));
+    assert!(
+        !tree.contains_key("keep.txt"),
+        "b's offline deletion propagates"
+    );
+}
+
+impl Cluster {
+    /// Waits until the hub's mirror equals a's tree.
+    fn wait_a_on_hub(&self) {
+        wait_converged("a and hub agree", &[&self.a.root, &self.mirror()]);
+    }
+}
+
+#[test]
+fn concurrent_edit_ends_with_one_version_and_one_conflict_copy() {
+    let mut c = cluster();
+    write(&c.a.path("notes.txt"), "base");
+    c.a.start();
+    c.b.start();
+    c.all("seed", |t| t.get("notes.txt") == Some(&file("base")));
+    c.b.stop();
+    write(&c.a.path("notes.txt"), "edited on a");
+    wait_until("a's edit on the hub", || {
+        std::fs::read(c.mirror().join("notes.txt")).ok() == Some(b"edited on a".to_vec())
+    });
+    write(&c.b.path("notes.txt"), "edited on b");
+    c.b.start();
+    let tree = c.all("one canonical version plus one conflict copy", |t| {
+        conflict_copies(t, "notes").len() == 1
+    });
+    assert_eq!(
+        tree.get("notes.txt"),
+        Some(&file("edited on a")),
+        "the version the hub had first keeps the name"
+    );
+    let copy = &conflict_copies(&tree, "notes")[0];
+    assert_eq!(tree.get(copy), Some(&file("edited on b")));
+    assert!(
+        copy.starts_with("notes.conflict-node-b-") && copy.ends_with(".txt"),
+        "{copy}"
+    );
+    let status = c.hub.workspace_status(WS);
+    assert_eq!(
+        status["conflicts"].as_array().map(Vec::len),
+        Some(1),
+        "{status}"
+    );
+    // Stays that way: nothing else appears.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.converged("stable").len(), tree.len());
+}
+
+#[test]
+fn simultaneous_live_edits_keep_both_versions() {
+    let mut c = cluster();
+    write(&c.a.path("race.txt"), "base");
+    c.a.start();
+    c.b.start();
+    c.all("seed", |t| t.get("race.txt") == Some(&file("base")));
+    write(&c.a.path("race.txt"), "from a");
+    write(&c.b.path("race.txt"), "from b");
+    let tree = c.all("both versions kept on every replica", |t| {
+        let mut contents: Vec<Vec<u8>> = t
+            .iter()
+            .filter(|(k, _)| k.starts_with("race"))
+            .filter_map(|(_, v)| match v {
+                Item::File { content, .. } => Some(content.clone()),
+                _ => None,
+            })
+            .collect();
+        contents.sort();
+        contents == vec![b"from a".to_vec(), b"from b".to_vec()]
+    });
+    assert_eq!(conflict_copies(&tree, "race").len(), 1, "{tree:?}");
+}
+
+#[test]
+fn modify_vs_delete_keeps_the_modified_file() {
+    let mut c = cluster();
+    write(&c.a.path("deleted-on-a.txt"), "0");
+    write(&c.a.path("deleted-on-b.txt"), "0");
+    c.a.start();
+    c.b.start();
+    c.all("seed", |t| {
+        t.contains_key("deleted-on-a.txt") && t.contains_key("deleted-on-b.txt")
+    });
+    c.b.stop();
+    std::fs::remove_file(c.a.path("deleted-on-a.txt")).unwrap();
+    write(&c.a.path("deleted-on-b.txt"), "modified on a");
+    wait_until("a's changes on the hub", || {
+        !c.mirror().join("deleted-on-a.txt").exists()
+    });
+    write(&c.b.path("deleted-on-a.txt"), "modified on b");
+    std::fs::remove_file(c.b.path("deleted-on-b.txt")).unwrap();
+    c.b.start();
+    let tree = c.all("modified files survive", |t| {
+        t.get("deleted-on-a.txt") == Some(&file("modified on b"))
+            && t.get("deleted-on-b.txt") == Some(&file("modified on a"))
+    });
+    assert!(
+        tree.keys().all(|k| !k.contains(".conflict-")),
+        "no copies needed: {tree:?}"
+    );
+}
+
+#[test]
+fn emptied_root_deletes_nothing_until_confirmed() {
+    let mut c = cluster();
+    for i in 0..20 {
+        write(
+            &c.a.path(&format!("d{}/f{i}", i % 3)),
+            &format!("content {i}"),
+        );
+    }
+    c.a.start();
+    c.b.start();
+    let before = c.converged("seed");
+    assert_eq!(before.len(), 23);
+    // Empty b's root under the running node (what an unmounted volume looks like).
+    for entry in std::fs::read_dir(&c.b.root).unwrap().flatten() {
+        if entry.file_name() == ".ghostmirror" {
+            continue;
+        }
+        std::fs::remove_dir_all(entry.path()).unwrap();
+    }
+    wait_until("b halts", || {
+        c.b.log_text().contains("halted by the safety brake")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tree(&c.a.root), before, "nothing deleted on a");
+    assert_eq!(tree(&c.mirror()), before, "nothing deleted on the hub");
+    // The documented command makes the emptying deliberate.
+    let out = command()
+        .args(["confirm-empty", WS, "--state-dir"])
+        .arg(&c.b.state_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.all("deliberate emptying propagates", |t| t.is_empty());
+}
+
+#[test]
+fn hub_restart_rehashes_no_unchanged_file() {
+    let mut c = cluster();
+    for i in 0..50 {
+        write(
+            &c.a.path(&format!("dir{}/file{i}.txt", i % 5)),
+            &format!("payload {i}"),
+        );
+    }
+    c.a.start();
+    c.wait_a_on_hub();
+    wait_until("racily clean records settled", || {
+        c.hub.workspace_status(WS)["racy_entries"] == 0
+    });
+    c.hub.stop();
+    c.hub.spawn();
+    let status = c.hub.status();
+    assert_eq!(status["startup_scan_done"], true);
+    assert_eq!(status["counters"]["files_hashed"], 0, "{status}");
+    assert_eq!(status["counters"]["hash_cache_hits"], 50, "{status}");
+    // And the restarted hub still syncs.
+    c.a.set_hub(&c.hub);
+    c.a.stop();
+    c.a.start();
+    write(&c.a.path("after-restart"), "x");
+    wait_until("sync after restart", || {
+        c.mirror().join("after-restart").exists()
+    });
+}
+
+#[test]
+fn internal_directory_is_never_synced() {
+    let mut c = cluster();
+    c.a.start();
+    c.b.start();
+    write(&c.a.path(".ghostmirror/private"), "internal");
+    write(
+        &c.a.path("sub/.ghostmirror/visible"),
+        "only the root's is internal",
+    );
+    c.all("nested .ghostmirror syncs", |t| {
+        t.contains_key("sub/.ghostmirror/visible")
+    });
+    assert!(!c.b.path(".ghostmirror/private").exists());
+    assert!(!c.mirror().join(".ghostmirror/private").exists());
+}
+
+#[test]
+fn node_once_reports_success_and_failures() {
+    let c = cluster();
+    write(&c.a.path("f"), "x");
+    let ok = c.a.once();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let ok = c.b.once();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(tree(&c.b.root).get("f"), Some(&file("x")));
+
+    // A wrong token: refused, non-zero, and the message says so.
+    let out = command()
+        .args([
+            "node",
+            "--once",
+            "--hub",
+            &c.hub.url,
+            "--token",
+            "wrong",
+            "--node-id",
+            "n",
+        ])
+        .arg("--state-dir")
+        .arg(c.base.join("s1"))
+        .arg("--workspace")
+        .arg(format!("{WS}={}", c.a.root.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused the token"), "{stderr}");
+
+    // An unreachable hub: retried with backoff (and said so), then non-zero.
+    let out = command()
+        .args([
+            "node",
+            "--once",
+            "--hub",
+            "http://127.0.0.1:1",
+            "--token",
+            TOKEN,
+            "--node-id",
+            "n",
+            "--once-timeout",
+            "2",
+        ])
+        .arg("--state-dir")
+        .arg(c.base.join("s2"))
+        .arg("--workspace")
+        .arg(format!("{WS}={}", c.a.root.display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("retrying") && stderr.contains("unreachable"),
+        "{stderr}"
+    );
+
+    // A missing workspace directory.
+    let out = command()
+        .args([
+            "node",
+            "--once",
+            "--hub",
+            &c.hub.url,
+            "--token",
+            TOKEN,
+            "--node-id",
+            "n",
+        ])
+        .arg("--state-dir")
+        .arg(c.base.join("s3"))
+        .arg("--workspace")
+        .arg(format!("{WS}={}", c.base.join("does-not-exist").display()))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("does-not-exist"), "{stderr}");
+}
+
+#[test]
+fn second_hub_on_the_same_data_dir_is_refused() {
+    let c = cluster();
+    let out = command()
+        .args([
+            "hub",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--token",
+            TOKEN,
+        ])
+        .arg("--data-dir")
+        .arg(&c.hub.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("in use by another ghostmirror process"),
+        "{stderr}"
+    );
+}
+
+fn http_get(url: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest
+        .split_once('/')
+        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut stream = std::net::TcpStream::connect(host).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+#[test]
+fn hub_starts_with_no_flags_and_generates_a_private_token() {
+    let dir = tempfile::tempdir().unwrap();
+    // Only this test uses the default ports.
+    let mut child = command()
+        .arg("hub")
+        .env("HOME", dir.path())
+        .env_remove("XDG_DATA_HOME")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let data = dir.path().join(".local/share/ghostmirror");
+    let ready = (0..400).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        data.join("hub.json").exists()
+    });
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
+    let health = http_get("http://127.0.0.1:7071/healthz");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready, "hub did not start on defaults: {log}");
+    let mode = std::fs::metadata(data.join("token"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    assert!(
+        log.contains(&data.join("token").display().to_string()),
+        "the log says where the token is: {log}"
+    );
+    assert!(health.unwrap_or_default().starts_with("HTTP/1.1 200"));
+}
