@@ -179,13 +179,20 @@ impl fmt::Display for RelPath {
 
 /// Keeps only the topmost of nested paths (for subtree scans).
 pub fn minimal_tops(paths: impl IntoIterator<Item = RelPath>) -> Vec<RelPath> {
+    // Byte order does not keep a subtree contiguous ("a-b" sorts between
+    // "a" and "a/b"), so each path checks all of its ancestors.
     let sorted: std::collections::BTreeSet<RelPath> = paths.into_iter().collect();
+    let mut kept: std::collections::HashSet<&str> = std::collections::HashSet::new();
     let mut tops: Vec<RelPath> = Vec::new();
-    for path in sorted {
-        if tops.last().is_some_and(|top| top.is_ancestor_of(&path)) {
-            continue;
+    for path in &sorted {
+        let covered = path
+            .as_str()
+            .match_indices('/')
+            .any(|(cut, _)| kept.contains(&path.as_str()[..cut]));
+        if !covered {
+            kept.insert(path.as_str());
+            tops.push(path.clone());
         }
-        tops.push(path);
     }
     tops
 }
@@ -404,6 +411,20 @@ mod tests {
                 prop_assert!(path.is_ancestor_of(&child));
                 prop_assert!(path < child);
                 path = child;
+            }
+        }
+
+        /// Every path is covered by exactly one top, and no top covers another.
+        #[test]
+        fn minimal_tops_cover_each_path_once(raw in proptest::collection::vec("[ab](/[ab-]{1,2}){0,3}", 0..12)) {
+            let paths: Vec<RelPath> = raw.iter().filter_map(|p| RelPath::new(p).ok()).collect();
+            let tops = minimal_tops(paths.clone());
+            for path in &paths {
+                let covering = tops.iter().filter(|t| *t == path || t.is_ancestor_of(path)).count();
+                prop_assert_eq!(covering, 1, "{} in {:?}", path, tops);
+            }
+            for top in &tops {
+                prop_assert!(!tops.iter().any(|t| t.is_ancestor_of(top)));
             }
         }
 

@@ -1,0 +1,265 @@
+//! Bad input on the wire: a client built from the project's own .proto
+//! sends what an honest node never would. Each request gets a clear error
+//! (or a refused result that names the problem), nothing is written, and the
+//! hub keeps serving.
+
+mod common;
+
+use common::*;
+use gm_proto::pb;
+use gm_proto::pb::sync_client::SyncClient;
+use tonic::Request;
+
+type Client = SyncClient<tonic::transport::Channel>;
+
+fn authed<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("header"),
+    );
+    request
+}
+
+fn file_entry(content: &[u8]) -> pb::Entry {
+    gm_proto::entry_to_wire(&gm_core::Entry::File {
+        hash: gm_core::ContentHash::of(content),
+        size: content.len() as u64,
+        executable: false,
+    })
+}
+
+async fn commit_one(client: &mut Client, path: &str, content: &[u8]) -> pb::OpResult {
+    let request = pb::CommitRequest {
+        workspace: "w".into(),
+        node_id: "hostile".into(),
+        ops: vec![pb::CommitOp {
+            path: path.into(),
+            base_seq: 0,
+            entry: Some(file_entry(content)),
+            data: Some(content.to_vec()),
+        }],
+    };
+    let response = client
+        .commit(authed(request, TOKEN))
+        .await
+        .expect("commit call");
+    response
+        .into_inner()
+        .results
+        .into_iter()
+        .next()
+        .expect("one result")
+}
+
+fn refused(result: &pb::OpResult) -> Option<&str> {
+    match &result.outcome {
+        Some(pb::op_result::Outcome::Refused(reason)) => Some(reason),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_are_refused_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let mut client = SyncClient::connect(hub.url.clone()).await.expect("connect");
+
+    // No token, a wrong token.
+    let attach = pb::AttachRequest {
+        workspace: "w".into(),
+        node_id: "hostile".into(),
+    };
+    let err = client
+        .attach(Request::new(attach.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("no token"), "{}", err.message());
+    let err = client
+        .attach(authed(attach.clone(), "not-the-token"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert!(err.message().contains("refused the token"));
+
+    // Bad workspace and node ids.
+    let err = client
+        .attach(authed(
+            pb::AttachRequest {
+                workspace: "../etc".into(),
+                node_id: "n".into(),
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("../etc"), "{}", err.message());
+
+    client.attach(authed(attach, TOKEN)).await.expect("attach");
+    let mirror = hub.mirror("w");
+    // A symlinked parent inside the mirror, pointing outside.
+    std::os::unix::fs::symlink(&outside, mirror.join("escape")).unwrap();
+    wait_until("hub journals the symlink", || {
+        hub.workspace_status("w")["symlinks"].as_u64() == Some(1)
+    });
+
+    let vectors: &[(&str, &str)] = &[
+        ("../x", "'..'"),
+        ("a/../../x", "'..'"),
+        ("/etc/passwd", "absolute"),
+        ("a//b", "empty component"),
+        ("a/./b", "'.'"),
+        ("a\0b", "NUL"),
+        ("a\\..\\b", "backslash"),
+        (".ghostmirror/staging/x", "internal"),
+        (".ghostmirror", "internal"),
+        ("", "empty"),
+        ("escape/pwned", "not a directory"),
+    ];
+    for (path, expect) in vectors {
+        let result = commit_one(&mut client, path, b"pwned").await;
+        let reason =
+            refused(&result).unwrap_or_else(|| panic!("{path:?} was not refused: {result:?}"));
+        assert!(reason.contains(expect), "{path:?}: {reason}");
+    }
+    let long = "x/".repeat(300) + "y";
+    let result = commit_one(&mut client, &long, b"pwned").await;
+    assert!(
+        refused(&result).is_some_and(|r| r.contains("deeper")),
+        "{result:?}"
+    );
+
+    // Inline content that does not match its hash.
+    let request = pb::CommitRequest {
+        workspace: "w".into(),
+        node_id: "hostile".into(),
+        ops: vec![pb::CommitOp {
+            path: "liar.txt".into(),
+            base_seq: 0,
+            entry: Some(file_entry(b"what I claim")),
+            data: Some(b"what I send!".to_vec()),
+        }],
+    };
+    let result = client
+        .commit(authed(request, TOKEN))
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0);
+    assert!(
+        refused(&result).is_some_and(|r| r.contains("does not match")),
+        "{result:?}"
+    );
+
+    // An upload whose bytes do not match its hash, a truncated one, and a huge claimed size.
+    let start = |hash: Vec<u8>, size: u64| pb::UploadMessage {
+        msg: Some(pb::upload_message::Msg::Start(pb::UploadStart {
+            workspace: "w".into(),
+            hash,
+            size,
+        })),
+    };
+    let data = |bytes: &[u8]| pb::UploadMessage {
+        msg: Some(pb::upload_message::Msg::Data(bytes.to_vec())),
+    };
+    let claimed = gm_core::ContentHash::of(b"0123456789").as_bytes().to_vec();
+    let stream = tokio_stream::iter(vec![start(claimed.clone(), 10), data(b"9876543210")]);
+    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
+    assert!(
+        err.message().contains("does not match its hash"),
+        "{}",
+        err.message()
+    );
+    let stream = tokio_stream::iter(vec![start(claimed.clone(), 10), data(b"01234")]);
+    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
+    assert!(err.message().contains("truncated"), "{}", err.message());
+    let stream = tokio_stream::iter(vec![start(claimed.clone(), 1u64 << 63)]);
+    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
+    assert!(
+        err.message().contains("over the hub's limit"),
+        "{}",
+        err.message()
+    );
+    let stream = tokio_stream::iter(vec![data(b"no start")]);
+    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
+    assert!(err.message().contains("start"), "{}", err.message());
+
+    // A file entry claiming 2^63 bytes.
+    let request = pb::CommitRequest {
+        workspace: "w".into(),
+        node_id: "hostile".into(),
+        ops: vec![pb::CommitOp {
+            path: "huge".into(),
+            base_seq: 0,
+            entry: Some(pb::Entry {
+                kind: Some(pb::entry::Kind::File(pb::FileEntry {
+                    hash: claimed.clone(),
+                    size: 1 << 63,
+                    executable: false,
+                })),
+            }),
+            data: None,
+        }],
+    };
+    let result = client
+        .commit(authed(request, TOKEN))
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .remove(0);
+    assert!(
+        refused(&result).is_some_and(|r| r.contains("limit")),
+        "{result:?}"
+    );
+
+    // Downloads of bad paths are refused.
+    let err = client
+        .download(authed(
+            pb::DownloadRequest {
+                workspace: "w".into(),
+                items: vec![pb::DownloadItem {
+                    path: "../../etc/passwd".into(),
+                    hash: claimed.clone(),
+                }],
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    // Nothing landed: not outside, not in the mirror, no staging left behind.
+    assert!(
+        std::fs::read_dir(&outside).unwrap().next().is_none(),
+        "nothing written outside the root"
+    );
+    let tree = tree(&mirror);
+    assert_eq!(
+        tree.keys().cloned().collect::<Vec<_>>(),
+        vec!["escape".to_string()],
+        "{tree:?}"
+    );
+    let staging: Vec<_> = std::fs::read_dir(mirror.join(".ghostmirror/staging"))
+        .unwrap()
+        .collect();
+    assert!(staging.is_empty(), "staging left: {staging:?}");
+    let status = hub.status();
+    assert!(
+        status["counters"]["refused_ops"].as_u64().unwrap_or(0) >= 14,
+        "{status}"
+    );
+
+    // And the hub still serves an honest request.
+    let ok = commit_one(&mut client, "honest.txt", b"fine").await;
+    assert!(
+        matches!(ok.outcome, Some(pb::op_result::Outcome::Committed(_))),
+        "{ok:?}"
+    );
+    assert_eq!(std::fs::read(mirror.join("honest.txt")).unwrap(), b"fine");
+}
