@@ -558,3 +558,43 @@ fn hub_starts_with_no_flags_and_generates_a_private_token() {
     );
     assert!(health.unwrap_or_default().starts_with("HTTP/1.1 200"));
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut child = command()
+        .args([
+            "hub",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--token",
+            TOKEN,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("hub"))
+        .env("GM_LOG_FORMAT", "json")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_until("hub starts", || dir.path().join("hub/hub.json").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines.len() >= 2, "{text}");
+    for line in lines {
+        let value: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        text.contains("\"grpc\""),
+        "structured fields are fields: {text}"
+    );
+}

@@ -191,11 +191,13 @@ impl Root {
         }
     }
 
-    /// `lstat` of a path; `None` when it (or a parent) does not exist.
+    /// `lstat` of a path; `None` when it does not exist, including when a
+    /// parent is missing or is not a directory (then it cannot exist).
     pub fn lstat(&self, path: &RelPath) -> Result<Option<Stat>, FsError> {
         let parent = match self.parent(path, false) {
             Ok(parent) => parent,
             Err(err) if err.is_not_found() => return Ok(None),
+            Err(FsError::NotADirectory { .. }) => return Ok(None),
             Err(err) => return Err(err),
         };
         self.stat_at(&parent, path)
