@@ -63,6 +63,7 @@ fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
             "refused_ops": c.refused_ops,
             "hub_side_changes": c.hub_side_changes,
             "local_copies": c.local_copies,
+            "chunk_bytes_reused": c.chunk_bytes_reused,
         },
         "workspaces": status.workspaces.iter().map(|w| json!({
             "id": w.id,

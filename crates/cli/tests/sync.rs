@@ -598,3 +598,83 @@ fn json_logs_are_one_object_per_line() {
         "structured fields are fields: {text}"
     );
 }
+
+fn counter(hub: &Hub, name: &str) -> u64 {
+    hub.status()["counters"][name].as_u64().unwrap_or(0)
+}
+
+/// Deterministic incompressible bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+#[test]
+fn large_files_move_only_the_chunks_that_changed() {
+    use std::io::{Seek, SeekFrom, Write};
+    let mut c = cluster();
+    c.a.start();
+    c.b.start();
+    let original = noise(8 << 20, 11);
+    std::fs::write(c.a.path("big.bin"), &original).unwrap();
+    c.all("big file everywhere", |t| matches!(t.get("big.bin"), Some(Item::File { content, .. }) if content.len() == 8 << 20));
+    let received = counter(&c.hub, "bytes_received");
+    let sent = counter(&c.hub, "bytes_sent");
+    assert!(
+        received >= 8 << 20,
+        "the first copy crosses the wire: {received}"
+    );
+
+    // Overwrite 256 KiB in the middle, in place.
+    let patch = noise(256 << 10, 12);
+    let mut expected = original.clone();
+    expected[4 << 20..(4 << 20) + patch.len()].copy_from_slice(&patch);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(c.a.path("big.bin"))
+        .unwrap();
+    file.seek(SeekFrom::Start(4 << 20)).unwrap();
+    file.write_all(&patch).unwrap();
+    drop(file);
+    let want = Item::File {
+        content: expected,
+        executable: false,
+    };
+    c.all("patched file everywhere", |t| {
+        t.get("big.bin") == Some(&want)
+    });
+    let up = counter(&c.hub, "bytes_received") - received;
+    let down = counter(&c.hub, "bytes_sent") - sent;
+    assert!(
+        up < 1536 << 10,
+        "node -> hub moved {up} bytes for a 256 KiB change"
+    );
+    assert!(
+        down < 1536 << 10,
+        "hub -> node moved {down} bytes for a 256 KiB change"
+    );
+    assert!(
+        counter(&c.hub, "chunk_bytes_reused") >= 6 << 20,
+        "{}",
+        c.hub.status()
+    );
+
+    // A rename moves no file bytes.
+    let (received, sent) = (
+        counter(&c.hub, "bytes_received"),
+        counter(&c.hub, "bytes_sent"),
+    );
+    std::fs::rename(c.a.path("big.bin"), c.a.path("renamed.bin")).unwrap();
+    c.all("renamed everywhere", |t| {
+        t.get("renamed.bin") == Some(&want) && !t.contains_key("big.bin")
+    });
+    assert_eq!(counter(&c.hub, "bytes_received"), received);
+    assert_eq!(counter(&c.hub, "bytes_sent"), sent);
+}

@@ -59,6 +59,59 @@ fn refused(result: &pb::OpResult) -> Option<&str> {
     }
 }
 
+fn start(hash: &[u8], size: u64, chunk_count: u32) -> pb::UploadMessage {
+    pb::UploadMessage {
+        msg: Some(pb::upload_message::Msg::Start(pb::UploadStart {
+            workspace: "w".into(),
+            hash: hash.to_vec(),
+            size,
+            chunk_count,
+        })),
+    }
+}
+
+fn manifest(chunks: &[&[u8]]) -> pb::UploadMessage {
+    pb::UploadMessage {
+        msg: Some(pb::upload_message::Msg::Manifest(pb::ManifestPart {
+            chunks: chunks
+                .iter()
+                .map(|c| pb::ChunkRef {
+                    hash: gm_core::ContentHash::of(c).as_bytes().to_vec(),
+                    len: c.len() as u32,
+                })
+                .collect(),
+        })),
+    }
+}
+
+fn chunk(index: u32, data: &[u8]) -> pb::UploadMessage {
+    pb::UploadMessage {
+        msg: Some(pb::upload_message::Msg::Chunk(pb::ChunkData {
+            index,
+            data: data.to_vec(),
+            zstd: false,
+        })),
+    }
+}
+
+/// Runs an upload conversation that must fail; returns its error.
+async fn upload_error(client: &mut Client, messages: Vec<pb::UploadMessage>) -> tonic::Status {
+    let mut replies = match client
+        .upload(authed(tokio_stream::iter(messages), TOKEN))
+        .await
+    {
+        Ok(response) => response.into_inner(),
+        Err(status) => return status,
+    };
+    loop {
+        match replies.message().await {
+            Ok(Some(reply)) => assert!(!reply.stored, "a bad upload was stored"),
+            Ok(None) => panic!("a bad upload ended without an error"),
+            Err(status) => return status,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_are_refused_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,38 +209,59 @@ async fn hostile_requests_are_refused_and_change_nothing() {
         "{result:?}"
     );
 
-    // An upload whose bytes do not match its hash, a truncated one, and a huge claimed size.
-    let start = |hash: Vec<u8>, size: u64| pb::UploadMessage {
-        msg: Some(pb::upload_message::Msg::Start(pb::UploadStart {
-            workspace: "w".into(),
-            hash,
-            size,
-        })),
-    };
-    let data = |bytes: &[u8]| pb::UploadMessage {
-        msg: Some(pb::upload_message::Msg::Data(bytes.to_vec())),
-    };
+    // Uploads: bytes that do not match the claimed hash, a chunk that does
+    // not match its own hash, a truncated stream, a huge claimed size, no
+    // start, a chunk list longer than announced or not adding up, chunks
+    // for a file never proposed.
     let claimed = gm_core::ContentHash::of(b"0123456789").as_bytes().to_vec();
-    let stream = tokio_stream::iter(vec![start(claimed.clone(), 10), data(b"9876543210")]);
-    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
-    assert!(
-        err.message().contains("does not match its hash"),
-        "{}",
-        err.message()
-    );
-    let stream = tokio_stream::iter(vec![start(claimed.clone(), 10), data(b"01234")]);
-    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
-    assert!(err.message().contains("truncated"), "{}", err.message());
-    let stream = tokio_stream::iter(vec![start(claimed.clone(), 1u64 << 63)]);
-    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
-    assert!(
-        err.message().contains("over the hub's limit"),
-        "{}",
-        err.message()
-    );
-    let stream = tokio_stream::iter(vec![data(b"no start")]);
-    let err = client.upload(authed(stream, TOKEN)).await.unwrap_err();
-    assert!(err.message().contains("start"), "{}", err.message());
+    let cases: Vec<(Vec<pb::UploadMessage>, &str)> = vec![
+        (
+            vec![
+                start(&claimed, 10, 1),
+                manifest(&[b"9876543210"]),
+                chunk(0, b"9876543210"),
+            ],
+            "does not match its hash",
+        ),
+        (
+            vec![
+                start(&claimed, 10, 1),
+                manifest(&[b"0123456789"]),
+                chunk(0, b"9876543210"),
+            ],
+            "chunk 0 does not match its hash",
+        ),
+        (
+            vec![start(&claimed, 10, 1), manifest(&[b"0123456789"])],
+            "truncated",
+        ),
+        (vec![start(&claimed, 1u64 << 63, 1)], "over the hub's limit"),
+        (vec![chunk(0, b"no start")], "start"),
+        (
+            vec![start(&claimed, 10, 1), manifest(&[b"01234", b"56789"])],
+            "longer than the announced",
+        ),
+        (
+            vec![start(&claimed, 10, 1), manifest(&[b"012345678"])],
+            "add up",
+        ),
+        (
+            vec![
+                start(&claimed, 10, 1),
+                manifest(&[b"0123456789"]),
+                chunk(5, b"0123456789"),
+            ],
+            "expected chunk 0",
+        ),
+    ];
+    for (messages, expect) in cases {
+        let err = upload_error(&mut client, messages).await;
+        assert!(
+            err.message().contains(expect),
+            "expected {expect:?}, got {:?}",
+            err.message()
+        );
+    }
 
     // A file entry claiming 2^63 bytes.
     let request = pb::CommitRequest {

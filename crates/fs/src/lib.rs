@@ -16,6 +16,7 @@
 //!
 //! It does not know about the wire, the database or the sync rules.
 
+pub mod assemble;
 pub mod error;
 pub mod lock;
 pub mod root;
@@ -23,6 +24,7 @@ pub mod scan;
 pub mod stat;
 pub mod watch;
 
+pub use assemble::Piece;
 pub use error::FsError;
 pub use gm_core::{CacheRecord, Kind, Stat};
 pub use lock::DirLock;

@@ -20,6 +20,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use gm_chunk::Manifest;
 use gm_core::{ContentHash, Hasher, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
@@ -237,30 +238,46 @@ impl Root {
         Ok((File::from(fd), stat))
     }
 
-    /// Reads and hashes a whole file. Fails with `TargetChanged` if the file
-    /// changed while it was read, so a hash always matches one real version.
-    pub fn hash_file(&self, path: &RelPath) -> Result<(ContentHash, Stat), FsError> {
-        let (mut file, before) = self.open_read(path)?;
-        let mut hasher = Hasher::new();
-        let mut buffer = vec![0u8; 256 * 1024];
-        loop {
-            let read = file
-                .read(&mut buffer)
-                .map_err(|e| FsError::io("read", self.shown(path), e))?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-        }
+    /// Reads and hashes a whole file, cutting it into chunks when it is
+    /// large (one pass). Fails with `TargetChanged` if the file changed while
+    /// it was read, so a hash always matches one real version.
+    pub fn hash_file(
+        &self,
+        path: &RelPath,
+    ) -> Result<(ContentHash, Stat, Option<Manifest>), FsError> {
+        let (file, before) = self.open_read(path)?;
+        let chunked = gm_chunk::chunk_reader(&file, before.size).map_err(|e| match e {
+            gm_chunk::ChunkError::Read(io) => FsError::io("read", self.shown(path), io),
+            other => FsError::io(
+                "read",
+                self.shown(path),
+                std::io::Error::other(other.to_string()),
+            ),
+        })?;
         let after = from_raw(
             &rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?,
         );
-        if !after.unchanged_since(&before) {
+        if !after.unchanged_since(&before) || chunked.size != after.size {
             return Err(FsError::TargetChanged {
                 path: self.shown(path),
             });
         }
-        Ok((hasher.finalize(), after))
+        Ok((chunked.hash, after, chunked.manifest))
+    }
+
+    /// Reads `len` bytes at `offset` of a file (a chunk), never following a
+    /// symlink.
+    pub fn read_range(
+        &self,
+        file: &File,
+        path: &RelPath,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<u8>, FsError> {
+        let mut data = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut data, offset)
+            .map_err(|e| FsError::io("read", self.shown(path), e))?;
+        Ok(data)
     }
 
     /// Reads a whole (small) file, returning its bytes, their hash and the stat.
@@ -287,7 +304,7 @@ impl Root {
         let fd = rustix::fs::openat(
             &self.staging,
             name.as_str(),
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| {
@@ -681,6 +698,20 @@ impl StagedFile {
 
     pub fn len(&self) -> u64 {
         self.written
+    }
+
+    /// Reads back bytes already written (a chunk that repeats in the file).
+    pub fn read_at(&self, offset: u64, len: u32) -> Result<Vec<u8>, FsError> {
+        let Some(file) = self.file.as_ref() else {
+            return Err(FsError::Unsupported {
+                path: self.name.clone(),
+                what: "staged file already finished".into(),
+            });
+        };
+        let mut data = vec![0u8; len as usize];
+        std::os::unix::fs::FileExt::read_exact_at(file, &mut data, offset)
+            .map_err(|e| FsError::io("read staging file", &self.name, e))?;
+        Ok(data)
     }
 
     pub fn is_empty(&self) -> bool {

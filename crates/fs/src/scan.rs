@@ -17,6 +17,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use gm_chunk::Manifest;
 use gm_core::{CacheRecord, ContentHash, Entry, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
@@ -58,6 +59,9 @@ pub struct ScanOutcome {
     pub hashed: u64,
     /// Files whose hash came from the cache.
     pub cache_hits: u64,
+    /// Chunk lists of the large files hashed by this scan (to persist with
+    /// their cache records).
+    pub manifests: Vec<(RelPath, Manifest)>,
     /// Records written by this scan that are still racily clean.
     pub racy: u64,
     /// Entries that were skipped, with why.
@@ -156,8 +160,13 @@ pub fn scan_tree(
     let mut fresh: HashMap<usize, (ContentHash, Stat)> = HashMap::with_capacity(hashed.len());
     for (index, result) in hashed {
         match result {
-            Ok((hash, stat)) => {
+            Ok((hash, stat, manifest)) => {
                 fresh.insert(index, (hash, stat));
+                if let Some(manifest) = manifest {
+                    outcome
+                        .manifests
+                        .push((walked[index].path.clone(), manifest));
+                }
             }
             Err(err) => {
                 outcome.problems.push(err.to_string());
@@ -337,7 +346,10 @@ fn walk_dir(
     Ok(())
 }
 
-type HashResult = (usize, Result<(ContentHash, Stat), FsError>);
+type HashResult = (
+    usize,
+    Result<(ContentHash, Stat, Option<Manifest>), FsError>,
+);
 
 fn hash_many(root: &Root, walked: &[Walked], indices: &[usize], workers: usize) -> Vec<HashResult> {
     if indices.is_empty() {

@@ -342,6 +342,7 @@ impl Ctx<'_> {
         for (p, record) in scan.cache_updates {
             self.put_cache(p, record);
         }
+        self.batch.manifests.extend(scan.manifests);
         Ok(match scan.entries.into_iter().next() {
             Some(item) => DiskState {
                 entry: Some(item.entry),
@@ -378,6 +379,7 @@ impl Ctx<'_> {
         if self.batch.changes.is_empty()
             && self.batch.cache_put.is_empty()
             && self.batch.cache_del.is_empty()
+            && self.batch.manifests.is_empty()
         {
             return Ok(());
         }
@@ -498,7 +500,9 @@ impl Ctx<'_> {
             }) => {
                 let stat = match (&disk.entry, disk.stat) {
                     (Some(Entry::File { hash: on_disk, .. }), Some(stat)) if on_disk == hash => {
-                        self.root.set_executable(path, *executable, stat)?
+                        let stat = self.root.set_executable(path, *executable, stat)?;
+                        self.keep_manifest(path, path)?;
+                        stat
                     }
                     _ => self.write_file(path, *hash, *size, *executable, expect, data)?,
                 };
@@ -512,6 +516,25 @@ impl Ctx<'_> {
             }
         }
         Ok(self.push_change(path, ours.cloned()))
+    }
+
+    /// Carries the chunk list of `from` (same content) over to `to`.
+    fn keep_manifest(&mut self, from: &RelPath, to: &RelPath) -> Result<(), OpError> {
+        let known = self
+            .batch
+            .manifests
+            .iter()
+            .rev()
+            .find(|(p, _)| p == from)
+            .map(|(_, m)| m.clone());
+        let manifest = match known {
+            Some(manifest) => Some(manifest),
+            None => self.hub.db.manifest(&self.ws.id, from)?,
+        };
+        if let Some(manifest) = manifest {
+            self.batch.manifests.push((to.clone(), manifest));
+        }
+        Ok(())
     }
 
     /// Lands a file's content from the request, an upload, or a file the
@@ -538,6 +561,11 @@ impl Ctx<'_> {
                 })?;
             Counters::add(&self.hub.counters.files_received, 1);
             Counters::add(&self.hub.counters.bytes_received, size);
+            if size >= gm_chunk::CHUNKED_MIN {
+                self.batch
+                    .manifests
+                    .push((path.clone(), gm_chunk::chunk_slice(data)));
+            }
             return Ok(stat);
         }
         let upload = self
@@ -551,6 +579,9 @@ impl Ctx<'_> {
                 .staged
                 .commit(&self.root, path, hash, executable, expect)?;
             Counters::add(&self.hub.counters.files_received, 1);
+            if let Some(manifest) = upload.manifest {
+                self.batch.manifests.push((path.clone(), manifest));
+            }
             return Ok(stat);
         }
         let mut sources: Vec<RelPath> = self.written.get(&hash).cloned().into_iter().collect();
@@ -565,6 +596,7 @@ impl Ctx<'_> {
             }
             let stat = staged.commit(&self.root, path, hash, executable, expect)?;
             Counters::add(&self.hub.counters.local_copies, 1);
+            self.keep_manifest(&source, path)?;
             return Ok(stat);
         }
         Err(OpError::NeedContent)

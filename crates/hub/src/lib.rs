@@ -19,6 +19,7 @@ mod maintenance;
 mod observe;
 mod service;
 mod state;
+mod transfer;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -167,6 +167,7 @@ pub fn observe_locked(
             }
         }
         batch.cache_put.extend(scan.cache_updates);
+        batch.manifests.extend(scan.manifests);
         for path in cache.keys() {
             if !files_seen.contains(path) && !unreadable(path) {
                 batch.cache_del.push(path.clone());
@@ -220,7 +221,11 @@ pub fn observe_locked(
         ));
     }
     let changed = batch.changes.len();
-    if changed > 0 || !batch.cache_put.is_empty() || !batch.cache_del.is_empty() {
+    if changed > 0
+        || !batch.cache_put.is_empty()
+        || !batch.cache_del.is_empty()
+        || !batch.manifests.is_empty()
+    {
         hub.db.record(&ws.id, &batch)?;
     }
     if changed > 0 {

@@ -6,21 +6,19 @@
 use std::io::Read;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::Stream;
 use gm_core::{ContentHash, Hasher, NodeId, Seq, WorkspaceId};
 use gm_proto::pb::{self, sync_server::Sync};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::commit::commit_locked;
 use crate::observe::{Scope, observe_workspace};
-use crate::state::{Counters, Hub, Upload, Workspace};
+use crate::state::{Counters, Hub, Workspace};
 
 const DOWNLOAD_CHUNK: usize = 256 * 1024;
 const MAX_OPS_PER_COMMIT: usize = 50_000;
@@ -258,68 +256,88 @@ impl Sync for SyncService {
         Ok(Response::new(pb::CommitResponse { results }))
     }
 
+    type UploadStream = EventStream<pb::UploadReply>;
+
     async fn upload(
         &self,
         request: Request<Streaming<pb::UploadMessage>>,
-    ) -> Result<Response<pb::UploadResponse>, Status> {
-        let mut stream = request.into_inner();
-        let first = stream
-            .next()
-            .await
-            .ok_or_else(|| bad("empty upload: the first message must be `start`"))??;
-        let Some(pb::upload_message::Msg::Start(start)) = first.msg else {
-            return Err(bad("the first upload message must be `start`"));
-        };
-        let ws = self.attached(&start.workspace)?;
-        let hash = ContentHash::from_slice(&start.hash).map_err(bad)?;
-        if start.size > self.hub.config.max_file_size {
-            return Err(bad(format!(
-                "upload of {} bytes is over the hub's limit of {} bytes",
-                start.size, self.hub.config.max_file_size
-            )));
-        }
-        let root = ws.root();
-        let mut staged = root.stage_file().map_err(internal)?;
-        while let Some(message) = stream.next().await {
-            let message = message?;
-            match message.msg {
-                Some(pb::upload_message::Msg::Data(data)) => {
-                    if staged.len() + data.len() as u64 > start.size {
-                        return Err(bad(format!(
-                            "upload for {hash} is longer than its claimed size {}",
-                            start.size
-                        )));
-                    }
-                    staged.write_all(&data).map_err(internal)?;
-                }
-                _ => return Err(bad("only data may follow the upload start")),
+    ) -> Result<Response<Self::UploadStream>, Status> {
+        let stream = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        let lookup = self.hub.clone();
+        tokio::spawn(async move {
+            let workspace_of = move |raw: &str| -> Result<Arc<Workspace>, Status> {
+                let id = WorkspaceId::new(raw).map_err(bad)?;
+                lookup.workspace(&id).ok_or_else(|| {
+                    Status::not_found(format!("workspace {id} is not attached; call Attach first"))
+                })
+            };
+            if let Err(status) =
+                crate::transfer::upload(hub, workspace_of, stream, tx.clone()).await
+            {
+                let _ = tx.send(Err(status)).await;
             }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type GetManifestStream = EventStream<pb::ManifestPart>;
+
+    async fn get_manifest(
+        &self,
+        request: Request<pb::ManifestRequest>,
+    ) -> Result<Response<Self::GetManifestStream>, Status> {
+        let req = request.into_inner();
+        let ws = self.attached(&req.workspace)?;
+        let path = gm_proto::path(&req.path).map_err(bad)?;
+        let hash =
+            ContentHash::from_slice(&req.hash).map_err(|e| bad(format!("{}: {e}", req.path)))?;
+        let hub = self.hub.clone();
+        let manifest =
+            tokio::task::spawn_blocking(move || crate::transfer::manifest(&hub, &ws, &path, hash))
+                .await
+                .map_err(internal)??;
+        let parts: Vec<Result<pb::ManifestPart, Status>> = manifest
+            .chunks
+            .chunks(gm_proto::MANIFEST_PART)
+            .map(|part| {
+                Ok(pb::ManifestPart {
+                    chunks: gm_proto::chunks_to_wire(part),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(parts))))
+    }
+
+    type ReadChunksStream = EventStream<pb::ChunkData>;
+
+    async fn read_chunks(
+        &self,
+        request: Request<pb::ReadChunksRequest>,
+    ) -> Result<Response<Self::ReadChunksStream>, Status> {
+        let req = request.into_inner();
+        let ws = self.attached(&req.workspace)?;
+        let path = gm_proto::path(&req.path).map_err(bad)?;
+        if req.ranges.len() > gm_chunk::MAX_CHUNKS_PER_FILE {
+            return Err(bad(format!("{} ranges in one request", req.ranges.len())));
         }
-        if staged.len() != start.size {
+        if let Some(bad_range) = req
+            .ranges
+            .iter()
+            .find(|r| r.len > gm_chunk::MAX_CHUNK.max(gm_chunk::CHUNKED_MIN as u32))
+        {
             return Err(bad(format!(
-                "upload for {hash} was truncated: {} of {} bytes",
-                staged.len(),
-                start.size
+                "range of {} bytes is over the chunk limit",
+                bad_range.len
             )));
         }
-        if staged.hash() != hash {
-            return Err(bad(format!(
-                "uploaded content does not match its hash {hash}"
-            )));
-        }
-        Counters::add(&self.hub.counters.bytes_received, start.size);
-        self.hub
-            .uploads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                (ws.id.clone(), hash),
-                Upload {
-                    staged,
-                    at: Instant::now(),
-                },
-            );
-        Ok(Response::new(pb::UploadResponse {}))
+        let (tx, rx) = mpsc::channel(4);
+        let hub = self.hub.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::transfer::read_chunks(&hub, &ws, &path, req.ranges, &tx)
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     type DownloadStream = EventStream<pb::DownloadMessage>;
@@ -485,6 +503,7 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             refused_ops: c.refused_ops,
             hub_side_changes: c.hub_side_changes,
             local_copies: c.local_copies,
+            chunk_bytes_reused: c.chunk_bytes_reused,
         }),
     })
 }

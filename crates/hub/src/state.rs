@@ -35,6 +35,7 @@ pub struct Counters {
     pub refused_ops: AtomicU64,
     pub hub_side_changes: AtomicU64,
     pub local_copies: AtomicU64,
+    pub chunk_bytes_reused: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,6 +50,7 @@ pub struct CounterSnapshot {
     pub refused_ops: u64,
     pub hub_side_changes: u64,
     pub local_copies: u64,
+    pub chunk_bytes_reused: u64,
 }
 
 impl Counters {
@@ -69,6 +71,7 @@ impl Counters {
             refused_ops: get(&self.refused_ops),
             hub_side_changes: get(&self.hub_side_changes),
             local_copies: get(&self.local_copies),
+            chunk_bytes_reused: get(&self.chunk_bytes_reused),
         }
     }
 }
@@ -124,6 +127,8 @@ impl Workspace {
 pub struct Upload {
     pub staged: StagedFile,
     pub at: Instant,
+    /// The chunk list of a large file, stored with its cache record.
+    pub manifest: Option<gm_chunk::Manifest>,
 }
 
 pub struct Hub {

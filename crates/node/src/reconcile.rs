@@ -285,6 +285,7 @@ impl Replica {
                 }
             }
             self.batch.cache_put.extend(scan.cache_updates);
+            self.batch.manifests.extend(scan.manifests);
             unreadable.extend(scan.unreadable);
             for item in scan.entries {
                 local.insert(item.path, (item.entry, item.stat));
@@ -539,7 +540,52 @@ impl Replica {
                 Err(err) => self.note_failure(&item.path, &err, stats),
             }
         }
-        // Downloads in bounded batches; a corrupt transfer is retried.
+        // Large files by chunks, one at a time; a corrupt transfer is retried.
+        let (large, downloads): (Vec<_>, Vec<_>) = downloads.into_iter().partition(|(_, target)| {
+            matches!(&target.entry, Some(Entry::File { size, .. }) if *size >= gm_chunk::CHUNKED_MIN)
+        });
+        for (item, target) in large {
+            let size = match &target.entry {
+                Some(Entry::File { size, .. }) => *size,
+                _ => continue,
+            };
+            let mut outcome = None;
+            for _attempt in 0..3 {
+                let result = transfer::download_chunked(
+                    &mut self.client,
+                    &self.db,
+                    &self.id,
+                    &self.root,
+                    &item,
+                    size,
+                )
+                .await?;
+                let corrupt = matches!(result, Err(DownloadFailure::Corrupt));
+                outcome = Some(result);
+                if !corrupt {
+                    break;
+                }
+                tracing::warn!(workspace = %self.id, path = %item.path, "downloaded content did not match its hash; retrying");
+            }
+            match outcome {
+                Some(Ok((stat, manifest))) => {
+                    self.put_cache(&item.path, stat, item.hash);
+                    self.batch.manifests.push((item.path.clone(), manifest));
+                    self.set_synced(&item.path, target);
+                    stats.applied += 1;
+                }
+                Some(Err(DownloadFailure::Local(err))) => {
+                    self.note_failure(&item.path, &err, stats)
+                }
+                Some(Err(failure)) => {
+                    tracing::debug!(workspace = %self.id, path = %item.path, ?failure, "download not landed; waiting for the journal");
+                    stats.failed += 1;
+                    self.follow_up.insert(item.path.clone());
+                }
+                None => {}
+            }
+        }
+        // Small files in bounded batches; a corrupt transfer is retried.
         for chunk in downloads.chunks(512) {
             let mut attempt_items: Vec<usize> = (0..chunk.len()).collect();
             for attempt in 0..3 {
@@ -747,6 +793,7 @@ impl Replica {
                                 Some((Entry::File { hash, size, .. }, _)) => {
                                     match transfer::upload(
                                         &mut self.client,
+                                        &self.db,
                                         &self.id,
                                         &self.root,
                                         &item.path,
@@ -755,7 +802,10 @@ impl Replica {
                                     )
                                     .await
                                     {
-                                        Ok(()) => next.push((item, false)),
+                                        Ok(sent) => {
+                                            tracing::debug!(workspace = %self.id, path = %item.path, chunks = sent.chunks, sent_chunks = sent.sent_chunks, sent_bytes = sent.sent_bytes, "uploaded");
+                                            next.push((item, false))
+                                        }
                                         Err(SyncError::Fatal(err))
                                             if err.to_string().contains("token") =>
                                         {

@@ -1,23 +1,25 @@
 //! Moving file content between node and hub.
 //!
-//! Downloads stream into staging files (hashed as written) and land through
-//! `StagedFile::commit`, which checks the whole-file hash once and refuses
-//! to overwrite a target that changed since the plan. Uploads stream a
-//! large file from disk; the hub checks size and hash before it keeps it.
+//! Small files come in batches (`download`): each streams into a staging
+//! file (hashed as written) and lands through `StagedFile::commit`, which
+//! checks the whole-file hash once and refuses to overwrite a target that
+//! changed since the plan. Large files move by chunks: only the chunks the
+//! receiver cannot find in its own workspace cross the wire
+//! (`download_chunked`, `upload`), each verified before it is written.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::sync::Arc;
 
+use gm_chunk::Manifest;
 use gm_core::{ContentHash, RelPath, Stat, WorkspaceId};
-use gm_fs::{Expect, FsError, Root, StagedFile};
+use gm_fs::assemble::{AssembleError, assemble, plan_pieces};
+use gm_fs::{Expect, FsError, Piece, Root, StagedFile};
 use gm_proto::pb;
+use gm_store::NodeDb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{Client, SyncError};
-
-const UPLOAD_CHUNK: usize = 256 * 1024;
 
 pub struct DownloadItem {
     pub path: RelPath,
@@ -114,48 +116,288 @@ pub async fn download(
     Ok(outcomes)
 }
 
-/// Streams one file to the hub's staging, to be named by a later commit.
+/// The chunk list of a local file that should hold `hash`: from the cache
+/// when it vouches for that content, else read once. Blocking.
+fn local_manifest(
+    db: &NodeDb,
+    workspace: &WorkspaceId,
+    root: &Root,
+    path: &RelPath,
+    hash: ContentHash,
+    size: u64,
+) -> Result<Manifest, SyncError> {
+    if let Some(record) = db.cache_get(workspace, path)?
+        && record.hash == hash
+    {
+        if size < gm_chunk::CHUNKED_MIN {
+            return Ok(Manifest::single(hash, size));
+        }
+        if let Some(manifest) = db.manifest(workspace, path)? {
+            return Ok(manifest);
+        }
+    }
+    let (actual, stat, manifest) = root.hash_file(path)?;
+    if actual != hash {
+        return Err(SyncError::Retry(anyhow::anyhow!(
+            "{path} changed since it was proposed"
+        )));
+    }
+    Ok(manifest.unwrap_or_else(|| Manifest::single(hash, stat.size)))
+}
+
+/// Sends one large file: its chunk list first, then only the chunks the hub
+/// says it lacks. The hub stages it for the commit that names `hash`.
 pub async fn upload(
     client: &mut Client,
+    db: &Arc<NodeDb>,
     workspace: &WorkspaceId,
     root: &Arc<Root>,
     path: &RelPath,
     hash: ContentHash,
     size: u64,
-) -> Result<(), SyncError> {
-    let (tx, rx) = mpsc::channel::<pb::UploadMessage>(4);
-    let start = pb::UploadMessage {
+) -> Result<UploadStats, SyncError> {
+    let manifest = {
+        let (db, workspace, root, path) =
+            (db.clone(), workspace.clone(), root.clone(), path.clone());
+        tokio::task::spawn_blocking(move || {
+            local_manifest(&db, &workspace, &root, &path, hash, size)
+        })
+        .await??
+    };
+    let (tx, rx) = mpsc::channel::<pb::UploadMessage>(8);
+    let closed = || SyncError::Retry(anyhow::anyhow!("upload stream closed"));
+    tx.send(pb::UploadMessage {
         msg: Some(pb::upload_message::Msg::Start(pb::UploadStart {
             workspace: workspace.to_string(),
             hash: hash.as_bytes().to_vec(),
             size,
+            chunk_count: manifest.chunks.len() as u32,
         })),
-    };
-    tx.send(start)
+    })
+    .await
+    .map_err(|_| closed())?;
+    let mut replies = client
+        .upload(ReceiverStream::new(rx))
         .await
-        .map_err(|_| SyncError::Retry(anyhow::anyhow!("upload channel closed")))?;
-    let root = root.clone();
-    let reader_path = path.clone();
-    let reader = tokio::task::spawn_blocking(move || -> Result<(), FsError> {
-        let (mut file, _) = root.open_read(&reader_path)?;
-        let mut buffer = vec![0u8; UPLOAD_CHUNK];
-        loop {
-            let read = file
-                .read(&mut buffer)
-                .map_err(|e| FsError::io("read", &reader_path, e))?;
-            if read == 0 {
-                return Ok(());
+        .map_err(|s| SyncError::from_status(s, &format!("upload {path}")))?
+        .into_inner();
+    for part in manifest.chunks.chunks(gm_proto::MANIFEST_PART) {
+        tx.send(pb::UploadMessage {
+            msg: Some(pb::upload_message::Msg::Manifest(pb::ManifestPart {
+                chunks: gm_proto::chunks_to_wire(part),
+            })),
+        })
+        .await
+        .map_err(|_| closed())?;
+    }
+    let mut need: Vec<u32> = Vec::new();
+    loop {
+        let reply = replies
+            .message()
+            .await
+            .map_err(|s| SyncError::from_status(s, &format!("upload {path}")))?
+            .ok_or_else(closed)?;
+        need.extend(reply.need);
+        if reply.need_done {
+            break;
+        }
+    }
+    if need.iter().any(|&i| i as usize >= manifest.chunks.len()) {
+        return Err(SyncError::Retry(anyhow::anyhow!(
+            "the hub asked for a chunk outside the file"
+        )));
+    }
+    let stats = UploadStats {
+        chunks: manifest.chunks.len(),
+        sent_chunks: need.len(),
+        sent_bytes: need
+            .iter()
+            .map(|&i| u64::from(manifest.chunks[i as usize].len))
+            .sum(),
+    };
+    let (root, reader_path) = (root.clone(), path.clone());
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
+        let (file, _) = root.open_read(&reader_path)?;
+        let offsets = manifest.offsets();
+        for index in need {
+            let chunk = &manifest.chunks[index as usize];
+            let data = root.read_range(&file, &reader_path, offsets[index as usize], chunk.len)?;
+            if ContentHash::of(&data) != chunk.hash {
+                return Err(SyncError::Retry(anyhow::anyhow!(
+                    "{reader_path} changed while being uploaded"
+                )));
             }
+            let (data, zstd) = gm_chunk::encode(&data);
             let message = pb::UploadMessage {
-                msg: Some(pb::upload_message::Msg::Data(buffer[..read].to_vec())),
+                msg: Some(pb::upload_message::Msg::Chunk(pb::ChunkData {
+                    index,
+                    data,
+                    zstd,
+                })),
             };
             if tx.blocking_send(message).is_err() {
                 return Ok(());
             }
         }
+        Ok(())
     });
-    let sent = client.upload(ReceiverStream::new(rx)).await;
     reader.await??;
-    sent.map_err(|s| SyncError::from_status(s, &format!("upload {path}")))?;
-    Ok(())
+    loop {
+        match replies.message().await {
+            Ok(Some(reply)) if reply.stored => return Ok(stats),
+            Ok(Some(_)) => continue,
+            Ok(None) => return Err(closed()),
+            Err(status) => return Err(SyncError::from_status(status, &format!("upload {path}"))),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UploadStats {
+    pub chunks: usize,
+    pub sent_chunks: usize,
+    pub sent_bytes: u64,
+}
+
+/// Fetches one large file: its chunk list from the hub, then only the
+/// chunks no local file holds, assembled and verified in staging and landed
+/// by `StagedFile::commit`. Returns the stat and the chunk list to cache.
+pub async fn download_chunked(
+    client: &mut Client,
+    db: &Arc<NodeDb>,
+    workspace: &WorkspaceId,
+    root: &Arc<Root>,
+    item: &DownloadItem,
+    size: u64,
+) -> Result<Result<(Stat, Manifest), DownloadFailure>, SyncError> {
+    let request = pb::ManifestRequest {
+        workspace: workspace.to_string(),
+        path: item.path.to_string(),
+        hash: item.hash.as_bytes().to_vec(),
+    };
+    let mut parts = match client.get_manifest(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+            return Ok(Err(DownloadFailure::Unavailable(
+                status.message().to_string(),
+            )));
+        }
+        Err(status) => return Err(SyncError::from_status(status, "manifest")),
+    };
+    let mut chunks = Vec::new();
+    loop {
+        match parts.message().await {
+            Ok(Some(part)) => match gm_proto::chunks(&part.chunks) {
+                Ok(more) if chunks.len() + more.len() <= gm_chunk::MAX_CHUNKS_PER_FILE => {
+                    chunks.extend(more)
+                }
+                Ok(_) => {
+                    return Ok(Err(DownloadFailure::Unavailable(
+                        "chunk list too long".into(),
+                    )));
+                }
+                Err(err) => return Ok(Err(DownloadFailure::Unavailable(err.to_string()))),
+            },
+            Ok(None) => break,
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                return Ok(Err(DownloadFailure::Unavailable(
+                    status.message().to_string(),
+                )));
+            }
+            Err(status) => return Err(SyncError::from_status(status, "manifest")),
+        }
+    }
+    let manifest = Manifest { chunks };
+    if let Err(err) = manifest.check(size) {
+        return Ok(Err(DownloadFailure::Unavailable(err.to_string())));
+    }
+    let located = {
+        let (db, workspace) = (db.clone(), workspace.clone());
+        let hashes: Vec<ContentHash> = manifest.chunks.iter().map(|c| c.hash).collect();
+        tokio::task::spawn_blocking(move || db.locate_chunks(&workspace, &hashes)).await??
+    };
+    let locate: HashMap<ContentHash, (RelPath, u64)> = located
+        .into_iter()
+        .map(|(h, l)| (h, (l.path, l.offset)))
+        .collect();
+    let pieces = plan_pieces(&manifest, &locate);
+    let offsets = manifest.offsets();
+    let ranges: Vec<pb::ChunkRange> = pieces
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| **p == Piece::Fetch)
+        .map(|(i, _)| pb::ChunkRange {
+            offset: offsets[i],
+            len: manifest.chunks[i].len,
+        })
+        .collect();
+    let (chunk_tx, mut chunk_rx) = mpsc::channel::<Result<pb::ChunkData, String>>(8);
+    let forwarder = if ranges.is_empty() {
+        None
+    } else {
+        let request = pb::ReadChunksRequest {
+            workspace: workspace.to_string(),
+            path: item.path.to_string(),
+            hash: item.hash.as_bytes().to_vec(),
+            ranges,
+        };
+        let mut stream = client
+            .read_chunks(request)
+            .await
+            .map_err(|s| SyncError::from_status(s, "read chunks"))?
+            .into_inner();
+        Some(tokio::spawn(async move {
+            loop {
+                let next = match stream.message().await {
+                    Ok(Some(data)) => Ok(data),
+                    Ok(None) => return,
+                    Err(status) => Err(status.message().to_string()),
+                };
+                let failed = next.is_err();
+                if chunk_tx.send(next).await.is_err() || failed {
+                    return;
+                }
+            }
+        }))
+    };
+    let (root, target, expect, hash, executable) = (
+        root.clone(),
+        item.path.clone(),
+        item.expect,
+        item.hash,
+        item.executable,
+    );
+    let landed =
+        tokio::task::spawn_blocking(move || -> Result<(Stat, Manifest), DownloadFailure> {
+            let mut staged = root.stage_file().map_err(DownloadFailure::Local)?;
+            let lens: Vec<u32> = manifest.chunks.iter().map(|c| c.len).collect();
+            let mut position = 0u32;
+            let result = assemble(&root, &mut staged, &manifest, &pieces, |index| {
+                let message = chunk_rx
+                    .blocking_recv()
+                    .ok_or("the hub ended the chunk stream early")??;
+                if message.index != position {
+                    return Err(format!("expected chunk {position}, got {}", message.index));
+                }
+                position += 1;
+                gm_chunk::decode(message.data, message.zstd, lens[index] as usize)
+                    .map_err(|e| e.to_string())
+            });
+            match result {
+                Ok(_) => {}
+                Err(AssembleError::Chunk(_)) => return Err(DownloadFailure::Corrupt),
+                Err(AssembleError::Fs(err)) => return Err(DownloadFailure::Local(err)),
+                Err(other) => return Err(DownloadFailure::Unavailable(other.to_string())),
+            }
+            match staged.commit(&root, &target, hash, executable, expect) {
+                Ok(stat) => Ok((stat, manifest)),
+                Err(FsError::HashMismatch { .. }) => Err(DownloadFailure::Corrupt),
+                Err(err) => Err(DownloadFailure::Local(err)),
+            }
+        })
+        .await?;
+    if let Some(forwarder) = forwarder {
+        forwarder.abort();
+    }
+    Ok(landed)
 }

@@ -106,6 +106,35 @@ pub fn path_state_to_wire(path: &RelPath, state: &Versioned) -> pb::PathState {
     }
 }
 
+/// Converts a wire chunk list; errors name the chunk.
+pub fn chunks(wire: &[pb::ChunkRef]) -> Result<Vec<gm_chunk::ChunkRef>, WireError> {
+    wire.iter()
+        .enumerate()
+        .map(|(index, c)| {
+            Ok(gm_chunk::ChunkRef {
+                len: c.len,
+                hash: ContentHash::from_slice(&c.hash).map_err(|source| WireError::Hash {
+                    path: format!("chunk {index}"),
+                    source,
+                })?,
+            })
+        })
+        .collect()
+}
+
+pub fn chunks_to_wire(chunks: &[gm_chunk::ChunkRef]) -> Vec<pb::ChunkRef> {
+    chunks
+        .iter()
+        .map(|c| pb::ChunkRef {
+            hash: c.hash.as_bytes().to_vec(),
+            len: c.len,
+        })
+        .collect()
+}
+
+/// Chunks per manifest message (36 bytes each on the wire).
+pub const MANIFEST_PART: usize = 16 * 1024;
+
 /// The metadata key that carries the token.
 pub const AUTH_HEADER: &str = "authorization";
 

@@ -4,13 +4,16 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
+use gm_chunk::Manifest;
 use gm_core::{CacheRecord, ContentHash, Entry, RelPath, Seq, Versioned, WorkspaceId};
-use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::codec::{cache_columns, cache_from_row, entry_columns, entry_from_row, subtree_bounds};
+use crate::cache::{self, ChunkLocation};
+use crate::codec::{entry_columns, entry_from_row, subtree_bounds};
 use crate::{StoreError, open_with};
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE workspaces (
     id TEXT PRIMARY KEY,
@@ -59,7 +62,13 @@ CREATE TABLE conflicts (
     seq INTEGER NOT NULL
 );
 CREATE INDEX conflicts_by_ws ON conflicts (ws, seq);
-"#];
+"#,
+    // 2: chunk index of large files; content lookups in the cache.
+    concat!(
+        cache::chunks_schema!(),
+        "CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);\n"
+    ),
+];
 
 pub struct HubDb {
     path: String,
@@ -103,6 +112,8 @@ pub struct RecordBatch {
     pub origin: String,
     pub cache_put: Vec<(RelPath, CacheRecord)>,
     pub cache_del: Vec<RelPath>,
+    /// Chunk lists of large files among `cache_put`.
+    pub manifests: Vec<(RelPath, Manifest)>,
     pub conflicts: Vec<ConflictRow>,
 }
 
@@ -389,7 +400,7 @@ impl HubDb {
                 }
             }
             tx.execute("UPDATE workspaces SET seq = ?2 WHERE id = ?1", params![ws.as_str(), last])?;
-            put_cache(&tx, ws, &batch.cache_put, &batch.cache_del)?;
+            cache::put(&tx, ws, &batch.cache_put, &batch.cache_del, &batch.manifests)?;
             {
                 let mut log = tx.prepare_cached(
                     "INSERT INTO conflicts (ws, path, copy_path, node, at_unix, seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -415,13 +426,14 @@ impl HubDb {
         ws: &WorkspaceId,
         put: &[(RelPath, CacheRecord)],
         del: &[RelPath],
+        manifests: &[(RelPath, Manifest)],
     ) -> Result<(), StoreError> {
-        if put.is_empty() && del.is_empty() {
+        if put.is_empty() && del.is_empty() && manifests.is_empty() {
             return Ok(());
         }
         self.with(|c| {
             let tx = c.transaction()?;
-            put_cache(&tx, ws, put, del)?;
+            cache::put(&tx, ws, put, del, manifests)?;
             tx.commit()
         })
     }
@@ -432,12 +444,7 @@ impl HubDb {
         ws: &WorkspaceId,
         path: &RelPath,
     ) -> Result<Option<CacheRecord>, StoreError> {
-        let row: Option<Result<CacheRecord, String>> = self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns FROM hash_cache WHERE ws = ?1 AND path = ?2",
-            )?;
-            stmt.query_row(params![ws.as_str(), path.as_str()], |r| cache_from_row(r, 0)).optional()
-        })?;
+        let row = self.with(|c| cache::get(c, ws, path))?;
         row.transpose().map_err(|e| self.corrupt(e))
     }
 
@@ -447,28 +454,46 @@ impl HubDb {
         ws: &WorkspaceId,
         top: Option<&RelPath>,
     ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
-        let rows: Vec<(String, Result<CacheRecord, String>)> = self.with(|c| {
-            const COLUMNS: &str = "path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns";
-            match top {
-                None => {
-                    let mut stmt = c.prepare_cached(&format!("SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1"))?;
-                    stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, cache_from_row(r, 1)?)))?.collect()
-                }
-                Some(top) => {
-                    let (low, high) = subtree_bounds(top.as_str());
-                    let mut stmt = c.prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1 AND (path = ?2 OR (path > ?3 AND path < ?4))"
-                    ))?;
-                    stmt.query_map(params![ws.as_str(), top.as_str(), low, high], |r| {
-                        Ok((r.get(0)?, cache_from_row(r, 1)?))
-                    })?
-                    .collect()
-                }
-            }
-        })?;
+        let rows = self.with(|c| cache::under(c, ws, top))?;
         let mut out = HashMap::with_capacity(rows.len());
         for (path, record) in rows {
             out.insert(self.path_of(&path)?, record.map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
+    }
+
+    /// The stored chunk list of `path` (`None` when none is stored).
+    pub fn manifest(
+        &self,
+        ws: &WorkspaceId,
+        path: &RelPath,
+    ) -> Result<Option<Manifest>, StoreError> {
+        let rows = self.with(|c| cache::manifest(c, ws, path))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        cache::decode_manifest(rows)
+            .map(Some)
+            .map_err(|e| self.corrupt(e))
+    }
+
+    /// Where each chunk hash can be read locally, for those that can.
+    pub fn locate_chunks(
+        &self,
+        ws: &WorkspaceId,
+        hashes: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, ChunkLocation>, StoreError> {
+        let rows = self.with(|c| cache::locate(c, ws, hashes))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (hash, (path, offset, len)) in rows {
+            out.insert(
+                hash,
+                ChunkLocation {
+                    path: self.path_of(&path)?,
+                    offset,
+                    len,
+                },
+            );
         }
         Ok(out)
     }
@@ -512,32 +537,6 @@ impl HubDb {
             })
         })
     }
-}
-
-fn put_cache(
-    tx: &rusqlite::Transaction<'_>,
-    ws: &WorkspaceId,
-    put: &[(RelPath, CacheRecord)],
-    del: &[RelPath],
-) -> rusqlite::Result<()> {
-    let mut insert = tx.prepare_cached(
-        "INSERT OR REPLACE INTO hash_cache (ws, path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-    )?;
-    for (path, record) in put {
-        let columns = cache_columns(record);
-        let mut values: Vec<rusqlite::types::Value> = vec![
-            ws.as_str().to_string().into(),
-            path.as_str().to_string().into(),
-        ];
-        values.extend(columns);
-        insert.execute(params_from_iter(values))?;
-    }
-    let mut delete = tx.prepare_cached("DELETE FROM hash_cache WHERE ws = ?1 AND path = ?2")?;
-    for path in del {
-        delete.execute(params![ws.as_str(), path.as_str()])?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -635,12 +634,58 @@ mod tests {
                 (rel("a"), record),
             ],
             &[],
+            &[],
         )
         .unwrap();
         let under = db.cache_under(&ws, Some(&rel("a"))).unwrap();
         assert_eq!(under.len(), 2, "a and a/x, not a-b");
         assert_eq!(under[&rel("a/x")], record);
-        db.update_cache(&ws, &[], &[rel("a/x")]).unwrap();
+        // Chunk lists are stored, found by chunk hash, and go with their record.
+        let chunk = |b: &[u8]| gm_chunk::ChunkRef {
+            len: b.len() as u32,
+            hash: ContentHash::of(b),
+        };
+        let manifest = Manifest {
+            chunks: vec![chunk(b"one"), chunk(b"second")],
+        };
+        db.update_cache(
+            &ws,
+            &[(rel("a/x"), record)],
+            &[],
+            &[(rel("a/x"), manifest.clone())],
+        )
+        .unwrap();
+        assert_eq!(db.manifest(&ws, &rel("a/x")).unwrap(), Some(manifest));
+        let found = db
+            .locate_chunks(
+                &ws,
+                &[
+                    ContentHash::of(b"second"),
+                    ContentHash::of(b"x"),
+                    ContentHash::of(b"none"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(
+            found[&ContentHash::of(b"second")],
+            ChunkLocation {
+                path: rel("a/x"),
+                offset: 3,
+                len: 6
+            }
+        );
+        assert_eq!(
+            found[&ContentHash::of(b"x")].offset,
+            0,
+            "a whole small file is a chunk too"
+        );
+        assert!(!found.contains_key(&ContentHash::of(b"none")));
+        db.update_cache(&ws, &[], &[rel("a/x")], &[]).unwrap();
         assert_eq!(db.cache_under(&ws, None).unwrap().len(), 2);
+        assert_eq!(
+            db.manifest(&ws, &rel("a/x")).unwrap(),
+            None,
+            "chunks leave with their record"
+        );
     }
 }

@@ -13,10 +13,13 @@
 //! migrations applied at open (`PRAGMA user_version`). Calls block: async
 //! callers run them on blocking threads.
 
+#[macro_use]
+pub mod cache;
 mod codec;
 pub mod hub;
 pub mod node;
 
+pub use cache::ChunkLocation;
 pub use hub::{ConflictRow, HubDb, HubWorkspace, RecordBatch, WorkspaceCounts};
 pub use node::{NodeBatch, NodeDb, NodeWorkspace};
 

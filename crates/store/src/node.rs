@@ -5,13 +5,16 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Mutex;
 
-use gm_core::{CacheRecord, Entry, RelPath, Seq, Versioned, WorkspaceId};
-use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use gm_chunk::Manifest;
+use gm_core::{CacheRecord, ContentHash, Entry, RelPath, Seq, Versioned, WorkspaceId};
+use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::codec::{cache_columns, cache_from_row, entry_columns, entry_from_row, subtree_bounds};
+use crate::cache::{self, ChunkLocation};
+use crate::codec::{entry_columns, entry_from_row};
 use crate::{StoreError, open_with};
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE workspaces (
     id TEXT PRIMARY KEY,
     epoch TEXT NOT NULL DEFAULT '',
@@ -49,7 +52,10 @@ CREATE TABLE hash_cache (
     PRIMARY KEY (ws, path)
 ) WITHOUT ROWID;
 CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);
-"#];
+"#,
+    // 2: chunk index of large files.
+    cache::chunks_schema!(),
+];
 
 pub struct NodeDb {
     path: String,
@@ -74,6 +80,8 @@ pub struct NodeBatch {
     pub synced_del: Vec<RelPath>,
     pub cache_put: Vec<(RelPath, CacheRecord)>,
     pub cache_del: Vec<RelPath>,
+    /// Chunk lists of large files among `cache_put`.
+    pub manifests: Vec<(RelPath, Manifest)>,
     /// Raise the workspace's last seen seq to this (never lowered).
     pub last_seq: Option<Seq>,
 }
@@ -84,6 +92,7 @@ impl NodeBatch {
             && self.synced_del.is_empty()
             && self.cache_put.is_empty()
             && self.cache_del.is_empty()
+            && self.manifests.is_empty()
             && self.last_seq.is_none()
     }
 }
@@ -256,21 +265,8 @@ impl NodeDb {
                 for path in &batch.synced_del {
                     del.execute(params![ws.as_str(), path.as_str()])?;
                 }
-                let mut insert = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO hash_cache (ws, path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
-                )?;
-                for (path, record) in &batch.cache_put {
-                    let mut values: Vec<rusqlite::types::Value> =
-                        vec![ws.as_str().to_string().into(), path.as_str().to_string().into()];
-                    values.extend(cache_columns(record));
-                    insert.execute(params_from_iter(values))?;
-                }
-                let mut delete = tx.prepare_cached("DELETE FROM hash_cache WHERE ws = ?1 AND path = ?2")?;
-                for path in &batch.cache_del {
-                    delete.execute(params![ws.as_str(), path.as_str()])?;
-                }
             }
+            cache::put(&tx, ws, &batch.cache_put, &batch.cache_del, &batch.manifests)?;
             if let Some(seq) = batch.last_seq {
                 tx.execute(
                     "UPDATE workspaces SET last_seq = MAX(last_seq, ?2) WHERE id = ?1",
@@ -281,34 +277,62 @@ impl NodeDb {
         })
     }
 
+    /// The cache record of one path.
+    pub fn cache_get(
+        &self,
+        ws: &WorkspaceId,
+        path: &RelPath,
+    ) -> Result<Option<CacheRecord>, StoreError> {
+        let row = self.with(|c| cache::get(c, ws, path))?;
+        row.transpose().map_err(|e| self.corrupt(e))
+    }
+
     /// Cache records at or under `top` (all when `None`).
     pub fn cache_under(
         &self,
         ws: &WorkspaceId,
         top: Option<&RelPath>,
     ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
-        let rows: Vec<(String, Result<CacheRecord, String>)> = self.with(|c| {
-            const COLUMNS: &str = "path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns";
-            match top {
-                None => {
-                    let mut stmt = c.prepare_cached(&format!("SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1"))?;
-                    stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, cache_from_row(r, 1)?)))?.collect()
-                }
-                Some(top) => {
-                    let (low, high) = subtree_bounds(top.as_str());
-                    let mut stmt = c.prepare_cached(&format!(
-                        "SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1 AND (path = ?2 OR (path > ?3 AND path < ?4))"
-                    ))?;
-                    stmt.query_map(params![ws.as_str(), top.as_str(), low, high], |r| {
-                        Ok((r.get(0)?, cache_from_row(r, 1)?))
-                    })?
-                    .collect()
-                }
-            }
-        })?;
+        let rows = self.with(|c| cache::under(c, ws, top))?;
         let mut out = HashMap::with_capacity(rows.len());
         for (path, record) in rows {
             out.insert(self.path_of(&path)?, record.map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
+    }
+
+    /// The stored chunk list of `path` (`None` when none is stored).
+    pub fn manifest(
+        &self,
+        ws: &WorkspaceId,
+        path: &RelPath,
+    ) -> Result<Option<Manifest>, StoreError> {
+        let rows = self.with(|c| cache::manifest(c, ws, path))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        cache::decode_manifest(rows)
+            .map(Some)
+            .map_err(|e| self.corrupt(e))
+    }
+
+    /// Where each chunk hash can be read locally, for those that can.
+    pub fn locate_chunks(
+        &self,
+        ws: &WorkspaceId,
+        hashes: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, ChunkLocation>, StoreError> {
+        let rows = self.with(|c| cache::locate(c, ws, hashes))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (hash, (path, offset, len)) in rows {
+            out.insert(
+                hash,
+                ChunkLocation {
+                    path: self.path_of(&path)?,
+                    offset,
+                    len,
+                },
+            );
         }
         Ok(out)
     }
