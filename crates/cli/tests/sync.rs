@@ -678,3 +678,40 @@ fn large_files_move_only_the_chunks_that_changed() {
     assert_eq!(counter(&c.hub, "bytes_received"), received);
     assert_eq!(counter(&c.hub, "bytes_sent"), sent);
 }
+
+#[test]
+fn ignored_paths_are_never_sent_or_journaled() {
+    let mut c = cluster();
+    write(&c.a.path(".gmignore"), "*.log\nbuild/\n");
+    write(&c.a.path("keep.txt"), "k");
+    write(&c.a.path("debug.log"), "noise");
+    write(&c.a.path("build/out.o"), "object");
+    c.a.start();
+    c.b.start();
+    let mirror = c.mirror();
+    let others: [&std::path::Path; 2] = [&c.b.root, &mirror];
+    wait_all("rules and kept files on b and the hub", &others, |t| {
+        t.contains_key(".gmignore") && t.contains_key("keep.txt")
+    });
+    write(&c.a.path("later.log"), "more noise");
+    write(&c.a.path("sub/x.txt"), "x");
+    wait_all("later file", &others, |t| t.contains_key("sub/x.txt"));
+    // A hub-side tool writing an ignored file: not journaled either.
+    write(&c.mirror().join("tool.log"), "hub noise");
+    write(&c.mirror().join("tool.txt"), "hub ok");
+    wait_until("hub-side file reaches b", || c.b.path("tool.txt").exists());
+    for root in [&c.b.root, &c.mirror()] {
+        let tree = tree(root);
+        assert!(
+            !tree.contains_key("debug.log")
+                && !tree.contains_key("build")
+                && !tree.contains_key("later.log"),
+            "{tree:?}"
+        );
+    }
+    assert!(!c.b.path("tool.log").exists());
+    assert!(
+        c.a.path("debug.log").exists(),
+        "ignored files stay where they are"
+    );
+}

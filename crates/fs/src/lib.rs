@@ -18,6 +18,7 @@
 
 pub mod assemble;
 pub mod error;
+pub mod ignore;
 pub mod lock;
 pub mod root;
 pub mod scan;
@@ -27,6 +28,7 @@ pub mod watch;
 pub use assemble::Piece;
 pub use error::FsError;
 pub use gm_core::{CacheRecord, Kind, Stat};
+pub use ignore::IgnoreRules;
 pub use lock::DirLock;
 pub use root::{Expect, Root, StagedFile};
 pub use scan::{ScanConfig, ScanOutcome, Scanned, scan_tree};

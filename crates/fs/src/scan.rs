@@ -22,6 +22,7 @@ use gm_core::{CacheRecord, ContentHash, Entry, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::error::FsError;
+use crate::ignore::IgnoreRules;
 use crate::root::{Root, read_link_at};
 use crate::stat::from_raw;
 use gm_core::{Kind, Stat};
@@ -95,6 +96,7 @@ pub fn scan_tree(
     recursive: bool,
     cache: &HashMap<RelPath, CacheRecord>,
     config: &ScanConfig,
+    ignore: &IgnoreRules,
 ) -> Result<ScanOutcome, FsError> {
     let mut outcome = ScanOutcome {
         found: true,
@@ -118,6 +120,10 @@ pub fn scan_tree(
                 outcome.found = false;
                 return Ok(outcome);
             };
+            if ignore.is_ignored(top, stat.kind == Kind::Dir) {
+                outcome.found = false;
+                return Ok(outcome);
+            }
             if stat.kind == Kind::Dir && recursive {
                 match root.open_dir(top) {
                     Ok(fd) => stack.push((fd, Some(top.clone()))),
@@ -141,7 +147,15 @@ pub fn scan_tree(
         }
     }
     while let Some((dir, prefix)) = stack.pop() {
-        walk_dir(root, dir, prefix, &mut walked, &mut stack, &mut outcome)?;
+        walk_dir(
+            root,
+            dir,
+            prefix,
+            &mut walked,
+            &mut stack,
+            &mut outcome,
+            ignore,
+        )?;
     }
 
     // Hash what the cache cannot vouch for, on a bounded pool.
@@ -236,6 +250,7 @@ fn walk_dir(
     walked: &mut Vec<Walked>,
     stack: &mut Vec<(OwnedFd, Option<RelPath>)>,
     outcome: &mut ScanOutcome,
+    ignore: &IgnoreRules,
 ) -> Result<(), FsError> {
     let problems = &mut outcome.problems;
     let unreadable = &mut outcome.unreadable;
@@ -301,6 +316,9 @@ fn walk_dir(
                 continue;
             }
         };
+        if ignore.is_ignored(&path, stat.kind == Kind::Dir) {
+            continue;
+        }
         let mut link_target = None;
         match stat.kind {
             Kind::Dir => {
@@ -409,7 +427,7 @@ mod tests {
             hash_workers: 2,
         };
         let mut cache = HashMap::new();
-        let first = scan_tree(&root, None, true, &cache, &config).unwrap();
+        let first = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
         assert_eq!(first.hashed, 2);
         let names: Vec<_> = first
             .entries
@@ -421,11 +439,19 @@ mod tests {
             matches!(&first.entries[3].entry, Entry::Symlink { target } if target == "/etc/passwd")
         );
         cache_of(&first, &mut cache);
-        let second = scan_tree(&root, None, true, &cache, &config).unwrap();
+        let second = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
         assert_eq!((second.hashed, second.cache_hits), (0, 2));
         // A change is seen; a subtree scan sees only its subtree.
         std::fs::write(dir.path().join("a/b/f"), b"changed").unwrap();
-        let sub = scan_tree(&root, Some(&rel("a/b")), true, &cache, &config).unwrap();
+        let sub = scan_tree(
+            &root,
+            Some(&rel("a/b")),
+            true,
+            &cache,
+            &config,
+            &IgnoreRules::none(),
+        )
+        .unwrap();
         assert_eq!(sub.hashed, 1);
         assert_eq!(sub.entries.len(), 2);
         assert_eq!(
@@ -444,11 +470,49 @@ mod tests {
             hash_workers: 1,
         };
         let mut cache = HashMap::new();
-        let first = scan_tree(&root, None, true, &cache, &config).unwrap();
+        let first = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
         assert_eq!(first.racy, 1);
         cache_of(&first, &mut cache);
-        let second = scan_tree(&root, None, true, &cache, &config).unwrap();
+        let second = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
         assert_eq!(second.hashed, 1, "a racily clean record is not trusted");
+    }
+
+    #[test]
+    fn ignored_paths_are_neither_walked_nor_hashed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        std::fs::write(dir.path().join(".gmignore"), "*.log\nbuild/\n").unwrap();
+        std::fs::write(dir.path().join("keep.txt"), b"k").unwrap();
+        std::fs::write(dir.path().join("debug.log"), b"l").unwrap();
+        std::fs::create_dir_all(dir.path().join("build/deep")).unwrap();
+        std::fs::write(dir.path().join("build/deep/out.o"), b"o").unwrap();
+        let rules = IgnoreRules::load(&root);
+        let outcome = scan_tree(
+            &root,
+            None,
+            true,
+            &HashMap::new(),
+            &ScanConfig::default(),
+            &rules,
+        )
+        .unwrap();
+        let names: Vec<_> = outcome
+            .entries
+            .iter()
+            .map(|e| e.path.as_str().to_string())
+            .collect();
+        assert_eq!(names, [".gmignore", "keep.txt"]);
+        assert_eq!(outcome.hashed, 2);
+        let sub = scan_tree(
+            &root,
+            Some(&rel("build/deep")),
+            true,
+            &HashMap::new(),
+            &ScanConfig::default(),
+            &rules,
+        )
+        .unwrap();
+        assert!(!sub.found && sub.entries.is_empty());
     }
 
     #[test]
@@ -464,8 +528,15 @@ mod tests {
             0,
         )
         .unwrap();
-        let outcome =
-            scan_tree(&root, None, true, &HashMap::new(), &ScanConfig::default()).unwrap();
+        let outcome = scan_tree(
+            &root,
+            None,
+            true,
+            &HashMap::new(),
+            &ScanConfig::default(),
+            &IgnoreRules::none(),
+        )
+        .unwrap();
         assert!(outcome.entries.is_empty(), "{:?}", outcome.entries);
         assert_eq!(outcome.problems.len(), 1);
         assert!(outcome.problems[0].contains("fifo"));
@@ -475,6 +546,7 @@ mod tests {
             true,
             &HashMap::new(),
             &ScanConfig::default(),
+            &IgnoreRules::none(),
         )
         .unwrap();
         assert!(!missing.found);

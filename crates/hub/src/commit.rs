@@ -22,7 +22,7 @@ use gm_core::{
     CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned,
     conflict_copy_name, decide_commit,
 };
-use gm_fs::{Expect, FsError, Root, scan_tree};
+use gm_fs::{Expect, FsError, IgnoreRules, Root, scan_tree};
 use gm_proto::pb;
 use gm_store::{ConflictRow, RecordBatch};
 
@@ -333,7 +333,14 @@ impl Ctx<'_> {
             .map(|r| (path.clone(), r))
             .into_iter()
             .collect();
-        let scan = scan_tree(&self.root, Some(path), false, &cache, &self.hub.config.scan)?;
+        let scan = scan_tree(
+            &self.root,
+            Some(path),
+            false,
+            &cache,
+            &self.hub.config.scan,
+            &IgnoreRules::none(),
+        )?;
         Counters::add(&self.hub.counters.files_hashed, scan.hashed);
         Counters::add(&self.hub.counters.hash_cache_hits, scan.cache_hits);
         if !scan.unreadable.is_empty() {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use gm_core::{Entry, RelPath, Seq, Versioned};
-use gm_fs::{Root, scan_tree};
+use gm_fs::{IgnoreRules, Root, scan_tree};
 use gm_store::RecordBatch;
 
 use crate::state::{Counters, Hub, Workspace};
@@ -112,6 +112,10 @@ pub fn observe_locked(
         ..Default::default()
     };
     let mut racy = Vec::new();
+    let rules = IgnoreRules::load(&root);
+    for problem in &rules.problems {
+        tracing::warn!(workspace = %ws.id, problem = %problem, "ignore rules");
+    }
     for top in &tops {
         let cache = match (top, recursive) {
             (Some(path), false) => hub
@@ -121,7 +125,14 @@ pub fn observe_locked(
                 .unwrap_or_default(),
             (top, _) => hub.db.cache_under(&ws.id, top.as_ref())?,
         };
-        let scan = scan_tree(&root, top.as_ref(), recursive, &cache, &hub.config.scan)?;
+        let scan = scan_tree(
+            &root,
+            top.as_ref(),
+            recursive,
+            &cache,
+            &hub.config.scan,
+            &rules,
+        )?;
         Counters::add(&hub.counters.files_hashed, scan.hashed);
         Counters::add(&hub.counters.hash_cache_hits, scan.cache_hits);
         for problem in &scan.problems {
@@ -136,9 +147,11 @@ pub fn observe_locked(
                 .collect(),
             (top, _) => hub.db.entries_under(&ws.id, top.as_ref())?,
         };
+        // Ignored paths are neither journaled nor deleted.
         let live: HashMap<&RelPath, &Entry> = journal
             .iter()
             .filter_map(|(path, v)| v.entry.as_ref().map(|e| (path, e)))
+            .filter(|(path, e)| !rules.is_ignored(path, e.is_dir()))
             .collect();
         let unreadable = |path: &RelPath| {
             scan.unreadable

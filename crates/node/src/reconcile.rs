@@ -28,7 +28,7 @@ use gm_core::{
     CacheRecord, ContentHash, Entry, NodeAction, RelPath, Seq, Stat, Versioned, WorkspaceId,
     decide_node, minimal_tops,
 };
-use gm_fs::{Expect, FsError, Root, ScanOutcome, scan_tree};
+use gm_fs::{Expect, FsError, IgnoreRules, Root, ScanOutcome, scan_tree};
 use gm_proto::pb;
 use gm_store::{NodeBatch, NodeDb};
 
@@ -99,6 +99,8 @@ pub struct Replica {
     last_deletion: Option<Instant>,
     /// Set by `confirm-empty`: the next emptying is deliberate.
     pub emptying_confirmed: bool,
+    /// Last reported problems with `.gmignore` (reported once per change).
+    ignore_problems: Vec<String>,
     /// Cache records still racily clean: path -> when to re-verify.
     pub racy: BTreeMap<RelPath, Instant>,
     batch: NodeBatch,
@@ -129,6 +131,7 @@ impl Replica {
             deferred: BTreeSet::new(),
             last_deletion: None,
             emptying_confirmed: false,
+            ignore_problems: Vec::new(),
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
         }
@@ -272,7 +275,14 @@ impl Replica {
                 Some(minimal_tops(paths))
             }
         };
-        let scans = self.scan(tops.clone()).await?;
+        let rules = Arc::new(IgnoreRules::load(&self.root));
+        if rules.problems != self.ignore_problems {
+            for problem in &rules.problems {
+                tracing::warn!(workspace = %self.id, problem = %problem, "ignore rules");
+            }
+            self.ignore_problems = rules.problems.clone();
+        }
+        let scans = self.scan(tops.clone(), rules.clone()).await?;
         let mut local: BTreeMap<RelPath, (Entry, Stat)> = BTreeMap::new();
         let mut unreadable: Vec<RelPath> = Vec::new();
         for scan in scans {
@@ -301,9 +311,37 @@ impl Replica {
                 .any(|u| u == path || u.is_ancestor_of(path))
         };
 
+        // Ignored paths are neither sent nor applied (the scan already
+        // skipped them locally).
+        let ignored = |path: &RelPath, state: Option<&Versioned>| match state
+            .and_then(|s| s.entry.as_ref())
+        {
+            Some(entry) => rules.is_ignored(path, entry.is_dir()),
+            None => rules.is_ignored_any(path),
+        };
+        // Remote changes to ignored paths are consumed without being applied.
+        let dropped: Vec<RelPath> = self
+            .remote
+            .iter()
+            .filter(|(p, v)| in_scope(p) && ignored(p, Some(v)))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for path in dropped {
+            self.remote.remove(&path);
+        }
         let mut candidates: BTreeSet<RelPath> = local.keys().cloned().collect();
-        candidates.extend(self.synced.keys().filter(|p| in_scope(p)).cloned());
-        candidates.extend(self.remote.keys().filter(|p| in_scope(p)).cloned());
+        candidates.extend(
+            self.synced
+                .iter()
+                .filter(|(p, v)| in_scope(p) && !ignored(p, Some(v)))
+                .map(|(p, _)| p.clone()),
+        );
+        candidates.extend(
+            self.remote
+                .iter()
+                .filter(|(p, v)| in_scope(p) && !ignored(p, Some(v)))
+                .map(|(p, _)| p.clone()),
+        );
         candidates.extend(self.force.keys().filter(|p| in_scope(p)).cloned());
 
         let mut stats = RoundStats::default();
@@ -430,7 +468,11 @@ impl Replica {
         Ok(stats)
     }
 
-    async fn scan(&self, tops: Option<Vec<RelPath>>) -> Result<Vec<ScanOutcome>, SyncError> {
+    async fn scan(
+        &self,
+        tops: Option<Vec<RelPath>>,
+        rules: Arc<IgnoreRules>,
+    ) -> Result<Vec<ScanOutcome>, SyncError> {
         let root = self.root.clone();
         let db = self.db.clone();
         let id = self.id.clone();
@@ -440,12 +482,12 @@ impl Replica {
             match tops {
                 None => {
                     let cache = db.cache_under(&id, None)?;
-                    out.push(scan_tree(&root, None, true, &cache, &config)?);
+                    out.push(scan_tree(&root, None, true, &cache, &config, &rules)?);
                 }
                 Some(tops) => {
                     for top in tops {
                         let cache = db.cache_under(&id, Some(&top))?;
-                        out.push(scan_tree(&root, Some(&top), true, &cache, &config)?);
+                        out.push(scan_tree(&root, Some(&top), true, &cache, &config, &rules)?);
                     }
                 }
             }
