@@ -41,6 +41,21 @@ pub enum LogFormat {
     Json,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn byte_counts() {
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
+        assert_eq!(parse_bytes("50M"), Ok(50 << 20));
+        assert_eq!(parse_bytes("512k"), Ok(512 << 10));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert!(parse_bytes("fast").unwrap_err().contains("fast"));
+        assert!(parse_bytes("99999999999999G").is_err());
+    }
+}
+
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the hub: mirrors, journal, gRPC for nodes, admin HTTP.
@@ -60,6 +75,14 @@ pub struct ScanArgs {
     /// Threads that hash file content (default: number of cores).
     #[arg(long, env = "GM_HASH_WORKERS")]
     pub hash_workers: Option<usize>,
+    /// Most file reads outstanding at once, over hashing and transfers
+    /// (default: number of cores). Tune down on NFS.
+    #[arg(long, env = "GM_IO_CONCURRENCY")]
+    pub io_concurrency: Option<usize>,
+    /// Most bytes read per second over hashing and transfers, e.g. `50M`
+    /// (K, M, G are powers of 1024; 0 or unset: no limit).
+    #[arg(long, env = "GM_READ_RATE_LIMIT", value_parser = parse_bytes)]
+    pub read_rate_limit: Option<u64>,
     /// Cache records taken less than this long after a file's last change
     /// are verified again later (racily clean).
     #[arg(long, env = "GM_RACY_WINDOW_MS", default_value_t = 2000)]
@@ -75,16 +98,40 @@ pub struct ScanArgs {
     pub rescan_interval: u64,
 }
 
+/// Parses a byte count with an optional K/M/G suffix (powers of 1024).
+pub fn parse_bytes(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    let (digits, factor) = match raw.chars().last() {
+        Some('k' | 'K') => (&raw[..raw.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&raw[..raw.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&raw[..raw.len() - 1], 1 << 30),
+        _ => (raw, 1),
+    };
+    digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .ok_or_else(|| format!("{raw:?} is not a byte count (e.g. 1048576, 512K, 50M, 2G)"))
+}
+
 impl ScanArgs {
     fn scan_config(&self) -> anyhow::Result<ScanConfig> {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         let workers = match self.hash_workers {
             Some(0) => bail!("GM_HASH_WORKERS / --hash-workers must be at least 1"),
             Some(n) => n,
-            None => std::thread::available_parallelism().map_or(2, usize::from),
+            None => cores,
+        };
+        let io = match self.io_concurrency {
+            Some(0) => bail!("GM_IO_CONCURRENCY / --io-concurrency must be at least 1"),
+            Some(n) => n,
+            None => cores,
         };
         Ok(ScanConfig {
             racy_window_ns: (self.racy_window_ms as i64).saturating_mul(1_000_000),
             hash_workers: workers,
+            io: std::sync::Arc::new(gm_fs::IoGate::new(io, self.read_rate_limit)),
         })
     }
 

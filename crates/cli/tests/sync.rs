@@ -715,3 +715,74 @@ fn ignored_paths_are_never_sent_or_journaled() {
         "ignored files stay where they are"
     );
 }
+
+#[test]
+fn io_limits_are_honoured_and_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start_with(
+        dir.path(),
+        &[
+            ("GM_HASH_WORKERS", "4"),
+            ("GM_IO_CONCURRENCY", "1"),
+            ("GM_READ_RATE_LIMIT", "64M"),
+        ],
+    );
+    let mut a = Node::new(dir.path(), &hub, "node-a", WS);
+    a.start();
+    write(&a.path("seed"), "s");
+    wait_until("workspace exists on the hub", || {
+        hub.mirror(WS).join("seed").exists()
+    });
+    for i in 0..40 {
+        write(
+            &hub.mirror(WS).join(format!("tool/{i}.bin")),
+            &"x".repeat(64 * 1024 + i),
+        );
+    }
+    wait_until("hub-side files reach the node", || {
+        a.path("tool/39.bin").exists()
+    });
+    let status = hub.status();
+    let settings = &status["settings"];
+    assert_eq!(settings["hash_workers"], 4, "{status}");
+    assert_eq!(settings["io_concurrency"], 1, "{status}");
+    assert_eq!(settings["read_rate_limit"], 64 << 20, "{status}");
+    let observed = settings["io_max_observed"].as_u64().unwrap_or(99);
+    assert!(
+        (1..=1).contains(&observed),
+        "observed {observed} reads at once with a limit of 1: {status}"
+    );
+}
+
+#[test]
+fn invalid_settings_fail_at_start_and_name_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (key, value) in [
+        ("GM_IO_CONCURRENCY", "0"),
+        ("GM_HASH_WORKERS", "0"),
+        ("GM_READ_RATE_LIMIT", "fast"),
+    ] {
+        let out = command()
+            .args([
+                "hub",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                "--token",
+                TOKEN,
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join(key))
+            .env(key, value)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{key}={value} was accepted");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(key)
+                || stderr.contains(&key.to_lowercase().replace("gm_", "").replace('_', "-")),
+            "{key}: {stderr}"
+        );
+    }
+}

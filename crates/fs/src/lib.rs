@@ -19,6 +19,7 @@
 pub mod assemble;
 pub mod error;
 pub mod ignore;
+pub mod io;
 pub mod lock;
 pub mod root;
 pub mod scan;
@@ -29,6 +30,7 @@ pub use assemble::Piece;
 pub use error::FsError;
 pub use gm_core::{CacheRecord, Kind, Stat};
 pub use ignore::IgnoreRules;
+pub use io::IoGate;
 pub use lock::DirLock;
 pub use root::{Expect, Root, StagedFile};
 pub use scan::{ScanConfig, ScanOutcome, Scanned, scan_tree};

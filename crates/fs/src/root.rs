@@ -245,15 +245,26 @@ impl Root {
         &self,
         path: &RelPath,
     ) -> Result<(ContentHash, Stat, Option<Manifest>), FsError> {
+        self.hash_file_gated(path, &crate::io::IoGate::unlimited())
+    }
+
+    /// `hash_file` with every read counted against `io`'s rate limit (the
+    /// caller holds an `io` permit).
+    pub fn hash_file_gated(
+        &self,
+        path: &RelPath,
+        io: &crate::io::IoGate,
+    ) -> Result<(ContentHash, Stat, Option<Manifest>), FsError> {
         let (file, before) = self.open_read(path)?;
-        let chunked = gm_chunk::chunk_reader(&file, before.size).map_err(|e| match e {
-            gm_chunk::ChunkError::Read(io) => FsError::io("read", self.shown(path), io),
-            other => FsError::io(
-                "read",
-                self.shown(path),
-                std::io::Error::other(other.to_string()),
-            ),
-        })?;
+        let chunked =
+            gm_chunk::chunk_reader(io.reader(&file), before.size).map_err(|e| match e {
+                gm_chunk::ChunkError::Read(io) => FsError::io("read", self.shown(path), io),
+                other => FsError::io(
+                    "read",
+                    self.shown(path),
+                    std::io::Error::other(other.to_string()),
+                ),
+            })?;
         let after = from_raw(
             &rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?,
         );

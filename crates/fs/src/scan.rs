@@ -14,8 +14,8 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use gm_chunk::Manifest;
 use gm_core::{CacheRecord, ContentHash, Entry, RelPath};
@@ -23,14 +23,19 @@ use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::error::FsError;
 use crate::ignore::IgnoreRules;
+use crate::io::IoGate;
 use crate::root::{Root, read_link_at};
 use crate::stat::from_raw;
 use gm_core::{Kind, Stat};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ScanConfig {
     pub racy_window_ns: i64,
+    /// Threads that hash file content.
     pub hash_workers: usize,
+    /// Outstanding reads and read rate, shared with every other bulk reader
+    /// of the process.
+    pub io: Arc<IoGate>,
 }
 
 impl Default for ScanConfig {
@@ -38,6 +43,7 @@ impl Default for ScanConfig {
         ScanConfig {
             racy_window_ns: 2_000_000_000,
             hash_workers: std::thread::available_parallelism().map_or(2, usize::from),
+            io: Arc::new(IoGate::unlimited()),
         }
     }
 }
@@ -170,7 +176,13 @@ pub fn scan_tree(
             }
         }
     }
-    let hashed = hash_many(root, &walked, &to_hash, config.hash_workers.max(1));
+    let hashed = hash_many(
+        root,
+        &walked,
+        &to_hash,
+        config.hash_workers.max(1),
+        &config.io,
+    );
     let mut fresh: HashMap<usize, (ContentHash, Stat)> = HashMap::with_capacity(hashed.len());
     for (index, result) in hashed {
         match result {
@@ -369,7 +381,13 @@ type HashResult = (
     Result<(ContentHash, Stat, Option<Manifest>), FsError>,
 );
 
-fn hash_many(root: &Root, walked: &[Walked], indices: &[usize], workers: usize) -> Vec<HashResult> {
+fn hash_many(
+    root: &Root,
+    walked: &[Walked],
+    indices: &[usize],
+    workers: usize,
+    io: &IoGate,
+) -> Vec<HashResult> {
     if indices.is_empty() {
         return Vec::new();
     }
@@ -384,11 +402,13 @@ fn hash_many(root: &Root, walked: &[Walked], indices: &[usize], workers: usize) 
                     let at = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&index) = indices.get(at) else { break };
                     let path = &walked[index].path;
-                    let mut result = root.hash_file(path);
+                    let permit = io.acquire();
+                    let mut result = root.hash_file_gated(path, io);
                     // A file that changed while being read gets one more try.
                     if matches!(result, Err(FsError::TargetChanged { .. })) {
-                        result = root.hash_file(path);
+                        result = root.hash_file_gated(path, io);
                     }
+                    drop(permit);
                     local.push((index, result));
                 }
                 if let Ok(mut all) = results.lock() {
@@ -425,6 +445,7 @@ mod tests {
         let config = ScanConfig {
             racy_window_ns: 0,
             hash_workers: 2,
+            ..Default::default()
         };
         let mut cache = HashMap::new();
         let first = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
@@ -468,6 +489,7 @@ mod tests {
         let config = ScanConfig {
             racy_window_ns: 60_000_000_000,
             hash_workers: 1,
+            ..Default::default()
         };
         let mut cache = HashMap::new();
         let first = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
@@ -475,6 +497,35 @@ mod tests {
         cache_of(&first, &mut cache);
         let second = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
         assert_eq!(second.hashed, 1, "a racily clean record is not trusted");
+    }
+
+    #[test]
+    fn hashing_respects_the_io_concurrency() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        for i in 0..64 {
+            std::fs::write(dir.path().join(format!("f{i}")), vec![i as u8; 64 << 10]).unwrap();
+        }
+        let config = ScanConfig {
+            racy_window_ns: 0,
+            hash_workers: 8,
+            io: Arc::new(IoGate::new(2, None)),
+        };
+        let outcome = scan_tree(
+            &root,
+            None,
+            true,
+            &HashMap::new(),
+            &config,
+            &IgnoreRules::none(),
+        )
+        .unwrap();
+        assert_eq!(outcome.hashed, 64);
+        let seen = config.io.max_observed();
+        assert!(
+            (1..=2).contains(&seen),
+            "{seen} reads at once with a limit of 2"
+        );
     }
 
     #[test]

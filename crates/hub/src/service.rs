@@ -374,8 +374,10 @@ impl Sync for SyncService {
                     last: false,
                     error,
                 };
+                let io = &hub.config.scan.io;
+                let _permit = io.acquire();
                 let mut file = match root.open_read(&path) {
-                    Ok((file, _)) => file,
+                    Ok((file, _)) => io.reader(file),
                     Err(err) => {
                         if tx
                             .blocking_send(Ok(fail(format!("{path}: {err}"))))
@@ -504,6 +506,14 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             hub_side_changes: c.hub_side_changes,
             local_copies: c.local_copies,
             chunk_bytes_reused: c.chunk_bytes_reused,
+        }),
+        settings: Some(pb::Settings {
+            hash_workers: hub.config.scan.hash_workers as u64,
+            io_concurrency: hub.config.scan.io.concurrency() as u64,
+            read_rate_limit: hub.config.scan.io.rate().unwrap_or(0),
+            io_max_observed: hub.config.scan.io.max_observed() as u64,
+            racy_window_ms: (hub.config.scan.racy_window_ns / 1_000_000).max(0) as u64,
+            max_file_size: hub.config.max_file_size,
         }),
     })
 }

@@ -260,6 +260,8 @@ pub fn read_chunks(
     tx: &mpsc::Sender<Result<pb::ChunkData, Status>>,
 ) {
     let root = ws.root();
+    let io = &hub.config.scan.io;
+    let _permit = io.acquire();
     let file = match root.open_read(path) {
         Ok((file, _)) => file,
         Err(err) => {
@@ -276,6 +278,7 @@ pub fn read_chunks(
                 return;
             }
         };
+        io.throttle(data.len());
         Counters::add(&hub.counters.bytes_sent, data.len() as u64);
         let (data, zstd) = gm_chunk::encode(&data);
         let message = pb::ChunkData {

@@ -62,6 +62,14 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
         .map_err(|e| anyhow::anyhow!("{e}; one node per state dir"))?;
     let db = Arc::new(NodeDb::open(&config.state_dir.join("node.db"))?);
     let client = client::connect(&config)?;
+    tracing::info!(
+        node = %config.node_id,
+        hub = %config.hub_url,
+        hash_workers = config.scan.hash_workers,
+        io_concurrency = config.scan.io.concurrency(),
+        read_rate_limit = config.scan.io.rate().unwrap_or(0),
+        "node settings"
+    );
     let config = Arc::new(config);
     let mut tasks = tokio::task::JoinSet::new();
     for (id, path) in config.workspaces.clone() {

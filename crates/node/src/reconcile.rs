@@ -476,7 +476,7 @@ impl Replica {
         let root = self.root.clone();
         let db = self.db.clone();
         let id = self.id.clone();
-        let config = self.config.scan;
+        let config = self.config.scan.clone();
         let scans = tokio::task::spawn_blocking(move || -> Result<Vec<ScanOutcome>, SyncError> {
             let mut out = Vec::new();
             match tops {
@@ -841,6 +841,7 @@ impl Replica {
                                         &item.path,
                                         *hash,
                                         *size,
+                                        self.config.scan.io.clone(),
                                     )
                                     .await
                                     {

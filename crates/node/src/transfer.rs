@@ -155,6 +155,7 @@ pub async fn upload(
     path: &RelPath,
     hash: ContentHash,
     size: u64,
+    io: Arc<gm_fs::IoGate>,
 ) -> Result<UploadStats, SyncError> {
     let manifest = {
         let (db, workspace, root, path) =
@@ -217,11 +218,13 @@ pub async fn upload(
     };
     let (root, reader_path) = (root.clone(), path.clone());
     let reader = tokio::task::spawn_blocking(move || -> Result<(), SyncError> {
+        let _permit = io.acquire();
         let (file, _) = root.open_read(&reader_path)?;
         let offsets = manifest.offsets();
         for index in need {
             let chunk = &manifest.chunks[index as usize];
             let data = root.read_range(&file, &reader_path, offsets[index as usize], chunk.len)?;
+            io.throttle(data.len());
             if ContentHash::of(&data) != chunk.hash {
                 return Err(SyncError::Retry(anyhow::anyhow!(
                     "{reader_path} changed while being uploaded"

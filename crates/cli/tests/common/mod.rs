@@ -58,6 +58,8 @@ fn print_log(name: &str, path: &Path) {
 
 pub struct Hub {
     child: Option<Child>,
+    /// Extra environment for every start of this hub.
+    pub env: Vec<(String, String)>,
     pub data_dir: PathBuf,
     pub url: String,
     pub admin: String,
@@ -67,8 +69,16 @@ pub struct Hub {
 
 impl Hub {
     pub fn start(base: &Path) -> Hub {
+        Hub::start_with(base, &[])
+    }
+
+    pub fn start_with(base: &Path, env: &[(&str, &str)]) -> Hub {
         let mut hub = Hub {
             child: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             data_dir: base.join("hub"),
             url: String::new(),
             admin: String::new(),
@@ -89,6 +99,7 @@ impl Hub {
             .open(&self.log)
             .expect("open hub log");
         let child = command()
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args([
                 "hub",
                 "--listen",
