@@ -838,9 +838,11 @@ impl Replica {
                                         &self.db,
                                         &self.id,
                                         &self.root,
-                                        &item.path,
-                                        *hash,
-                                        *size,
+                                        &transfer::FileToSend {
+                                            path: item.path.clone(),
+                                            hash: *hash,
+                                            size: *size,
+                                        },
                                         self.config.scan.io.clone(),
                                     )
                                     .await

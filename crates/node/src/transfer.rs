@@ -145,6 +145,13 @@ fn local_manifest(
     Ok(manifest.unwrap_or_else(|| Manifest::single(hash, stat.size)))
 }
 
+/// One local file to upload: where it is and what it should hold.
+pub struct FileToSend {
+    pub path: RelPath,
+    pub hash: ContentHash,
+    pub size: u64,
+}
+
 /// Sends one large file: its chunk list first, then only the chunks the hub
 /// says it lacks. The hub stages it for the commit that names `hash`.
 pub async fn upload(
@@ -152,11 +159,10 @@ pub async fn upload(
     db: &Arc<NodeDb>,
     workspace: &WorkspaceId,
     root: &Arc<Root>,
-    path: &RelPath,
-    hash: ContentHash,
-    size: u64,
+    file: &FileToSend,
     io: Arc<gm_fs::IoGate>,
 ) -> Result<UploadStats, SyncError> {
+    let (path, hash, size) = (&file.path, file.hash, file.size);
     let manifest = {
         let (db, workspace, root, path) =
             (db.clone(), workspace.clone(), root.clone(), path.clone());
