@@ -3,6 +3,7 @@
 //! crates. The only place that prints to stdout.
 
 mod args;
+mod progress;
 mod status;
 
 use std::process::ExitCode;
@@ -52,7 +53,17 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Node(args) => {
             let config = args.into_config()?;
-            gm_node::run(config, shutdown_on_signal()).await
+            let progress = std::sync::Arc::new(gm_node::Progress::default());
+            let shown = CancellationToken::new();
+            let reporter = config
+                .once
+                .then(|| tokio::spawn(progress::report(progress.clone(), shown.clone())));
+            let result = gm_node::run(config, shutdown_on_signal(), progress).await;
+            shown.cancel();
+            if let Some(reporter) = reporter {
+                let _ = reporter.await;
+            }
+            result
         }
         Command::Status(args) => status::run(args).await,
         Command::ConfirmEmpty(args) => args.run(),

@@ -26,6 +26,52 @@ use tokio_util::sync::CancellationToken;
 
 pub use client::SyncError;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Work planned and done, for a progress display (`--once`). Counts every
+/// path a round decided to write, delete or propose; bytes count file
+/// content.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub files_total: AtomicU64,
+    pub files_done: AtomicU64,
+    pub bytes_total: AtomicU64,
+    pub bytes_done: AtomicU64,
+}
+
+fn file_bytes(entry: Option<&gm_core::Entry>) -> u64 {
+    match entry {
+        Some(gm_core::Entry::File { size, .. }) => *size,
+        _ => 0,
+    }
+}
+
+impl Progress {
+    pub fn plan<'a>(&self, entries: impl Iterator<Item = Option<&'a gm_core::Entry>>) {
+        for entry in entries {
+            self.files_total.fetch_add(1, Ordering::Relaxed);
+            self.bytes_total
+                .fetch_add(file_bytes(entry), Ordering::Relaxed);
+        }
+    }
+
+    pub fn advance(&self, entry: Option<&gm_core::Entry>) {
+        self.files_done.fetch_add(1, Ordering::Relaxed);
+        self.bytes_done
+            .fetch_add(file_bytes(entry), Ordering::Relaxed);
+    }
+
+    /// (files done, files total, bytes done, bytes total)
+    pub fn snapshot(&self) -> (u64, u64, u64, u64) {
+        (
+            self.files_done.load(Ordering::Relaxed),
+            self.files_total.load(Ordering::Relaxed),
+            self.bytes_done.load(Ordering::Relaxed),
+            self.bytes_total.load(Ordering::Relaxed),
+        )
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub hub_url: String,
@@ -52,7 +98,11 @@ pub struct NodeConfig {
 
 /// Runs every bound workspace until `shutdown` (or, with `once`, until each
 /// has reconciled). Errors name the workspace and what went wrong.
-pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: NodeConfig,
+    shutdown: CancellationToken,
+    progress: Arc<Progress>,
+) -> anyhow::Result<()> {
     if config.workspaces.is_empty() {
         anyhow::bail!("no workspace bound: pass --workspace ID=PATH (or GM_WORKSPACES)");
     }
@@ -80,6 +130,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> anyhow::Res
             db.clone(),
             client.clone(),
             shutdown.clone(),
+            progress.clone(),
         );
         tasks.spawn(async move { (id, session.run().await) });
     }

@@ -32,9 +32,9 @@ use gm_fs::{Expect, FsError, IgnoreRules, Root, ScanOutcome, scan_tree};
 use gm_proto::pb;
 use gm_store::{NodeBatch, NodeDb};
 
-use crate::NodeConfig;
 use crate::client::{Client, SyncError};
 use crate::transfer::{self, DownloadFailure, DownloadItem};
+use crate::{NodeConfig, Progress};
 
 /// Which paths a round looks at.
 #[derive(Debug, Clone)]
@@ -101,6 +101,7 @@ pub struct Replica {
     pub emptying_confirmed: bool,
     /// Last reported problems with `.gmignore` (reported once per change).
     ignore_problems: Vec<String>,
+    pub progress: Arc<Progress>,
     /// Cache records still racily clean: path -> when to re-verify.
     pub racy: BTreeMap<RelPath, Instant>,
     batch: NodeBatch,
@@ -132,6 +133,7 @@ impl Replica {
             last_deletion: None,
             emptying_confirmed: false,
             ignore_problems: Vec::new(),
+            progress: Arc::new(Progress::default()),
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
         }
@@ -449,6 +451,12 @@ impl Replica {
 
         // Creations and updates go parent-first, deletions child-first; new
         // content lands before old content leaves, so renames find their bytes.
+        self.progress.plan(
+            applies
+                .iter()
+                .map(|a| a.target.entry.as_ref())
+                .chain(proposals.iter().map(|p| p.local.as_ref().map(|(e, _)| e))),
+        );
         let (apply_deletes, apply_writes): (Vec<_>, Vec<_>) =
             applies.into_iter().partition(|a| a.target.entry.is_none());
         let (propose_deletes, propose_writes): (Vec<_>, Vec<_>) =
@@ -576,6 +584,7 @@ impl Replica {
                     if let Some((stat, hash)) = file {
                         self.put_cache(&item.path, stat, hash);
                     }
+                    self.progress.advance(item.target.entry.as_ref());
                     self.set_synced(&item.path, item.target);
                     stats.applied += 1;
                 }
@@ -613,6 +622,7 @@ impl Replica {
                 Some(Ok((stat, manifest))) => {
                     self.put_cache(&item.path, stat, item.hash);
                     self.batch.manifests.push((item.path.clone(), manifest));
+                    self.progress.advance(target.entry.as_ref());
                     self.set_synced(&item.path, target);
                     stats.applied += 1;
                 }
@@ -651,6 +661,7 @@ impl Replica {
                     match outcomes.get(&position) {
                         Some(Ok(stat)) => {
                             self.put_cache(&item.path, *stat, item.hash);
+                            self.progress.advance(target.entry.as_ref());
                             self.set_synced(&item.path, target.clone());
                             stats.applied += 1;
                         }
@@ -730,6 +741,7 @@ impl Replica {
             match result {
                 Ok(()) => {
                     self.batch.cache_del.push(item.path.clone());
+                    self.progress.advance(None);
                     self.set_synced(&item.path, item.target);
                     stats.applied += 1;
                 }
@@ -808,6 +820,7 @@ impl Replica {
                     .into_inner();
                 for ((path, base, local), result) in members.into_iter().zip(response.results) {
                     stats.proposed += 1;
+                    self.progress.advance(local.as_ref().map(|(e, _)| e));
                     match result.outcome {
                         Some(pb::op_result::Outcome::Committed(done)) => {
                             let entry = local.as_ref().map(|(e, _)| e.clone());

@@ -40,6 +40,7 @@ pub struct WorkspaceTask {
     client: Client,
     shutdown: CancellationToken,
     tag: String,
+    progress: Arc<crate::Progress>,
 }
 
 enum Incoming {
@@ -56,6 +57,7 @@ impl WorkspaceTask {
         db: Arc<NodeDb>,
         client: Client,
         shutdown: CancellationToken,
+        progress: Arc<crate::Progress>,
     ) -> WorkspaceTask {
         let tag = format!("node{:08x}", rand::random::<u32>());
         WorkspaceTask {
@@ -66,6 +68,7 @@ impl WorkspaceTask {
             client,
             shutdown,
             tag,
+            progress,
         }
     }
 
@@ -237,6 +240,7 @@ impl WorkspaceTask {
             row.last_seq,
         );
         replica.emptying_confirmed = allow_empty;
+        replica.progress = self.progress.clone();
 
         // Watch before the first scan so nothing written meanwhile is missed.
         let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchEvent>();
