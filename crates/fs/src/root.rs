@@ -335,12 +335,23 @@ impl Root {
             file: Some(File::from(fd)),
             hasher: Hasher::new(),
             written: 0,
+            prepared: false,
         })
     }
 
     /// Checks `expect` against the target, then renames the staged entry
     /// `staged_name` onto `path` and fsyncs the directory.
     fn place(&self, staged_name: &str, path: &RelPath, expect: Expect) -> Result<Stat, FsError> {
+        self.place_with(staged_name, path, expect, true)
+    }
+
+    fn place_with(
+        &self,
+        staged_name: &str,
+        path: &RelPath,
+        expect: Expect,
+        sync_dir: bool,
+    ) -> Result<Stat, FsError> {
         let parent = self.parent(path, true)?;
         let current = self.stat_at(&parent, path)?;
         let result = match (expect, current) {
@@ -371,12 +382,20 @@ impl Root {
                 return Err(FsError::io("rename into place", self.shown(path), e));
             }
         }
-        rustix::fs::fsync(&parent)
-            .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        if sync_dir {
+            rustix::fs::fsync(&parent)
+                .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        }
         self.stat_at(&parent, path)?
             .ok_or_else(|| FsError::TargetChanged {
                 path: self.shown(path),
             })
+    }
+
+    /// Flushes everything written on this root's filesystem (`syncfs`):
+    /// one barrier for a whole group of staged files or renames.
+    pub fn sync_filesystem(&self) -> Result<(), FsError> {
+        rustix::fs::syncfs(&self.dir).map_err(|e| FsError::io("syncfs", self.path.display(), e))
     }
 
     /// Creates a directory (parents too). An existing directory is fine.
@@ -689,6 +708,8 @@ pub struct StagedFile {
     file: Option<File>,
     hasher: Hasher,
     written: u64,
+    /// Mode set, waiting for the group's `sync_filesystem` and its commit.
+    prepared: bool,
 }
 
 impl StagedFile {
@@ -784,6 +805,53 @@ impl StagedFile {
         let name = std::mem::take(&mut self.name);
         root.place(&name, path, expect)
     }
+
+    /// Group commit, step 1: sets the final mode on the open file. The
+    /// caller then makes the group durable with one
+    /// `Root::sync_filesystem` before any `commit_prepared`.
+    pub fn prepare(&mut self, executable: bool) -> Result<(), FsError> {
+        let Some(file) = self.file.as_ref() else {
+            return Err(FsError::Unsupported {
+                path: self.name.clone(),
+                what: "staged file already finished".into(),
+            });
+        };
+        rustix::fs::fchmod(file, Mode::from_raw_mode(file_mode(executable)))
+            .map_err(|e| FsError::io("chmod staging file", &self.name, e))?;
+        self.prepared = true;
+        Ok(())
+    }
+
+    /// Group commit, step 2: checks the hash and the target, renames into
+    /// place. The content and mode were made durable by the caller's
+    /// `sync_filesystem` after `prepare`; the rename is made durable by the
+    /// caller's next `sync_filesystem`, which must come before anything
+    /// records the file as landed.
+    pub fn commit_prepared(
+        mut self,
+        root: &Root,
+        path: &RelPath,
+        expected: ContentHash,
+        expect: Expect,
+    ) -> Result<Stat, FsError> {
+        if !self.prepared {
+            return Err(FsError::Unsupported {
+                path: root.shown(path),
+                what: "staged file was not prepared for a group commit".into(),
+            });
+        }
+        let actual = self.hasher.finalize();
+        if actual != expected {
+            return Err(FsError::HashMismatch {
+                path: root.shown(path),
+                expected: expected.to_hex(),
+                actual: actual.to_hex(),
+            });
+        }
+        drop(self.file.take());
+        let name = std::mem::take(&mut self.name);
+        root.place_with(&name, path, expect, false)
+    }
 }
 
 impl Drop for StagedFile {
@@ -826,6 +894,45 @@ mod tests {
         assert_eq!(
             std::fs::read(dir.path().join("a/b/c.sh")).unwrap(),
             b"#!/bin/sh\n"
+        );
+        assert_eq!(root.staging_entries().unwrap(), 0);
+    }
+
+    #[test]
+    fn group_commit_lands_after_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let mut staged = Vec::new();
+        for i in 0..10u8 {
+            let mut file = root.stage_file().unwrap();
+            file.write_all(&[i; 100]).unwrap();
+            file.prepare(i % 2 == 0).unwrap();
+            staged.push((i, file));
+        }
+        root.sync_filesystem().unwrap();
+        for (i, file) in staged {
+            let stat = file
+                .commit_prepared(
+                    &root,
+                    &rel(&format!("d/{i}")),
+                    ContentHash::of(&[i; 100]),
+                    Expect::Absent,
+                )
+                .unwrap();
+            assert_eq!(stat.executable(), i % 2 == 0);
+        }
+        root.sync_filesystem().unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("d/3")).unwrap(),
+            vec![3u8; 100]
+        );
+        assert_eq!(root.staging_entries().unwrap(), 0);
+        // Unprepared files are refused by the group path.
+        let mut file = root.stage_file().unwrap();
+        file.write_all(b"x").unwrap();
+        assert!(
+            file.commit_prepared(&root, &rel("x"), ContentHash::of(b"x"), Expect::Absent)
+                .is_err()
         );
         assert_eq!(root.staging_entries().unwrap(), 0);
     }

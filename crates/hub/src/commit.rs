@@ -22,7 +22,7 @@ use gm_core::{
     CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned,
     conflict_copy_name, decide_commit,
 };
-use gm_fs::{Expect, FsError, IgnoreRules, Root, scan_tree};
+use gm_fs::{Expect, FsError, IgnoreRules, Root, StagedFile, scan_tree};
 use gm_proto::pb;
 use gm_store::{ConflictRow, RecordBatch};
 
@@ -98,7 +98,10 @@ pub fn commit_locked(
         pending_cache: HashMap::new(),
         written: HashMap::new(),
         racy: Vec::new(),
+        prestaged: HashMap::new(),
+        needs_sync: false,
     };
+    ctx.prestage(&ops)?;
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         results.push(ctx.handle(op));
@@ -126,6 +129,12 @@ struct Ctx<'a> {
     /// Files written by this batch, by content: sources for local copies.
     written: HashMap<ContentHash, RelPath>,
     racy: Vec<RelPath>,
+    /// Inline files of the request written to staging and made durable by
+    /// one `sync_filesystem` before any op is decided (group commit).
+    prestaged: HashMap<(RelPath, ContentHash, bool), StagedFile>,
+    /// Renames done since the last `sync_filesystem`: synced before the
+    /// journal records them.
+    needs_sync: bool,
 }
 
 fn result(path: &str, outcome: pb::op_result::Outcome) -> pb::OpResult {
@@ -136,6 +145,43 @@ fn result(path: &str, outcome: pb::op_result::Outcome) -> pb::OpResult {
 }
 
 impl Ctx<'_> {
+    /// Group commit, first half: every inline file of the request is written
+    /// to staging with its mode, then one filesystem sync makes them all
+    /// durable, instead of one fsync per file. Bad ops are left for `handle`
+    /// to refuse.
+    fn prestage(&mut self, ops: &[pb::CommitOp]) -> anyhow::Result<()> {
+        for op in ops {
+            let (Some(data), Some(entry)) = (&op.data, &op.entry) else {
+                continue;
+            };
+            let (
+                Ok(path),
+                Ok(Entry::File {
+                    hash,
+                    size,
+                    executable,
+                }),
+            ) = (gm_proto::path(&op.path), gm_proto::entry(&op.path, entry))
+            else {
+                continue;
+            };
+            if size != data.len() as u64
+                || size > self.hub.config.max_file_size
+                || ContentHash::of(data) != hash
+            {
+                continue;
+            }
+            let mut staged = self.root.stage_file()?;
+            staged.write_all(data)?;
+            staged.prepare(executable)?;
+            self.prestaged.insert((path, hash, executable), staged);
+        }
+        if !self.prestaged.is_empty() {
+            self.root.sync_filesystem()?;
+        }
+        Ok(())
+    }
+
     fn handle(&mut self, op: pb::CommitOp) -> pb::OpResult {
         match self.handle_checked(&op) {
             Ok(done) => done,
@@ -390,6 +436,9 @@ impl Ctx<'_> {
         {
             return Ok(());
         }
+        if std::mem::take(&mut self.needs_sync) {
+            self.root.sync_filesystem()?;
+        }
         self.hub.db.record(&self.ws.id, &self.batch)?;
         let origin = std::mem::take(&mut self.batch.origin);
         self.batch = RecordBatch {
@@ -556,16 +605,35 @@ impl Ctx<'_> {
         data: Option<&[u8]>,
     ) -> Result<Stat, OpError> {
         if let Some(data) = data {
-            let mut staged = self.root.stage_file()?;
-            staged.write_all(data)?;
-            let stat = staged
-                .commit(&self.root, path, hash, executable, expect)
-                .map_err(|err| match err {
-                    FsError::HashMismatch { .. } => {
-                        OpError::Refused(format!("{path}: inline content does not match its hash"))
-                    }
-                    other => other.into(),
-                })?;
+            let prestaged = self
+                .prestaged
+                .remove(&(path.clone(), hash, executable))
+                .or_else(|| {
+                    // A conflict copy carries the op's content under another name.
+                    let key = self
+                        .prestaged
+                        .keys()
+                        .find(|(_, h, x)| *h == hash && *x == executable)
+                        .cloned()?;
+                    self.prestaged.remove(&key)
+                });
+            let landed = match prestaged {
+                Some(staged) => {
+                    self.needs_sync = true;
+                    staged.commit_prepared(&self.root, path, hash, expect)
+                }
+                None => {
+                    let mut staged = self.root.stage_file()?;
+                    staged.write_all(data)?;
+                    staged.commit(&self.root, path, hash, executable, expect)
+                }
+            };
+            let stat = landed.map_err(|err| match err {
+                FsError::HashMismatch { .. } => {
+                    OpError::Refused(format!("{path}: inline content does not match its hash"))
+                }
+                other => other.into(),
+            })?;
             Counters::add(&self.hub.counters.files_received, 1);
             Counters::add(&self.hub.counters.bytes_received, size);
             if size >= gm_chunk::CHUNKED_MIN {

@@ -96,13 +96,7 @@ pub fn observe_locked(
     let (tops, recursive): (Vec<Option<RelPath>>, bool) = match scope {
         Scope::Full => (vec![None], true),
         Scope::Subtrees(paths) => (minimal_tops(paths).into_iter().map(Some).collect(), true),
-        Scope::Exact(paths) => {
-            let mut racy = ws.racy.lock().unwrap_or_else(|p| p.into_inner());
-            for path in &paths {
-                racy.remove(path);
-            }
-            (paths.into_iter().map(Some).collect(), false)
-        }
+        Scope::Exact(paths) => (paths.into_iter().map(Some).collect(), false),
     };
 
     let mut creations: Vec<(RelPath, Entry)> = Vec::new();
@@ -245,6 +239,14 @@ pub fn observe_locked(
         *seq = next;
         ws.committed.send_replace(next.0);
         Counters::add(&hub.counters.hub_side_changes, changed as u64);
+    }
+    // Re-verified records leave the racy set only now that the database
+    // holds their new record (status must never show a settled count early).
+    if !recursive {
+        let mut pending = ws.racy.lock().unwrap_or_else(|p| p.into_inner());
+        for path in tops.iter().flatten() {
+            pending.remove(path);
+        }
     }
     ws.mark_racy(
         racy,

@@ -102,6 +102,9 @@ pub struct Replica {
     /// Last reported problems with `.gmignore` (reported once per change).
     ignore_problems: Vec<String>,
     pub progress: Arc<Progress>,
+    /// Files landed by group commit since the last filesystem sync; synced
+    /// before the synced tree records them.
+    needs_sync: bool,
     /// Cache records still racily clean: path -> when to re-verify.
     pub racy: BTreeMap<RelPath, Instant>,
     batch: NodeBatch,
@@ -134,6 +137,7 @@ impl Replica {
             emptying_confirmed: false,
             ignore_problems: Vec::new(),
             progress: Arc::new(Progress::default()),
+            needs_sync: false,
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
         }
@@ -219,6 +223,10 @@ impl Replica {
             Some(floor) => Seq(floor.0.saturating_sub(1)).min(self.highest_seen),
             None => self.highest_seen,
         };
+        if std::mem::take(&mut self.needs_sync) {
+            let root = self.root.clone();
+            tokio::task::spawn_blocking(move || root.sync_filesystem()).await??;
+        }
         let mut batch = std::mem::take(&mut self.batch);
         batch.last_seq = Some(last_seq);
         let settled_tombstones: Vec<RelPath> = self
@@ -655,6 +663,7 @@ impl Replica {
                     .collect();
                 let outcomes =
                     transfer::download(&mut self.client, &self.id, &self.root, &request).await?;
+                self.needs_sync = true;
                 let mut again = Vec::new();
                 for (position, &i) in attempt_items.iter().enumerate() {
                     let (item, target) = &chunk[i];

@@ -62,6 +62,7 @@ pub async fn download(
         .map_err(|s| SyncError::from_status(s, "download"))?
         .into_inner();
     let mut staged: HashMap<usize, StagedFile> = HashMap::new();
+    let mut finished: Vec<(usize, StagedFile)> = Vec::new();
     let mut outcomes = HashMap::new();
     loop {
         let message = match stream.message().await {
@@ -92,12 +93,36 @@ pub async fn download(
             continue;
         }
         if message.last
-            && let Some(file) = staged.remove(&index)
+            && let Some(mut file) = staged.remove(&index)
         {
-            let root = root.clone();
-            let result = tokio::task::block_in_place(|| {
-                file.commit(&root, &item.path, item.hash, item.executable, item.expect)
-            });
+            match file.prepare(item.executable) {
+                Ok(()) => finished.push((index, file)),
+                Err(err) => {
+                    outcomes.insert(index, Err(DownloadFailure::Local(err)));
+                }
+            }
+        }
+    }
+    // Group commit: one filesystem sync for every file of the batch, then
+    // the renames (the caller syncs again before recording them).
+    if !finished.is_empty() {
+        let root = root.clone();
+        let landed = tokio::task::block_in_place(
+            move || -> Result<Vec<(usize, Result<Stat, FsError>)>, FsError> {
+                root.sync_filesystem()?;
+                Ok(finished
+                    .into_iter()
+                    .map(|(index, file)| {
+                        let item = &items[index];
+                        (
+                            index,
+                            file.commit_prepared(&root, &item.path, item.hash, item.expect),
+                        )
+                    })
+                    .collect())
+            },
+        )?;
+        for (index, result) in landed {
             let outcome = match result {
                 Ok(stat) => Ok(stat),
                 Err(FsError::HashMismatch { .. }) => Err(DownloadFailure::Corrupt),
