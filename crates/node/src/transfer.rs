@@ -21,6 +21,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::client::{Client, SyncError};
 
+/// One group-committed file: its index in the request and how it landed.
+type Landed = (usize, Result<Stat, FsError>);
+
 pub struct DownloadItem {
     pub path: RelPath,
     pub hash: ContentHash,
@@ -107,21 +110,19 @@ pub async fn download(
     // the renames (the caller syncs again before recording them).
     if !finished.is_empty() {
         let root = root.clone();
-        let landed = tokio::task::block_in_place(
-            move || -> Result<Vec<(usize, Result<Stat, FsError>)>, FsError> {
-                root.sync_filesystem()?;
-                Ok(finished
-                    .into_iter()
-                    .map(|(index, file)| {
-                        let item = &items[index];
-                        (
-                            index,
-                            file.commit_prepared(&root, &item.path, item.hash, item.expect),
-                        )
-                    })
-                    .collect())
-            },
-        )?;
+        let landed = tokio::task::block_in_place(move || -> Result<Vec<Landed>, FsError> {
+            root.sync_filesystem()?;
+            Ok(finished
+                .into_iter()
+                .map(|(index, file)| {
+                    let item = &items[index];
+                    (
+                        index,
+                        file.commit_prepared(&root, &item.path, item.hash, item.expect),
+                    )
+                })
+                .collect())
+        })?;
         for (index, result) in landed {
             let outcome = match result {
                 Ok(stat) => Ok(stat),
