@@ -101,12 +101,26 @@ pub fn commit_locked(
         prestaged: HashMap::new(),
         needs_sync: false,
     };
+    let started = std::time::Instant::now();
+    let count = ops.len();
     ctx.prestage(&ops)?;
+    let prestaged = started.elapsed();
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         results.push(ctx.handle(op));
     }
-    match ctx.flush() {
+    let decided = started.elapsed();
+    let flushed = ctx.flush();
+    tracing::debug!(
+        workspace = %ws.id,
+        node = %node,
+        ops = count,
+        prestage_ms = prestaged.as_millis() as u64,
+        ops_ms = (decided - prestaged).as_millis() as u64,
+        flush_ms = (started.elapsed() - decided).as_millis() as u64,
+        "commit request"
+    );
+    match flushed {
         Ok(()) => Ok(results),
         Err(OpError::Fatal(err)) => Err(err),
         Err(OpError::Refused(why) | OpError::Retry(why)) => Err(anyhow::anyhow!(why)),

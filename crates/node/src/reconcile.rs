@@ -20,7 +20,7 @@
 //! - Safety brake: a root that is gone, replaced or empty while the synced
 //!   tree is not halts the workspace before any deletion is proposed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +62,11 @@ impl RoundStats {
 }
 
 type Local = Option<(Entry, Stat)>;
+
+/// A commit request on its way, and what each op in it proposed.
+type CommitCall =
+    tokio::task::JoinHandle<Result<tonic::Response<pb::CommitResponse>, tonic::Status>>;
+type Member = (RelPath, Seq, Local);
 
 struct ApplyItem {
     path: RelPath,
@@ -794,6 +799,7 @@ impl Replica {
             round += 1;
             let mut next: Vec<(ProposeItem, bool)> = Vec::new();
             let mut start = 0;
+            let mut in_flight: VecDeque<(CommitCall, Vec<Member>)> = VecDeque::new();
             while start < queue.len() {
                 // Build one batch within the byte budget.
                 let mut ops = Vec::new();
@@ -821,93 +827,114 @@ impl Replica {
                     node_id: self.config.node_id.to_string(),
                     ops,
                 };
-                let response = self
-                    .client
-                    .commit(request)
-                    .await
-                    .map_err(|s| SyncError::from_status(s, "commit"))?
-                    .into_inner();
-                for ((path, base, local), result) in members.into_iter().zip(response.results) {
-                    stats.proposed += 1;
-                    self.progress.advance(local.as_ref().map(|(e, _)| e));
-                    match result.outcome {
-                        Some(pb::op_result::Outcome::Committed(done)) => {
-                            let entry = local.as_ref().map(|(e, _)| e.clone());
-                            self.refused.remove(&path);
-                            self.set_synced(
-                                &path,
-                                Versioned {
-                                    entry,
-                                    seq: Seq(done.seq),
-                                },
-                            );
-                        }
-                        Some(pb::op_result::Outcome::Conflict(conflict)) => {
-                            stats.conflicts += 1;
-                            self.on_conflict(&path, local, conflict);
-                        }
-                        Some(pb::op_result::Outcome::NeedContent(_)) => {
-                            let item = ProposeItem { path, base, local };
-                            match &item.local {
-                                Some((Entry::File { size, .. }, _))
-                                    if *size <= self.config.inline_max =>
-                                {
-                                    next.push((item, true))
-                                }
-                                Some((Entry::File { hash, size, .. }, _)) => {
-                                    match transfer::upload(
-                                        &mut self.client,
-                                        &self.db,
-                                        &self.id,
-                                        &self.root,
-                                        &transfer::FileToSend {
-                                            path: item.path.clone(),
-                                            hash: *hash,
-                                            size: *size,
-                                        },
-                                        self.config.scan.io.clone(),
-                                    )
-                                    .await
-                                    {
-                                        Ok(sent) => {
-                                            tracing::debug!(workspace = %self.id, path = %item.path, chunks = sent.chunks, sent_chunks = sent.sent_chunks, sent_bytes = sent.sent_bytes, "uploaded");
-                                            next.push((item, false))
-                                        }
-                                        Err(SyncError::Fatal(err))
-                                            if err.to_string().contains("token") =>
-                                        {
-                                            return Err(SyncError::Fatal(err));
-                                        }
-                                        Err(err) => {
-                                            tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
-                                            stats.failed += 1;
-                                            self.follow_up.insert(item.path.clone());
-                                        }
-                                    }
-                                }
-                                _ => {
-                                    stats.failed += 1;
-                                    self.follow_up.insert(item.path.clone());
-                                }
-                            }
-                        }
-                        Some(pb::op_result::Outcome::Refused(reason)) => {
-                            stats.refused += 1;
-                            tracing::warn!(workspace = %self.id, path = %path, reason = %reason, "the hub refused a local change; it stays local");
-                            let entry = local.map(|(e, _)| e);
-                            self.refused.insert(path, (entry, reason));
-                        }
-                        None => {
-                            stats.failed += 1;
-                            self.follow_up.insert(path);
-                        }
-                    }
+                // Up to two batches in flight: the next one is read and sent
+                // while the hub still commits the previous one.
+                let mut client = self.client.clone();
+                in_flight.push_back((
+                    tokio::spawn(async move { client.commit(request).await }),
+                    members,
+                ));
+                if in_flight.len() < 2 && start < queue.len() {
+                    continue;
                 }
+                if let Some((call, members)) = in_flight.pop_front() {
+                    self.finish_batch(call, members, stats, &mut next).await?;
+                }
+            }
+            while let Some((call, members)) = in_flight.pop_front() {
+                self.finish_batch(call, members, stats, &mut next).await?;
             }
             queue = next;
         }
         for (item, _) in queue {
             self.follow_up.insert(item.path);
+        }
+        Ok(())
+    }
+
+    /// Waits for one commit batch and handles each answer.
+    async fn finish_batch(
+        &mut self,
+        call: CommitCall,
+        members: Vec<Member>,
+        stats: &mut RoundStats,
+        next: &mut Vec<(ProposeItem, bool)>,
+    ) -> Result<(), SyncError> {
+        let response = call
+            .await?
+            .map_err(|s| SyncError::from_status(s, "commit"))?
+            .into_inner();
+        for ((path, base, local), result) in members.into_iter().zip(response.results) {
+            stats.proposed += 1;
+            self.progress.advance(local.as_ref().map(|(e, _)| e));
+            match result.outcome {
+                Some(pb::op_result::Outcome::Committed(done)) => {
+                    let entry = local.as_ref().map(|(e, _)| e.clone());
+                    self.refused.remove(&path);
+                    self.set_synced(
+                        &path,
+                        Versioned {
+                            entry,
+                            seq: Seq(done.seq),
+                        },
+                    );
+                }
+                Some(pb::op_result::Outcome::Conflict(conflict)) => {
+                    stats.conflicts += 1;
+                    self.on_conflict(&path, local, conflict);
+                }
+                Some(pb::op_result::Outcome::NeedContent(_)) => {
+                    let item = ProposeItem { path, base, local };
+                    match &item.local {
+                        Some((Entry::File { size, .. }, _)) if *size <= self.config.inline_max => {
+                            next.push((item, true))
+                        }
+                        Some((Entry::File { hash, size, .. }, _)) => {
+                            match transfer::upload(
+                                &mut self.client,
+                                &self.db,
+                                &self.id,
+                                &self.root,
+                                &transfer::FileToSend {
+                                    path: item.path.clone(),
+                                    hash: *hash,
+                                    size: *size,
+                                },
+                                self.config.scan.io.clone(),
+                            )
+                            .await
+                            {
+                                Ok(sent) => {
+                                    tracing::debug!(workspace = %self.id, path = %item.path, chunks = sent.chunks, sent_chunks = sent.sent_chunks, sent_bytes = sent.sent_bytes, "uploaded");
+                                    next.push((item, false))
+                                }
+                                Err(SyncError::Fatal(err)) if err.to_string().contains("token") => {
+                                    return Err(SyncError::Fatal(err));
+                                }
+                                Err(err) => {
+                                    tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
+                                    stats.failed += 1;
+                                    self.follow_up.insert(item.path.clone());
+                                }
+                            }
+                        }
+                        _ => {
+                            stats.failed += 1;
+                            self.follow_up.insert(item.path.clone());
+                        }
+                    }
+                }
+                Some(pb::op_result::Outcome::Refused(reason)) => {
+                    stats.refused += 1;
+                    tracing::warn!(workspace = %self.id, path = %path, reason = %reason, "the hub refused a local change; it stays local");
+                    let entry = local.map(|(e, _)| e);
+                    self.refused.insert(path, (entry, reason));
+                }
+                None => {
+                    stats.failed += 1;
+                    self.follow_up.insert(path);
+                }
+            }
         }
         Ok(())
     }
