@@ -161,9 +161,13 @@ pub struct HubArgs {
     /// and kept in DATA_DIR/token (mode 0600).
     #[arg(long, env = "GM_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// Largest file accepted from a node, in bytes.
-    #[arg(long, env = "GM_MAX_FILE_SIZE", default_value_t = 64 << 30)]
+    /// Largest file accepted from a node, in bytes (K, M, G suffixes).
+    #[arg(long, env = "GM_MAX_FILE_SIZE", default_value = "64G", value_parser = parse_bytes)]
     pub max_file_size: u64,
+    /// Staging entries older than this many seconds that no live transfer
+    /// owns are removed (entries of earlier hubs go at start).
+    #[arg(long, env = "GM_STAGING_TTL", default_value_t = 3600)]
+    pub staging_ttl: u64,
     #[command(flatten)]
     pub scan: ScanArgs,
 }
@@ -203,6 +207,7 @@ impl HubArgs {
             debounce_max: Duration::from_millis(self.scan.debounce_max_ms),
             rescan_interval: Duration::from_secs(self.scan.rescan_interval),
             max_file_size: self.max_file_size,
+            staging_ttl: Duration::from_secs(self.staging_ttl.max(1)),
         };
         Ok((config, self.listen, self.admin_listen))
     }

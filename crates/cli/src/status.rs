@@ -64,6 +64,7 @@ fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
             "hub_side_changes": c.hub_side_changes,
             "local_copies": c.local_copies,
             "chunk_bytes_reused": c.chunk_bytes_reused,
+            "staging_reclaimed": c.staging_reclaimed,
         },
         "settings": status.settings.map(|s| json!({
             "hash_workers": s.hash_workers,

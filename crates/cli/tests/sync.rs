@@ -786,3 +786,32 @@ fn invalid_settings_fail_at_start_and_name_the_variable() {
         );
     }
 }
+
+#[test]
+fn stale_staging_of_a_killed_hub_is_removed_at_start() {
+    let mut c = cluster();
+    c.a.start();
+    write(&c.a.path("f"), "x");
+    wait_until("workspace on the hub", || c.mirror().join("f").exists());
+    c.hub.kill();
+    // What a transfer cut by SIGKILL leaves behind.
+    let staging = c.mirror().join(".ghostmirror/staging");
+    std::fs::write(
+        staging.join("hubdeadbeef-file-0123456789abcdef"),
+        vec![7u8; 4096],
+    )
+    .unwrap();
+    c.hub.spawn();
+    assert_eq!(
+        std::fs::read_dir(&staging).unwrap().count(),
+        0,
+        "stale staging removed at start"
+    );
+    assert_eq!(c.hub.status()["counters"]["staging_reclaimed"], 1);
+    let log = std::fs::read_to_string(c.base.join("hub.log")).unwrap();
+    assert!(
+        log.contains("removed stale staging entry")
+            && log.contains("hubdeadbeef-file-0123456789abcdef"),
+        "{log}"
+    );
+}

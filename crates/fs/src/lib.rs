@@ -32,5 +32,5 @@ pub use gm_core::{CacheRecord, Kind, Stat};
 pub use ignore::IgnoreRules;
 pub use io::IoGate;
 pub use lock::DirLock;
-pub use root::{Expect, Root, StagedFile};
+pub use root::{Expect, Reclaimed, Root, StagedFile};
 pub use scan::{ScanConfig, ScanOutcome, Scanned, scan_tree};

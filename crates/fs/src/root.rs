@@ -15,10 +15,12 @@
 //! - Removal moves the entry aside into staging first and checks it is
 //!   still the planned version; anything else is put back.
 
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use gm_chunk::Manifest;
 use gm_core::{ContentHash, Hasher, RelPath};
@@ -41,6 +43,32 @@ pub enum Expect {
     Unchanged(Stat),
 }
 
+/// A staging entry removed by reclamation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reclaimed {
+    pub name: String,
+    pub age: std::time::Duration,
+    pub size: u64,
+}
+
+/// Names of staging entries owned by live transfers of this process.
+type LiveSet = Arc<Mutex<HashSet<String>>>;
+
+/// Marks a staging name as owned by a live transfer until dropped.
+struct LiveName {
+    live: LiveSet,
+    name: String,
+}
+
+impl Drop for LiveName {
+    fn drop(&mut self) {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
+    }
+}
+
 /// A workspace root held open as a directory handle.
 pub struct Root {
     path: PathBuf,
@@ -48,6 +76,8 @@ pub struct Root {
     staging: OwnedFd,
     staging_tag: String,
     identity: Stat,
+    /// Staging entries that live transfers own: never reclaimed.
+    live: LiveSet,
 }
 
 enum Parent<'a> {
@@ -104,6 +134,7 @@ impl Root {
             staging,
             staging_tag: staging_tag.to_string(),
             identity,
+            live: LiveSet::default(),
         })
     }
 
@@ -312,6 +343,7 @@ impl Root {
     /// Starts a new staged file: `O_EXCL`, mode 0600, in this root's staging.
     pub fn stage_file(&self) -> Result<StagedFile, FsError> {
         let name = random_name(&self.staging_tag, "file");
+        let owned = self.own(&name);
         let fd = rustix::fs::openat(
             &self.staging,
             name.as_str(),
@@ -336,6 +368,7 @@ impl Root {
             hasher: Hasher::new(),
             written: 0,
             prepared: false,
+            _owned: owned,
         })
     }
 
@@ -436,6 +469,7 @@ impl Root {
             what,
         })?;
         let name = random_name(&self.staging_tag, "link");
+        let _owned = self.own(&name);
         rustix::fs::symlinkat(target, &self.staging, name.as_str())
             .map_err(|e| FsError::io("create symlink", self.shown(path), e))?;
         self.place(&name, path, expect)
@@ -490,6 +524,7 @@ impl Root {
             });
         }
         let aside = random_name(&self.staging_tag, "removed");
+        let _owned = self.own(&aside);
         rustix::fs::renameat(&parent, path.file_name(), &self.staging, aside.as_str())
             .map_err(|e| FsError::io("move aside for removal", self.shown(path), e))?;
         let moved = rustix::fs::statat(&self.staging, aside.as_str(), AtFlags::SYMLINK_NOFOLLOW)
@@ -591,9 +626,10 @@ impl Root {
             })
     }
 
-    /// Removes every staging entry of this root (left by an earlier process:
-    /// call before any transfer starts). Returns how many were removed.
-    pub fn clear_staging(&self) -> Result<usize, FsError> {
+    /// Removes every staging entry of this root that no live transfer of
+    /// this process owns: at start (everything is left by an earlier
+    /// process) or later with `min_age` so only stale entries go.
+    pub fn reclaim_staging(&self, min_age: std::time::Duration) -> Result<Vec<Reclaimed>, FsError> {
         let shown = format!("{}/.ghostmirror/staging", self.path.display());
         let mut names = Vec::new();
         for entry in rustix::fs::Dir::read_from(&self.staging)
@@ -605,17 +641,63 @@ impl Root {
                 names.push(entry.file_name().to_owned());
             }
         }
+        let now_ns = crate::scan::now_ns();
+        let mut reclaimed = Vec::new();
         for name in &names {
+            let text = name.to_string_lossy().into_owned();
+            if self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&text)
+            {
+                continue;
+            }
+            let stat =
+                match rustix::fs::statat(&self.staging, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+                {
+                    Ok(raw) => from_raw(&raw),
+                    Err(Errno::NOENT) => continue,
+                    Err(e) => return Err(FsError::io("stat staging entry", &shown, e)),
+                };
+            let age =
+                std::time::Duration::from_nanos(now_ns.saturating_sub(stat.mtime_ns).max(0) as u64);
+            if age < min_age {
+                continue;
+            }
             match rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::empty()) {
-                Ok(()) | Err(Errno::NOENT) => {}
+                Ok(()) => {}
+                Err(Errno::NOENT) => continue,
                 Err(Errno::ISDIR) => {
                     let _ =
                         rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::REMOVEDIR);
                 }
                 Err(e) => return Err(FsError::io("remove staging entry", &shown, e)),
             }
+            reclaimed.push(Reclaimed {
+                name: text,
+                age,
+                size: stat.size,
+            });
         }
-        Ok(names.len())
+        Ok(reclaimed)
+    }
+
+    /// Removes every staging entry not owned by this process (call before
+    /// any transfer starts).
+    pub fn clear_staging(&self) -> Result<Vec<Reclaimed>, FsError> {
+        self.reclaim_staging(std::time::Duration::ZERO)
+    }
+
+    fn own(&self, name: &str) -> LiveName {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string());
+        LiveName {
+            live: self.live.clone(),
+            name: name.to_string(),
+        }
     }
 
     /// True when the root holds nothing but the internal directory.
@@ -710,6 +792,8 @@ pub struct StagedFile {
     written: u64,
     /// Mode set, waiting for the group's `sync_filesystem` and its commit.
     prepared: bool,
+    /// Keeps the name out of staging reclamation while the file lives.
+    _owned: LiveName,
 }
 
 impl StagedFile {
@@ -935,6 +1019,61 @@ mod tests {
                 .is_err()
         );
         assert_eq!(root.staging_entries().unwrap(), 0);
+    }
+
+    #[test]
+    fn reclamation_spares_live_transfers() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        // Left by an earlier process, and old.
+        let stale = dir.path().join(".ghostmirror/staging/old-file");
+        std::fs::write(&stale, b"partial").unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        // A live transfer that has been quiet just as long.
+        let mut live = root.stage_file().unwrap();
+        live.write_all(b"slow").unwrap();
+        for entry in std::fs::read_dir(dir.path().join(".ghostmirror/staging"))
+            .unwrap()
+            .flatten()
+        {
+            std::fs::File::options()
+                .write(true)
+                .open(entry.path())
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        let reclaimed = root
+            .reclaim_staging(std::time::Duration::from_secs(3600))
+            .unwrap();
+        assert_eq!(reclaimed.len(), 1, "{reclaimed:?}");
+        assert_eq!(reclaimed[0].name, "old-file");
+        assert_eq!(reclaimed[0].size, 7);
+        assert!(reclaimed[0].age >= std::time::Duration::from_secs(7000));
+        assert_eq!(
+            root.staging_entries().unwrap(),
+            1,
+            "the live transfer stays"
+        );
+        live.write_all(b" and done").unwrap();
+        live.commit(
+            &root,
+            &rel("f"),
+            ContentHash::of(b"slow and done"),
+            false,
+            Expect::Absent,
+        )
+        .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("f")).unwrap(),
+            b"slow and done"
+        );
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub struct HubConfig {
     pub rescan_interval: Duration,
     /// Largest file accepted from a node.
     pub max_file_size: u64,
+    /// Staging entries older than this that no live transfer owns are removed.
+    pub staging_ttl: Duration,
 }
 
 /// Runs the hub until `shutdown` is cancelled.

@@ -21,6 +21,8 @@ use crate::state::{Hub, Workspace};
 
 const TICK: Duration = Duration::from_millis(250);
 const UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
+/// How often staging is checked for stale entries (at most).
+const RECLAIM_EVERY: Duration = Duration::from_secs(60);
 
 /// What a watcher event means for the mirrors.
 enum Dirty {
@@ -58,6 +60,7 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
     let mut first_event: Option<Instant> = None;
     let mut last_event = Instant::now();
     let mut last_full = Instant::now();
+    let mut last_reclaim = Instant::now();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -109,7 +112,7 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
                 }
             }
             _ = ticker.tick() => {
-                tick(&hub, &mut last_full).await;
+                tick(&hub, &mut last_full, &mut last_reclaim).await;
             }
         }
     }
@@ -121,8 +124,28 @@ async fn observe_logged(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) {
     }
 }
 
-async fn tick(hub: &Arc<Hub>, last_full: &mut Instant) {
+async fn tick(hub: &Arc<Hub>, last_full: &mut Instant, last_reclaim: &mut Instant) {
     let now = Instant::now();
+    if now.duration_since(*last_reclaim) >= RECLAIM_EVERY.min(hub.config.staging_ttl) {
+        *last_reclaim = now;
+        for ws in hub.all_workspaces() {
+            let (hub2, ws2) = (hub.clone(), ws.clone());
+            let ttl = hub.config.staging_ttl;
+            match tokio::task::spawn_blocking(move || ws2.root().reclaim_staging(ttl)).await {
+                Ok(Ok(reclaimed)) => hub2.log_reclaimed(
+                    &ws.id,
+                    &reclaimed,
+                    "older than GM_STAGING_TTL and not owned by a live transfer",
+                ),
+                Ok(Err(err)) => {
+                    tracing::warn!(workspace = %ws.id, error = %err, "staging reclamation failed")
+                }
+                Err(err) => {
+                    tracing::warn!(workspace = %ws.id, error = %err, "staging reclamation failed")
+                }
+            }
+        }
+    }
     let full = now.duration_since(*last_full) >= hub.config.rescan_interval;
     if full {
         *last_full = now;

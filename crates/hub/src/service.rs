@@ -506,6 +506,7 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             hub_side_changes: c.hub_side_changes,
             local_copies: c.local_copies,
             chunk_bytes_reused: c.chunk_bytes_reused,
+            staging_reclaimed: c.staging_reclaimed,
         }),
         settings: Some(pb::Settings {
             hash_workers: hub.config.scan.hash_workers as u64,

@@ -36,6 +36,7 @@ pub struct Counters {
     pub hub_side_changes: AtomicU64,
     pub local_copies: AtomicU64,
     pub chunk_bytes_reused: AtomicU64,
+    pub staging_reclaimed: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -51,6 +52,7 @@ pub struct CounterSnapshot {
     pub hub_side_changes: u64,
     pub local_copies: u64,
     pub chunk_bytes_reused: u64,
+    pub staging_reclaimed: u64,
 }
 
 impl Counters {
@@ -72,6 +74,7 @@ impl Counters {
             hub_side_changes: get(&self.hub_side_changes),
             local_copies: get(&self.local_copies),
             chunk_bytes_reused: get(&self.chunk_bytes_reused),
+            staging_reclaimed: get(&self.staging_reclaimed),
         }
     }
 }
@@ -213,9 +216,7 @@ impl Hub {
         let mirror_path = self.mirrors.join(id.as_str());
         let root = Root::create(&mirror_path, &self.tag)?;
         let cleared = root.clear_staging()?;
-        if cleared > 0 {
-            tracing::info!(workspace = %id, entries = cleared, "removed staging left by an earlier hub");
-        }
+        self.log_reclaimed(id, &cleared, "left by an earlier hub");
         let (committed, _) = watch::channel(row.seq.0);
         let ws = Arc::new(Workspace {
             id: id.clone(),
@@ -231,6 +232,21 @@ impl Hub {
         let mut map = self.workspaces.lock().unwrap_or_else(|p| p.into_inner());
         let entry = map.entry(id.clone()).or_insert(ws);
         Ok((entry.clone(), true))
+    }
+
+    /// Logs and counts removed staging entries.
+    pub fn log_reclaimed(&self, id: &WorkspaceId, reclaimed: &[gm_fs::Reclaimed], why: &str) {
+        for entry in reclaimed {
+            tracing::info!(
+                workspace = %id,
+                path = %format!(".ghostmirror/staging/{}", entry.name),
+                age_secs = entry.age.as_secs(),
+                bytes = entry.size,
+                why,
+                "removed stale staging entry"
+            );
+        }
+        Counters::add(&self.counters.staging_reclaimed, reclaimed.len() as u64);
     }
 
     /// Writes `DATA_DIR/hub.json` with the bound addresses, for scripts and tests.

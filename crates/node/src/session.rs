@@ -161,9 +161,14 @@ impl WorkspaceTask {
             }
             _ => {}
         }
-        let cleared = root.clear_staging()?;
-        if cleared > 0 {
-            tracing::info!(workspace = %self.id, entries = cleared, "removed staging left by an earlier run");
+        for entry in root.clear_staging()? {
+            tracing::info!(
+                workspace = %self.id,
+                path = %format!(".ghostmirror/staging/{}", entry.name),
+                age_secs = entry.age.as_secs(),
+                bytes = entry.size,
+                "removed staging left by an earlier run"
+            );
         }
         Ok(root)
     }
