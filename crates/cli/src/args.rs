@@ -168,6 +168,10 @@ pub struct HubArgs {
     /// owns are removed (entries of earlier hubs go at start).
     #[arg(long, env = "GM_STAGING_TTL", default_value_t = 3600)]
     pub staging_ttl: u64,
+    /// On SIGTERM/SIGINT, how many seconds in-flight transfers and commits
+    /// get to finish before they are aborted.
+    #[arg(long, env = "GM_SHUTDOWN_TIMEOUT", default_value_t = 30)]
+    pub shutdown_timeout: u64,
     #[command(flatten)]
     pub scan: ScanArgs,
 }
@@ -208,6 +212,7 @@ impl HubArgs {
             rescan_interval: Duration::from_secs(self.scan.rescan_interval),
             max_file_size: self.max_file_size,
             staging_ttl: Duration::from_secs(self.staging_ttl.max(1)),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
         };
         Ok((config, self.listen, self.admin_listen))
     }

@@ -815,3 +815,137 @@ fn stale_staging_of_a_killed_hub_is_removed_at_start() {
         "{log}"
     );
 }
+
+/// A strict reader of the Prometheus text format: every family declared
+/// once with HELP and TYPE before its samples, every sample `name{labels} value`
+/// with a float value. Returns samples by their full name.
+fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut types = std::collections::BTreeMap::new();
+    let mut samples = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split(' ');
+            let name = parts.next().unwrap().to_string();
+            let kind = parts.next().unwrap();
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(
+                types.insert(name, kind.to_string()).is_none(),
+                "family declared twice: {line}"
+            );
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unknown comment: {line}");
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let base = name.split('{').next().unwrap();
+        if let Some(labels) = name.strip_prefix(base) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+                for pair in labels[1..labels.len() - 1].split(',') {
+                    let (key, quoted) = pair
+                        .split_once('=')
+                        .unwrap_or_else(|| panic!("bad label: {line}"));
+                    assert!(
+                        key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                        "{line}"
+                    );
+                    assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
+                }
+            }
+        }
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                base.strip_suffix(suffix)
+                    .filter(|f| types.get(*f).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(base);
+        assert!(types.contains_key(family), "sample before its TYPE: {line}");
+        samples.insert(name.to_string(), value);
+    }
+    samples
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_move_with_syncs() {
+    let mut c = cluster();
+    let admin = c.hub.admin.clone();
+    let get = |path: &str| http_get(&format!("{admin}{path}")).unwrap_or_default();
+    assert!(get("/readyz").starts_with("HTTP/1.1 200"));
+    let body = |response: String| {
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    };
+    let before = parse_prometheus(&body(get("/metrics")));
+    c.a.start();
+    write(&c.a.path("one.txt"), "1");
+    write(&c.a.path("two.txt"), "22");
+    wait_until("files on the hub", || c.mirror().join("two.txt").exists());
+    let after = parse_prometheus(&body(get("/metrics")));
+    let key = "ghostmirror_files_synced_total{direction=\"from_nodes\"}";
+    assert!(after[key] >= before[key] + 2.0, "{before:?} -> {after:?}");
+    assert!(after["ghostmirror_commit_duration_seconds_count"] >= 1.0);
+    assert!(after["ghostmirror_connected_nodes"] >= 1.0);
+    assert_eq!(after["ghostmirror_journal_entries{workspace=\"ws1\"}"], 2.0);
+}
+
+/// Starts a large transfer and stops the process in the middle of it.
+fn stop_during_transfer(stop_hub: bool) {
+    let mut c = cluster();
+    c.a.start();
+    write(&c.a.path("seed"), "s");
+    wait_until("seed on the hub", || c.mirror().join("seed").exists());
+    if !stop_hub {
+        c.b.start();
+        wait_until("seed on b", || c.b.path("seed").exists());
+    }
+    std::fs::write(c.a.path("big.bin"), noise(192 << 20, 5)).unwrap();
+    let (root, staging) = if stop_hub {
+        (c.mirror(), c.mirror().join(".ghostmirror/staging"))
+    } else {
+        (c.b.root.clone(), c.b.root.join(".ghostmirror/staging"))
+    };
+    wait_until("the transfer has started", || {
+        std::fs::read_dir(&staging)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    });
+    if stop_hub {
+        c.hub.stop();
+    } else {
+        c.b.stop();
+    }
+    let landed = std::fs::metadata(root.join("big.bin")).map(|m| m.len());
+    assert!(
+        matches!(landed, Err(_) | Ok(201_326_592)),
+        "a partial file is visible: {landed:?}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&staging)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "staging left behind by an orderly stop: {left:?}"
+    );
+}
+
+#[test]
+fn sigterm_on_the_hub_during_a_transfer_leaves_no_partial_file_or_staging() {
+    stop_during_transfer(true);
+}
+
+#[test]
+fn sigterm_on_a_node_during_a_transfer_leaves_no_partial_file_or_staging() {
+    stop_during_transfer(false);
+}

@@ -33,11 +33,43 @@ enum OpError {
     /// The disk moved under the plan: look again and decide again.
     Retry(String),
     /// The operation is wrong; nothing was changed.
-    Refused(String),
+    Refused(Refusal, String),
     /// The hub needs the file's bytes: upload them and commit again.
     NeedContent,
     /// Something a person must look at (disk or database failure).
     Fatal(anyhow::Error),
+}
+
+/// Why an operation was refused: the label of the refusal metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Refusal {
+    BadPath,
+    BadEntry,
+    BadContent,
+    TooLarge,
+    ParentNotDirectory,
+    Unsupported,
+    Halted,
+    NoConflictName,
+    KeepsChanging,
+    Internal,
+}
+
+impl Refusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::BadPath => "bad_path",
+            Refusal::BadEntry => "bad_entry",
+            Refusal::BadContent => "bad_content",
+            Refusal::TooLarge => "too_large",
+            Refusal::ParentNotDirectory => "parent_not_directory",
+            Refusal::Unsupported => "unsupported",
+            Refusal::Halted => "halted",
+            Refusal::NoConflictName => "no_conflict_name",
+            Refusal::KeepsChanging => "keeps_changing",
+            Refusal::Internal => "internal",
+        }
+    }
 }
 
 impl From<FsError> for OpError {
@@ -46,10 +78,11 @@ impl From<FsError> for OpError {
             FsError::TargetChanged { .. } | FsError::NotEmpty { .. } => {
                 OpError::Retry(err.to_string())
             }
-            FsError::NotADirectory { path } => {
-                OpError::Refused(format!("{path}: a parent is not a directory on the hub"))
-            }
-            FsError::Unsupported { .. } => OpError::Refused(err.to_string()),
+            FsError::NotADirectory { path } => OpError::Refused(
+                Refusal::ParentNotDirectory,
+                format!("{path}: a parent is not a directory on the hub"),
+            ),
+            FsError::Unsupported { .. } => OpError::Refused(Refusal::Unsupported, err.to_string()),
             other => OpError::Fatal(other.into()),
         }
     }
@@ -111,6 +144,7 @@ pub fn commit_locked(
     }
     let decided = started.elapsed();
     let flushed = ctx.flush();
+    hub.counters.commit_seconds.observe(started.elapsed());
     tracing::debug!(
         workspace = %ws.id,
         node = %node,
@@ -123,7 +157,7 @@ pub fn commit_locked(
     match flushed {
         Ok(()) => Ok(results),
         Err(OpError::Fatal(err)) => Err(err),
-        Err(OpError::Refused(why) | OpError::Retry(why)) => Err(anyhow::anyhow!(why)),
+        Err(OpError::Refused(_, why) | OpError::Retry(why)) => Err(anyhow::anyhow!(why)),
         Err(OpError::NeedContent) => Err(anyhow::anyhow!("journal write needs content")),
     }
 }
@@ -199,8 +233,8 @@ impl Ctx<'_> {
     fn handle(&mut self, op: pb::CommitOp) -> pb::OpResult {
         match self.handle_checked(&op) {
             Ok(done) => done,
-            Err(OpError::Refused(reason)) => {
-                Counters::add(&self.hub.counters.refused_ops, 1);
+            Err(OpError::Refused(why, reason)) => {
+                self.hub.counters.refuse(why.as_str());
                 tracing::warn!(workspace = %self.ws.id, node = %self.node, path = %op.path, reason = %reason, "refused operation");
                 result(&op.path, pb::op_result::Outcome::Refused(reason))
             }
@@ -209,7 +243,7 @@ impl Ctx<'_> {
                 pb::op_result::Outcome::NeedContent(pb::NeedContent {}),
             ),
             Err(OpError::Retry(why)) => {
-                Counters::add(&self.hub.counters.refused_ops, 1);
+                self.hub.counters.refuse(Refusal::KeepsChanging.as_str());
                 result(
                     &op.path,
                     pb::op_result::Outcome::Refused(format!(
@@ -218,7 +252,7 @@ impl Ctx<'_> {
                 )
             }
             Err(OpError::Fatal(err)) => {
-                Counters::add(&self.hub.counters.refused_ops, 1);
+                self.hub.counters.refuse(Refusal::Internal.as_str());
                 tracing::error!(workspace = %self.ws.id, node = %self.node, path = %op.path, error = %format!("{err:#}"), "commit failed");
                 result(
                     &op.path,
@@ -229,34 +263,43 @@ impl Ctx<'_> {
     }
 
     fn handle_checked(&mut self, op: &pb::CommitOp) -> Result<pb::OpResult, OpError> {
-        let path = gm_proto::path(&op.path).map_err(|e| OpError::Refused(e.to_string()))?;
+        let path = gm_proto::path(&op.path)
+            .map_err(|e| OpError::Refused(Refusal::BadPath, e.to_string()))?;
         let ours = match &op.entry {
-            Some(wire) => {
-                Some(gm_proto::entry(&op.path, wire).map_err(|e| OpError::Refused(e.to_string()))?)
-            }
+            Some(wire) => Some(
+                gm_proto::entry(&op.path, wire)
+                    .map_err(|e| OpError::Refused(Refusal::BadEntry, e.to_string()))?,
+            ),
             None => None,
         };
         if let Some(Entry::File { size, .. }) = &ours
             && *size > self.hub.config.max_file_size
         {
-            return Err(OpError::Refused(format!(
-                "{path}: {size} bytes is over the hub's limit of {} bytes",
-                self.hub.config.max_file_size
-            )));
+            return Err(OpError::Refused(
+                Refusal::TooLarge,
+                format!(
+                    "{path}: {size} bytes is over the hub's limit of {} bytes",
+                    self.hub.config.max_file_size
+                ),
+            ));
         }
         if let Some(data) = &op.data {
             match &ours {
                 Some(Entry::File { size, .. }) if *size == data.len() as u64 => {}
                 Some(Entry::File { size, .. }) => {
-                    return Err(OpError::Refused(format!(
-                        "{path}: inline content is {} bytes but the entry says {size}",
-                        data.len()
-                    )));
+                    return Err(OpError::Refused(
+                        Refusal::BadContent,
+                        format!(
+                            "{path}: inline content is {} bytes but the entry says {size}",
+                            data.len()
+                        ),
+                    ));
                 }
                 _ => {
-                    return Err(OpError::Refused(format!(
-                        "{path}: inline content for something that is not a file"
-                    )));
+                    return Err(OpError::Refused(
+                        Refusal::BadContent,
+                        format!("{path}: inline content for something that is not a file"),
+                    ));
                 }
             }
         }
@@ -379,10 +422,10 @@ impl Ctx<'_> {
             false,
         )?;
         if self.ws.halted().is_some() {
-            return Err(OpError::Refused(format!(
-                "workspace {} is halted on the hub",
-                self.ws.id
-            )));
+            return Err(OpError::Refused(
+                Refusal::Halted,
+                format!("workspace {} is halted on the hub", self.ws.id),
+            ));
         }
         self.read_disk(path)
     }
@@ -471,14 +514,15 @@ impl Ctx<'_> {
     fn free_copy_name(&mut self, path: &RelPath, ours: &Entry) -> Result<RelPath, OpError> {
         for attempt in 0..100 {
             let name = conflict_copy_name(path, self.node, self.now_unix, attempt, !ours.is_dir())
-                .map_err(|e| OpError::Refused(e.to_string()))?;
+                .map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
             if self.current(&name)?.entry.is_none() && self.root.lstat(&name)?.is_none() {
                 return Ok(name);
             }
         }
-        Err(OpError::Refused(format!(
-            "{path}: no free conflict-copy name"
-        )))
+        Err(OpError::Refused(
+            Refusal::NoConflictName,
+            format!("{path}: no free conflict-copy name"),
+        ))
     }
 
     /// Makes sure every ancestor of `path` is a journaled directory.
@@ -487,10 +531,13 @@ impl Ctx<'_> {
             match self.current(&ancestor)?.entry {
                 Some(Entry::Dir) => continue,
                 Some(other) => {
-                    return Err(OpError::Refused(format!(
-                        "{ancestor} is a {} on the hub, not a directory",
-                        other.kind_name()
-                    )));
+                    return Err(OpError::Refused(
+                        Refusal::ParentNotDirectory,
+                        format!(
+                            "{ancestor} is a {} on the hub, not a directory",
+                            other.kind_name()
+                        ),
+                    ));
                 }
                 None => {}
             }
@@ -498,10 +545,13 @@ impl Ctx<'_> {
             match disk.entry {
                 Some(Entry::Dir) => continue,
                 Some(other) => {
-                    return Err(OpError::Refused(format!(
-                        "{ancestor} is a {} on the hub, not a directory",
-                        other.kind_name()
-                    )));
+                    return Err(OpError::Refused(
+                        Refusal::ParentNotDirectory,
+                        format!(
+                            "{ancestor} is a {} on the hub, not a directory",
+                            other.kind_name()
+                        ),
+                    ));
                 }
                 None => {
                     self.root.make_dir(&ancestor)?;
@@ -643,9 +693,10 @@ impl Ctx<'_> {
                 }
             };
             let stat = landed.map_err(|err| match err {
-                FsError::HashMismatch { .. } => {
-                    OpError::Refused(format!("{path}: inline content does not match its hash"))
-                }
+                FsError::HashMismatch { .. } => OpError::Refused(
+                    Refusal::BadContent,
+                    format!("{path}: inline content does not match its hash"),
+                ),
                 other => other.into(),
             })?;
             Counters::add(&self.hub.counters.files_received, 1);

@@ -49,6 +49,8 @@ pub struct HubConfig {
     pub max_file_size: u64,
     /// Staging entries older than this that no live transfer owns are removed.
     pub staging_ttl: Duration,
+    /// How long a stop waits for in-flight transfers and commits.
+    pub shutdown_timeout: Duration,
 }
 
 /// Runs the hub until `shutdown` is cancelled.
@@ -77,16 +79,59 @@ pub async fn run(
         "startup scan done"
     );
 
-    let maintenance = tokio::spawn(maintenance::run(hub.clone(), shutdown.clone()));
+    let background = CancellationToken::new();
+    let maintenance = tokio::spawn(maintenance::run(hub.clone(), background.clone()));
     hub.write_endpoints(grpc_addr, admin_addr)?;
     hub.set_ready(true);
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, data_dir = %hub.config.data_dir.display(), "hub accepting nodes");
 
-    let served = service::serve(hub.clone(), grpc, shutdown.clone()).await;
+    let stop_serving = CancellationToken::new();
+    let mut served = tokio::spawn(service::serve(hub.clone(), grpc, stop_serving.clone()));
+    let early = tokio::select! {
+        result = &mut served => Some(result),
+        () = shutdown.cancelled() => None,
+    };
+    // Drain: readiness goes false, new work is refused, in-flight work gets
+    // GM_SHUTDOWN_TIMEOUT to finish.
+    hub.set_draining();
     hub.set_ready(false);
-    shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + hub.config.shutdown_timeout;
+    tracing::info!(
+        timeout_secs = hub.config.shutdown_timeout.as_secs(),
+        "draining: refusing new transfers, finishing in-flight ones"
+    );
+    stop_serving.cancel();
+    let result = match early {
+        Some(result) => result.map_err(anyhow::Error::from).and_then(|r| r),
+        None => match tokio::time::timeout_at(deadline, &mut served).await {
+            Ok(result) => result.map_err(anyhow::Error::from).and_then(|r| r),
+            Err(_) => {
+                tracing::warn!("in-flight requests did not finish in time; aborting them");
+                served.abort();
+                Ok(())
+            }
+        },
+    };
+    // Commits run under each workspace's lock: holding every lock means none
+    // is half done.
+    for ws in hub.all_workspaces() {
+        if tokio::time::timeout_at(deadline, ws.seq.clone().lock_owned())
+            .await
+            .is_err()
+        {
+            tracing::warn!(workspace = %ws.id, "a commit did not finish before the shutdown timeout");
+        }
+    }
+    // Uploads waiting for their commit take their staging files with them.
+    hub.uploads
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    background.cancel();
     let _ = maintenance.await;
+    shutdown.cancel();
     let _ = admin_task.await;
     hub.remove_endpoints();
-    served
+    tracing::info!("hub stopped");
+    result
 }

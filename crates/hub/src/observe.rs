@@ -76,6 +76,19 @@ pub fn observe_locked(
     scope: Scope,
     allow_empty: bool,
 ) -> anyhow::Result<usize> {
+    let started = std::time::Instant::now();
+    let result = observe_inner(hub, ws, seq, scope, allow_empty);
+    hub.counters.scan_seconds.observe(started.elapsed());
+    result
+}
+
+fn observe_inner(
+    hub: &Hub,
+    ws: &Workspace,
+    seq: &mut Seq,
+    scope: Scope,
+    allow_empty: bool,
+) -> anyhow::Result<usize> {
     if ws.halted().is_some() {
         return Ok(0);
     }

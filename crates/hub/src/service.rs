@@ -30,31 +30,25 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let token: Arc<str> = Arc::from(hub.config.token.as_str());
+    let counted = hub.clone();
     let service = pb::sync_server::SyncServer::new(SyncService {
         hub,
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
-    let service = tonic_check(service, token);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        service,
+        move |request: Request<()>| {
+            check_token(&request, &token).inspect_err(|_| counted.counters.refuse("token"))?;
+            Ok(request)
+        },
+    );
     tonic::transport::Server::builder()
         .add_service(service)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
-}
-
-fn tonic_check(
-    service: pb::sync_server::SyncServer<SyncService>,
-    token: Arc<str>,
-) -> tonic::service::interceptor::InterceptedService<
-    pb::sync_server::SyncServer<SyncService>,
-    impl tonic::service::Interceptor + Clone,
-> {
-    tonic::service::interceptor::InterceptedService::new(service, move |request: Request<()>| {
-        check_token(&request, &token)?;
-        Ok(request)
-    })
 }
 
 /// Compares in constant time, so the token cannot be guessed byte by byte.
@@ -98,8 +92,15 @@ fn internal(err: impl std::fmt::Display) -> Status {
     Status::internal(err.to_string())
 }
 
+fn draining() -> Status {
+    Status::unavailable("the hub is shutting down; retry shortly")
+}
+
 impl SyncService {
     fn attached(&self, raw: &str) -> Result<Arc<Workspace>, Status> {
+        if self.hub.is_draining() {
+            return Err(draining());
+        }
         let id = WorkspaceId::new(raw).map_err(bad)?;
         self.hub.workspace(&id).ok_or_else(|| {
             Status::not_found(format!("workspace {id} is not attached; call Attach first"))
@@ -115,6 +116,9 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::AttachRequest>,
     ) -> Result<Response<pb::AttachResponse>, Status> {
+        if self.hub.is_draining() {
+            return Err(draining());
+        }
         let req = request.into_inner();
         let id = WorkspaceId::new(&req.workspace).map_err(bad)?;
         let node = NodeId::new(&req.node_id).map_err(bad)?;

@@ -22,6 +22,54 @@ use tokio::sync::watch;
 
 use crate::HubConfig;
 
+/// A duration histogram with fixed buckets (seconds), for `/metrics`.
+pub struct Histogram {
+    buckets: Vec<(f64, AtomicU64)>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        let bounds = [
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        Histogram {
+            buckets: bounds.iter().map(|b| (*b, AtomicU64::new(0))).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Histogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let seconds = elapsed.as_secs_f64();
+        for (bound, count) in &self.buckets {
+            if seconds <= *bound {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// (upper bound, cumulative count) per bucket, then the count and the sum in seconds.
+    pub fn read(&self) -> (Vec<(f64, u64)>, u64, f64) {
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|(b, c)| (*b, c.load(Ordering::Relaxed)))
+            .collect();
+        (
+            buckets,
+            self.count.load(Ordering::Relaxed),
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
 /// Monotonic counters, exposed by `status` and `/metrics`.
 #[derive(Default)]
 pub struct Counters {
@@ -37,6 +85,13 @@ pub struct Counters {
     pub local_copies: AtomicU64,
     pub chunk_bytes_reused: AtomicU64,
     pub staging_reclaimed: AtomicU64,
+    pub purges: AtomicU64,
+    /// Refused operations by reason.
+    pub refused_by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    /// Duration of mirror scans (observations), by scope.
+    pub scan_seconds: Histogram,
+    /// Duration of commit requests (node proposals reconciled into the mirror).
+    pub commit_seconds: Histogram,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -53,11 +108,23 @@ pub struct CounterSnapshot {
     pub local_copies: u64,
     pub chunk_bytes_reused: u64,
     pub staging_reclaimed: u64,
+    pub purges: u64,
 }
 
 impl Counters {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one refused operation.
+    pub fn refuse(&self, reason: &'static str) {
+        self.refused_ops.fetch_add(1, Ordering::Relaxed);
+        *self
+            .refused_by_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(reason)
+            .or_default() += 1;
     }
 
     pub fn snapshot(&self) -> CounterSnapshot {
@@ -75,6 +142,7 @@ impl Counters {
             local_copies: get(&self.local_copies),
             chunk_bytes_reused: get(&self.chunk_bytes_reused),
             staging_reclaimed: get(&self.staging_reclaimed),
+            purges: get(&self.purges),
         }
     }
 }
@@ -145,6 +213,7 @@ pub struct Hub {
     /// Staging-file tag of this hub instance.
     pub tag: String,
     ready: AtomicBool,
+    draining: AtomicBool,
     next_subscription: AtomicU64,
     _lock: DirLock,
 }
@@ -169,6 +238,7 @@ impl Hub {
             started: Instant::now(),
             tag: format!("hub{:08x}", rand::random::<u32>()),
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             next_subscription: AtomicU64::new(1),
             _lock: lock,
         })
@@ -180,6 +250,15 @@ impl Hub {
 
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// True once shutdown started: readiness is false and new transfers are refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     pub fn next_subscription_id(&self) -> u64 {
