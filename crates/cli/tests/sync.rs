@@ -845,19 +845,19 @@ fn parse_prometheus(text: &str) -> std::collections::BTreeMap<String, f64> {
             .parse()
             .unwrap_or_else(|_| panic!("bad value: {line}"));
         let base = name.split('{').next().unwrap();
-        if let Some(labels) = name.strip_prefix(base) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-                for pair in labels[1..labels.len() - 1].split(',') {
-                    let (key, quoted) = pair
-                        .split_once('=')
-                        .unwrap_or_else(|| panic!("bad label: {line}"));
-                    assert!(
-                        key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
-                        "{line}"
-                    );
-                    assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
-                }
+        if let Some(labels) = name.strip_prefix(base)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
+            for pair in labels[1..labels.len() - 1].split(',') {
+                let (key, quoted) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad label: {line}"));
+                assert!(
+                    key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{line}"
+                );
+                assert!(quoted.starts_with('"') && quoted.ends_with('"'), "{line}");
             }
         }
         let family = ["_bucket", "_sum", "_count"]
