@@ -168,6 +168,11 @@ pub struct HubArgs {
     /// owns are removed (entries of earlier hubs go at start).
     #[arg(long, env = "GM_STAGING_TTL", default_value_t = 3600)]
     pub staging_ttl: u64,
+    /// Ownership of what the hub writes: `on` gives each file the owner of
+    /// its directory, `auto` does so until the first permission refusal
+    /// (rootless containers), `off` never changes ownership.
+    #[arg(long, env = "GM_CHOWN", default_value = "auto")]
+    pub chown: gm_fs::ChownPolicy,
     /// On SIGTERM/SIGINT, how many seconds in-flight transfers and commits
     /// get to finish before they are aborted.
     #[arg(long, env = "GM_SHUTDOWN_TIMEOUT", default_value_t = 30)]
@@ -213,6 +218,7 @@ impl HubArgs {
             max_file_size: self.max_file_size,
             staging_ttl: Duration::from_secs(self.staging_ttl.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            ownership: std::sync::Arc::new(gm_fs::Ownership::new(self.chown)),
         };
         Ok((config, self.listen, self.admin_listen))
     }

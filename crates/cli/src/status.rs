@@ -66,13 +66,14 @@ fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
             "chunk_bytes_reused": c.chunk_bytes_reused,
             "staging_reclaimed": c.staging_reclaimed,
         },
-        "settings": status.settings.map(|s| json!({
+        "settings": status.settings.clone().map(|s| json!({
             "hash_workers": s.hash_workers,
             "io_concurrency": s.io_concurrency,
             "read_rate_limit": s.read_rate_limit,
             "io_max_observed": s.io_max_observed,
             "racy_window_ms": s.racy_window_ms,
             "max_file_size": s.max_file_size,
+            "chown": s.chown,
         })),
         "workspaces": status.workspaces.iter().map(|w| json!({
             "id": w.id,

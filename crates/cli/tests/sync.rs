@@ -949,3 +949,107 @@ fn sigterm_on_the_hub_during_a_transfer_leaves_no_partial_file_or_staging() {
 fn sigterm_on_a_node_during_a_transfer_leaves_no_partial_file_or_staging() {
     stop_during_transfer(false);
 }
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("skipping: this test needs root (it changes file ownership)");
+    }
+    root
+}
+
+fn owner(path: &std::path::Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(path).unwrap();
+    (meta.uid(), meta.gid())
+}
+
+#[test]
+fn chown_on_gives_each_write_its_directory_owner() {
+    if !running_as_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start_with(dir.path(), &[("GM_CHOWN", "on")]);
+    let mut a = Node::new(dir.path(), &hub, "node-a", WS);
+    a.start();
+    write(&a.path("seed"), "s");
+    wait_until("workspace on the hub", || {
+        hub.mirror(WS).join("seed").exists()
+    });
+    let owned = hub.mirror(WS).join("owned");
+    std::fs::create_dir(&owned).unwrap();
+    std::os::unix::fs::chown(&owned, Some(4242), Some(4343)).unwrap();
+    wait_until("the directory reaches the node", || {
+        a.path("owned").exists()
+    });
+    write(&a.path("owned/file.txt"), "content");
+    write(&a.path("owned/sub/deep.txt"), "deeper");
+    std::os::unix::fs::symlink("file.txt", a.path("owned/link")).unwrap();
+    wait_until("files on the hub", || {
+        hub.mirror(WS).join("owned/sub/deep.txt").exists()
+            && hub.mirror(WS).join("owned/link").exists()
+    });
+    assert_eq!(owner(&owned.join("file.txt")), (4242, 4343));
+    assert_eq!(owner(&owned.join("sub")), (4242, 4343));
+    assert_eq!(owner(&owned.join("sub/deep.txt")), (4242, 4343));
+    assert_eq!(owner(&owned.join("link")), (4242, 4343));
+    assert_eq!(hub.status()["settings"]["chown"], "on");
+}
+
+#[test]
+fn chown_auto_gives_up_once_when_not_permitted_and_keeps_syncing() {
+    if !running_as_root() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // The hub runs as `nobody`, in a data dir it owns.
+    let data = dir.path().join("hub");
+    std::fs::create_dir_all(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(65534), Some(65534)).unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(0), Some(0)).unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let hub = Hub::start_wrapped(
+        dir.path(),
+        &[("GM_CHOWN", "auto")],
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+    );
+    let mut a = Node::new(dir.path(), &hub, "node-a", WS);
+    a.start();
+    write(&a.path("seed"), "s");
+    wait_until("workspace on the hub", || {
+        hub.mirror(WS).join("seed").exists()
+    });
+    // A directory someone else (root) owns, writable by the hub.
+    let shared = hub.mirror(WS).join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    wait_until("the directory reaches the node", || {
+        a.path("shared").exists()
+    });
+    for i in 0..3 {
+        write(&a.path(&format!("shared/{i}.txt")), "x");
+    }
+    wait_until("files keep syncing", || shared.join("2.txt").exists());
+    assert_eq!(
+        owner(&shared.join("0.txt")).0,
+        65534,
+        "ownership left alone"
+    );
+    let log = std::fs::read_to_string(dir.path().join("hub.log")).unwrap();
+    assert_eq!(
+        log.matches("cannot change file ownership here").count(),
+        1,
+        "one warning: {log}"
+    );
+    assert_eq!(
+        hub.status()["settings"]["chown"],
+        "auto (off: not permitted here)"
+    );
+}

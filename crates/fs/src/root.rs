@@ -28,6 +28,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::error::FsError;
+use crate::owner::{Ownership, Target};
 use crate::stat::from_raw;
 use gm_core::{Kind, Stat};
 
@@ -78,6 +79,8 @@ pub struct Root {
     identity: Stat,
     /// Staging entries that live transfers own: never reclaimed.
     live: LiveSet,
+    /// Who owns what this root writes (`GM_CHOWN`).
+    ownership: Arc<Ownership>,
 }
 
 enum Parent<'a> {
@@ -135,6 +138,7 @@ impl Root {
             staging_tag: staging_tag.to_string(),
             identity,
             live: LiveSet::default(),
+            ownership: Arc::new(Ownership::off()),
         })
     }
 
@@ -147,6 +151,23 @@ impl Root {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Sets the ownership policy for everything this root writes.
+    pub fn with_ownership(mut self, ownership: Arc<Ownership>) -> Root {
+        self.ownership = ownership;
+        self
+    }
+
+    /// Gives an open staging file the owner of `path`'s directory (created
+    /// first when `create_parents`).
+    fn own_file(&self, file: &File, path: &RelPath, create_parents: bool) -> Result<(), FsError> {
+        if !self.ownership.active() {
+            return Ok(());
+        }
+        let parent = self.parent(path, create_parents)?;
+        self.ownership
+            .apply(&parent, Target::Open(file.as_fd()), &self.shown(path))
     }
 
     /// The root directory as it was when opened.
@@ -187,16 +208,11 @@ impl Root {
             let opened = match rustix::fs::openat(&current, component, dir_flags(), Mode::empty()) {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) if create => {
-                    match rustix::fs::mkdirat(&current, component, Mode::from_raw_mode(0o755)) {
-                        Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => {
-                            return Err(FsError::io(
-                                "create directory",
-                                format!("{}/{walked}", self.path.display()),
-                                e,
-                            ));
-                        }
-                    }
+                    self.create_dir_in(
+                        &current,
+                        component,
+                        &format!("{}/{walked}", self.path.display()),
+                    )?;
                     rustix::fs::openat(&current, component, dir_flags(), Mode::empty())
                         .map_err(|e| self.walk_error(&walked, e))?
                 }
@@ -431,6 +447,44 @@ impl Root {
         rustix::fs::syncfs(&self.dir).map_err(|e| FsError::io("syncfs", self.path.display(), e))
     }
 
+    /// Creates directory `name` in `parent` (an existing one is fine). With
+    /// an ownership policy, it is made in staging, given the parent's owner,
+    /// then renamed into place, so it never shows with another owner.
+    fn create_dir_in(&self, parent: &impl AsFd, name: &str, shown: &str) -> Result<(), FsError> {
+        if !self.ownership.active() {
+            return match rustix::fs::mkdirat(parent, name, Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(Errno::EXIST) => Ok(()),
+                Err(e) => Err(FsError::io("create directory", shown, e)),
+            };
+        }
+        let staged = random_name(&self.staging_tag, "dir");
+        let _owned = self.own(&staged);
+        rustix::fs::mkdirat(&self.staging, staged.as_str(), Mode::from_raw_mode(0o755))
+            .map_err(|e| FsError::io("create directory", shown, e))?;
+        let placed = self
+            .ownership
+            .apply(
+                parent,
+                Target::Entry(self.staging.as_fd(), staged.as_str()),
+                shown,
+            )
+            .and_then(|()| {
+                match rustix::fs::renameat_with(
+                    &self.staging,
+                    staged.as_str(),
+                    parent,
+                    name,
+                    RenameFlags::NOREPLACE,
+                ) {
+                    Ok(()) | Err(Errno::EXIST) => Ok(()),
+                    Err(e) => Err(FsError::io("create directory", shown, e)),
+                }
+            });
+        // Left behind only when someone else created the directory first.
+        let _ = rustix::fs::unlinkat(&self.staging, staged.as_str(), AtFlags::REMOVEDIR);
+        placed
+    }
+
     /// Creates a directory (parents too). An existing directory is fine.
     pub fn make_dir(&self, path: &RelPath) -> Result<Stat, FsError> {
         let parent = self.parent(path, true)?;
@@ -443,10 +497,7 @@ impl Root {
             }
             None => {}
         }
-        match rustix::fs::mkdirat(&parent, path.file_name(), Mode::from_raw_mode(0o755)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(FsError::io("create directory", self.shown(path), e)),
-        }
+        self.create_dir_in(&parent, path.file_name(), &self.shown(path))?;
         rustix::fs::fsync(&parent)
             .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
         match self.stat_at(&parent, path)? {
@@ -472,6 +523,17 @@ impl Root {
         let _owned = self.own(&name);
         rustix::fs::symlinkat(target, &self.staging, name.as_str())
             .map_err(|e| FsError::io("create symlink", self.shown(path), e))?;
+        if self.ownership.active() {
+            let parent = self.parent(path, true)?;
+            if let Err(err) = self.ownership.apply(
+                &parent,
+                Target::Entry(self.staging.as_fd(), name.as_str()),
+                &self.shown(path),
+            ) {
+                let _ = rustix::fs::unlinkat(&self.staging, name.as_str(), AtFlags::empty());
+                return Err(err);
+            }
+        }
         self.place(&name, path, expect)
     }
 
@@ -883,6 +945,7 @@ impl StagedFile {
         };
         rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
             .map_err(|e| FsError::io("chmod staging file", root.shown(path), e))?;
+        root.own_file(&file, path, true)?;
         file.sync_all()
             .map_err(|e| FsError::io("fsync staging file", root.shown(path), e))?;
         drop(file);
@@ -893,7 +956,12 @@ impl StagedFile {
     /// Group commit, step 1: sets the final mode on the open file. The
     /// caller then makes the group durable with one
     /// `Root::sync_filesystem` before any `commit_prepared`.
-    pub fn prepare(&mut self, executable: bool) -> Result<(), FsError> {
+    pub fn prepare(
+        &mut self,
+        root: &Root,
+        path: &RelPath,
+        executable: bool,
+    ) -> Result<(), FsError> {
         let Some(file) = self.file.as_ref() else {
             return Err(FsError::Unsupported {
                 path: self.name.clone(),
@@ -902,6 +970,9 @@ impl StagedFile {
         };
         rustix::fs::fchmod(file, Mode::from_raw_mode(file_mode(executable)))
             .map_err(|e| FsError::io("chmod staging file", &self.name, e))?;
+        // Parents are not created here: a group member whose directory does
+        // not exist yet takes the one-by-one path.
+        root.own_file(file, path, false)?;
         self.prepared = true;
         Ok(())
     }
@@ -990,7 +1061,8 @@ mod tests {
         for i in 0..10u8 {
             let mut file = root.stage_file().unwrap();
             file.write_all(&[i; 100]).unwrap();
-            file.prepare(i % 2 == 0).unwrap();
+            file.prepare(&root, &rel(&format!("d/{i}")), i % 2 == 0)
+                .unwrap();
             staged.push((i, file));
         }
         root.sync_filesystem().unwrap();

@@ -221,8 +221,10 @@ impl Ctx<'_> {
             }
             let mut staged = self.root.stage_file()?;
             staged.write_all(data)?;
-            staged.prepare(executable)?;
-            self.prestaged.insert((path, hash, executable), staged);
+            // A file that cannot be prepared here takes the one-by-one path.
+            if staged.prepare(&self.root, &path, executable).is_ok() {
+                self.prestaged.insert((path, hash, executable), staged);
+            }
         }
         if !self.prestaged.is_empty() {
             self.root.sync_filesystem()?;

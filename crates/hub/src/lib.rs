@@ -51,6 +51,8 @@ pub struct HubConfig {
     pub staging_ttl: Duration,
     /// How long a stop waits for in-flight transfers and commits.
     pub shutdown_timeout: Duration,
+    /// Who owns what the hub writes into mirrors (`GM_CHOWN`).
+    pub ownership: Arc<gm_fs::Ownership>,
 }
 
 /// Runs the hub until `shutdown` is cancelled.

@@ -277,7 +277,8 @@ pub fn recheck_halted(hub: &Hub, ws: &Workspace, seq: &mut Seq) -> anyhow::Resul
     }
     if hub.db.take_confirm_empty(&ws.id)? {
         if !ws.root().still_in_place() {
-            let root = Root::create(&ws.mirror_path, &hub.tag)?;
+            let root = Root::create(&ws.mirror_path, &hub.tag)?
+                .with_ownership(hub.config.ownership.clone());
             ws.replace_root(root);
         }
         unhalt(hub, ws)?;

@@ -519,6 +519,7 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             io_max_observed: hub.config.scan.io.max_observed() as u64,
             racy_window_ms: (hub.config.scan.racy_window_ns / 1_000_000).max(0) as u64,
             max_file_size: hub.config.max_file_size,
+            chown: hub.config.ownership.describe().to_string(),
         }),
     })
 }

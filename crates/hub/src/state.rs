@@ -293,7 +293,8 @@ impl Hub {
             .map_or(0, |d| d.as_secs() as i64);
         let row = self.db.ensure_workspace(id, now)?;
         let mirror_path = self.mirrors.join(id.as_str());
-        let root = Root::create(&mirror_path, &self.tag)?;
+        let root =
+            Root::create(&mirror_path, &self.tag)?.with_ownership(self.config.ownership.clone());
         let cleared = root.clear_staging()?;
         self.log_reclaimed(id, &cleared, "left by an earlier hub");
         let (committed, _) = watch::channel(row.seq.0);

@@ -98,7 +98,7 @@ pub async fn download(
         if message.last
             && let Some(mut file) = staged.remove(&index)
         {
-            match file.prepare(item.executable) {
+            match file.prepare(root, &item.path, item.executable) {
                 Ok(()) => finished.push((index, file)),
                 Err(err) => {
                     outcomes.insert(index, Err(DownloadFailure::Local(err)));

@@ -21,7 +21,19 @@ pub fn bin() -> &'static str {
 
 /// A command with a clean GM_* environment and test-friendly settings.
 pub fn command() -> Command {
-    let mut cmd = Command::new(bin());
+    command_under(&[])
+}
+
+/// `command()` run under a wrapper program (`wrapper[0] wrapper[1..] ghostmirror ...`).
+pub fn command_under(wrapper: &[String]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin());
+            cmd
+        }
+        None => Command::new(bin()),
+    };
     for (key, _) in std::env::vars() {
         if key.starts_with("GM_") {
             cmd.env_remove(key);
@@ -60,6 +72,8 @@ pub struct Hub {
     child: Option<Child>,
     /// Extra environment for every start of this hub.
     pub env: Vec<(String, String)>,
+    /// A command the hub runs under (e.g. `setpriv --reuid ...`).
+    pub wrapper: Vec<String>,
     pub data_dir: PathBuf,
     pub url: String,
     pub admin: String,
@@ -73,12 +87,18 @@ impl Hub {
     }
 
     pub fn start_with(base: &Path, env: &[(&str, &str)]) -> Hub {
+        Hub::start_wrapped(base, env, &[])
+    }
+
+    /// Like `start_with`, but the hub runs under `wrapper`.
+    pub fn start_wrapped(base: &Path, env: &[(&str, &str)], wrapper: &[&str]) -> Hub {
         let mut hub = Hub {
             child: None,
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            wrapper: wrapper.iter().map(|w| w.to_string()).collect(),
             data_dir: base.join("hub"),
             url: String::new(),
             admin: String::new(),
@@ -98,7 +118,7 @@ impl Hub {
             .append(true)
             .open(&self.log)
             .expect("open hub log");
-        let child = command()
+        let child = command_under(&self.wrapper)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args([
                 "hub",
