@@ -77,6 +77,9 @@ pub struct ScanOutcome {
     /// permission): callers must treat them as unknown, never as deleted.
     /// A directory here stands for its whole subtree.
     pub unreadable: Vec<RelPath>,
+    /// Cache records (of the given cache) for files that are no longer
+    /// there: to delete.
+    pub stale_cache: Vec<RelPath>,
     /// False when the subtree's top does not exist.
     pub found: bool,
 }
@@ -252,6 +255,24 @@ pub fn scan_tree(
         });
     }
     outcome.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    let files: std::collections::HashSet<&RelPath> = outcome
+        .entries
+        .iter()
+        .filter(|e| matches!(e.entry, Entry::File { .. }))
+        .map(|e| &e.path)
+        .collect();
+    let stale: Vec<RelPath> = cache
+        .keys()
+        .filter(|path| !files.contains(path))
+        .filter(|path| {
+            !outcome
+                .unreadable
+                .iter()
+                .any(|u| u == *path || u.is_ancestor_of(path))
+        })
+        .cloned()
+        .collect();
+    outcome.stale_cache = stale;
     Ok(outcome)
 }
 

@@ -166,12 +166,8 @@ fn observe_inner(
                 .any(|u| u == path || u.is_ancestor_of(path))
         };
         let mut seen: BTreeSet<&RelPath> = BTreeSet::new();
-        let mut files_seen: BTreeSet<&RelPath> = BTreeSet::new();
         for item in &scan.entries {
             seen.insert(&item.path);
-            if matches!(item.entry, Entry::File { .. }) {
-                files_seen.insert(&item.path);
-            }
             if live.get(&item.path) != Some(&&item.entry) {
                 creations.push((item.path.clone(), item.entry.clone()));
             }
@@ -188,11 +184,7 @@ fn observe_inner(
         }
         batch.cache_put.extend(scan.cache_updates);
         batch.manifests.extend(scan.manifests);
-        for path in cache.keys() {
-            if !files_seen.contains(path) && !unreadable(path) {
-                batch.cache_del.push(path.clone());
-            }
-        }
+        batch.cache_del.extend(scan.stale_cache.iter().cloned());
     }
 
     if !deletions.is_empty() && !allow_empty && root.is_empty()? {

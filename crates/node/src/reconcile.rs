@@ -310,6 +310,7 @@ impl Replica {
                 }
             }
             self.batch.cache_put.extend(scan.cache_updates);
+            self.batch.cache_del.extend(scan.stale_cache);
             self.batch.manifests.extend(scan.manifests);
             unreadable.extend(scan.unreadable);
             for item in scan.entries {
