@@ -32,6 +32,11 @@ use crate::owner::{Ownership, Target};
 use crate::stat::from_raw;
 use gm_core::{Kind, Stat};
 
+/// Fewest files for which a group commit (one `syncfs`) beats one fsync
+/// per file: `syncfs` also waits for unrelated dirty data, so a single
+/// live edit is fsynced alone.
+pub const GROUP_COMMIT_MIN: usize = 8;
+
 /// Where staging lives inside each root.
 pub const STAGING_DIR: &str = "staging";
 

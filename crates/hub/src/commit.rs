@@ -198,6 +198,9 @@ impl Ctx<'_> {
     /// durable, instead of one fsync per file. Bad ops are left for `handle`
     /// to refuse.
     fn prestage(&mut self, ops: &[pb::CommitOp]) -> anyhow::Result<()> {
+        if ops.iter().filter(|op| op.data.is_some()).count() < gm_fs::root::GROUP_COMMIT_MIN {
+            return Ok(());
+        }
         for op in ops {
             let (Some(data), Some(entry)) = (&op.data, &op.entry) else {
                 continue;

@@ -110,16 +110,21 @@ pub async fn download(
     // the renames (the caller syncs again before recording them).
     if !finished.is_empty() {
         let root = root.clone();
+        let grouped = finished.len() >= gm_fs::root::GROUP_COMMIT_MIN;
         let landed = tokio::task::block_in_place(move || -> Result<Vec<Landed>, FsError> {
-            root.sync_filesystem()?;
+            if grouped {
+                root.sync_filesystem()?;
+            }
             Ok(finished
                 .into_iter()
                 .map(|(index, file)| {
                     let item = &items[index];
-                    (
-                        index,
-                        file.commit_prepared(&root, &item.path, item.hash, item.expect),
-                    )
+                    let result = if grouped {
+                        file.commit_prepared(&root, &item.path, item.hash, item.expect)
+                    } else {
+                        file.commit(&root, &item.path, item.hash, item.executable, item.expect)
+                    };
+                    (index, result)
                 })
                 .collect())
         })?;
