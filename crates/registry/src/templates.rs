@@ -158,8 +158,9 @@ impl Registry {
                 .await)
                 .map_err(self.db())?;
                 Err(RegistryError::Refused(format!(
-                    "template {name:?} is used by {used} instance(s); delete them first \
-                     (`ghostmirror instance list --template {name}`)"
+                    "template {:?} is used by {used} instance(s); delete them first \
+                     (`ghostmirror instance list --template {name}`)",
+                    name.as_str()
                 )))
             }
             Err(err) => Err(self.db()(err)),

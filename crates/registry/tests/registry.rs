@@ -289,7 +289,7 @@ async fn templates_create_list_delete(registry: &Registry) {
     match registry.delete_template(&name("coder")).await {
         Err(RegistryError::Refused(message)) => {
             assert!(
-                message.contains("\"coder\"") && message.contains("used by 2 instance(s)"),
+                message.starts_with("template \"coder\" is used by 2 instance(s)"),
                 "{message}"
             );
         }

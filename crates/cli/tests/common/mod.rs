@@ -63,10 +63,16 @@ pub struct Hub {
     pub admin: String,
     log: PathBuf,
     starts: u32,
+    /// Extra environment for the hub process (e.g. GM_DATABASE_URL).
+    env: Vec<(String, String)>,
 }
 
 impl Hub {
     pub fn start(base: &Path) -> Hub {
+        Hub::start_with_env(base, &[])
+    }
+
+    pub fn start_with_env(base: &Path, env: &[(&str, &str)]) -> Hub {
         let mut hub = Hub {
             child: None,
             data_dir: base.join("hub"),
@@ -74,6 +80,10 @@ impl Hub {
             admin: String::new(),
             log: base.join("hub.log"),
             starts: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         hub.spawn();
         hub
@@ -100,13 +110,22 @@ impl Hub {
             ])
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("spawn hub");
         self.child = Some(child);
         let endpoints = self.data_dir.join("hub.json");
-        wait_until("hub writes hub.json", || endpoints.exists());
+        wait_until("hub writes hub.json", || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                print_log("hub", &self.log);
+                panic!("the hub exited at start: {status}");
+            }
+            endpoints.exists()
+        });
         let text = std::fs::read_to_string(&endpoints).expect("read hub.json");
         let value: serde_json::Value = serde_json::from_str(&text).expect("parse hub.json");
         self.url = value["grpc"].as_str().expect("grpc").to_string();
