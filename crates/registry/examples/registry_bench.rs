@@ -12,7 +12,7 @@
 //! `Registry` calls the hub's gRPC service makes. Options: --nodes 1000,
 //! --sessions 10000, --templates 20, --iterations 5000, --limit 100,
 //! --seed 42, --sqlite-path FILE (keep the SQLite file; reuse its rows if
-//! it has some), --no-sqlite.
+//! it has some), --pg-schema NAME (the same for PostgreSQL), --no-sqlite.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,8 @@ struct Options {
     sqlite: bool,
     /// Keep the SQLite file here; if it already holds instances, reuse them.
     sqlite_path: Option<std::path::PathBuf>,
+    /// Keep the PostgreSQL rows in this schema; if it holds instances, reuse them.
+    pg_schema: Option<String>,
 }
 
 fn parse() -> Result<Options, String> {
@@ -50,6 +52,7 @@ fn parse() -> Result<Options, String> {
         postgres: None,
         sqlite: true,
         sqlite_path: None,
+        pg_schema: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
@@ -73,6 +76,12 @@ fn parse() -> Result<Options, String> {
             "--seed" => options.seed = number()? as u64,
             "--postgres" => options.postgres = Some(value),
             "--sqlite-path" => options.sqlite_path = Some(value.into()),
+            "--pg-schema" => {
+                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    return Err(format!("--pg-schema {value:?}: use a-z and _"));
+                }
+                options.pg_schema = Some(value)
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -218,6 +227,7 @@ async fn bench(name: &str, registry: &Registry, options: &Options) -> Result<(),
         ..Default::default()
     })
     .await?;
+    println!("{name}: load average {} after timing", load());
     println!(
         "{name}: {} instances ({} nodes, {} sessions), filled in {:.1} s; {} pages of {} per list",
         options.instances,
@@ -239,8 +249,21 @@ async fn bench(name: &str, registry: &Registry, options: &Options) -> Result<(),
     Ok(())
 }
 
+/// The 1-minute load average, to show how busy the machine was.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "?".into())
+}
+
 async fn main_async() -> Result<(), String> {
     let options = parse()?;
+    println!(
+        "machine: {} cores, load average {} at start",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        load()
+    );
     if options.sqlite {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let path = options
@@ -257,14 +280,19 @@ async fn main_async() -> Result<(), String> {
     }
     if let Some(url) = &options.postgres {
         use sqlx::Connection;
-        let schema = format!("gm_bench_{:016x}", rand::random::<u64>());
+        let schema = options
+            .pg_schema
+            .clone()
+            .unwrap_or_else(|| format!("gm_bench_{:016x}", rand::random::<u64>()));
         let mut conn = sqlx::PgConnection::connect(url)
             .await
             .map_err(|e| format!("connect to PostgreSQL: {e}"))?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
-            .execute(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+        )))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| e.to_string())?;
         let separator = if url.contains('?') { '&' } else { '?' };
         let scoped = format!("{url}{separator}options=-c%20search_path%3D{schema}");
         let result = async {
@@ -276,12 +304,14 @@ async fn main_async() -> Result<(), String> {
             Ok::<_, String>(())
         }
         .await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA \"{schema}\" CASCADE"
-        )))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| e.to_string())?;
+        if options.pg_schema.is_none() {
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA \"{schema}\" CASCADE"
+            )))
+            .execute(&mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        }
         result?;
     }
     Ok(())

@@ -6,6 +6,8 @@
 //! Each filter column has an index `(column, id)`; a filtered page is one
 //! range of that index read in order (see `list_query`), with no sort.
 
+use std::collections::HashMap;
+
 use gm_core::{NodeId, WorkspaceId};
 use sqlx::error::ErrorKind;
 
@@ -16,7 +18,8 @@ use crate::{
     Paged, Registry, RegistryError, TemplateName, now_ms, on_pool, violates,
 };
 
-type InstanceRow = (i64, i64, String, String, String, String, String, i64, i64);
+/// An instance row as read; the template's name comes from `template_names`.
+type InstanceRow = (i64, i64, String, String, String, String, i64, i64);
 
 /// One row for `Registry::bulk_insert_instances`.
 #[derive(Debug, Clone)]
@@ -42,33 +45,94 @@ impl Registry {
     fn instance_columns(&self) -> &'static str {
         match self.backend {
             Backend::Sqlite => {
-                "i.id, i.template_id, \
-                 (SELECT t.name FROM registry_templates t WHERE t.id = i.template_id), \
-                 i.node_id, i.session_id, i.status, i.config, i.created_ms, i.updated_ms"
+                "i.id, i.template_id, i.node_id, i.session_id, i.status, i.config, \
+                 i.created_ms, i.updated_ms"
             }
             Backend::Postgres => {
-                "i.id, i.template_id, \
-                 (SELECT t.name FROM registry_templates t WHERE t.id = i.template_id), \
-                 i.node_id, i.session_id, i.status, i.config::text, i.created_ms, i.updated_ms"
+                "i.id, i.template_id, i.node_id, i.session_id, i.status, i.config::text, \
+                 i.created_ms, i.updated_ms"
             }
         }
     }
 
-    fn instance_from_row(&self, row: InstanceRow) -> Result<Instance, RegistryError> {
-        let (id, template_id, template, node, session, status, config, created_ms, updated_ms) =
-            row;
-        let bad = |e: &dyn std::fmt::Display| self.corrupt(format!("instance {id}: {e}"));
-        Ok(Instance {
-            id: InstanceId(id),
-            template_id,
-            template: TemplateName::new(&template).map_err(|e| bad(&e))?,
-            node: NodeId::new(&node).map_err(|e| bad(&e))?,
-            session: WorkspaceId::new(&session).map_err(|e| bad(&e))?,
-            status: InstanceStatus::parse(&status).map_err(|e| bad(&e))?,
-            config: JsonObject::parse("config", &config).map_err(|e| bad(&e))?,
-            created_ms,
-            updated_ms,
+    /// The names of these templates, from the cache or, for ids it lacks,
+    /// one query.
+    async fn template_names(
+        &self,
+        ids: impl Iterator<Item = i64>,
+    ) -> Result<HashMap<i64, TemplateName>, RegistryError> {
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        {
+            let cache = self
+                .template_names
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for id in ids {
+                match cache.get(&id) {
+                    Some(name) => {
+                        found.insert(id, name.clone());
+                    }
+                    None if !missing.contains(&id) => missing.push(id),
+                    None => {}
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        let placeholders: Vec<String> = (1..=missing.len()).map(|n| format!("${n}")).collect();
+        let sql = format!(
+            "SELECT id, name FROM registry_templates WHERE id IN ({})",
+            placeholders.join(", ")
+        );
+        let rows: Vec<(i64, String)> = on_pool!(self, pool => {
+            let mut query = sqlx::query_as(sqlx::AssertSqlSafe(sql));
+            for id in &missing {
+                query = query.bind(*id);
+            }
+            query.fetch_all(pool).await
         })
+        .map_err(self.db())?;
+        let mut cache = self
+            .template_names
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (id, name) in rows {
+            let name = TemplateName::new(&name)
+                .map_err(|e| self.corrupt(format!("template {id}: {e}")))?;
+            cache.insert(id, name.clone());
+            found.insert(id, name);
+        }
+        Ok(found)
+    }
+
+    /// Rows -> instances, with their templates' names.
+    async fn instances_from_rows(
+        &self,
+        rows: Vec<InstanceRow>,
+    ) -> Result<Vec<Instance>, RegistryError> {
+        let names = self.template_names(rows.iter().map(|row| row.1)).await?;
+        rows.into_iter()
+            .map(|row| {
+                let (id, template_id, node, session, status, config, created_ms, updated_ms) = row;
+                let bad = |e: &dyn std::fmt::Display| self.corrupt(format!("instance {id}: {e}"));
+                Ok(Instance {
+                    id: InstanceId(id),
+                    template_id,
+                    template: names
+                        .get(&template_id)
+                        .cloned()
+                        .ok_or_else(|| bad(&format!("no template {template_id}")))?,
+                    node: NodeId::new(&node).map_err(|e| bad(&e))?,
+                    session: WorkspaceId::new(&session).map_err(|e| bad(&e))?,
+                    status: InstanceStatus::parse(&status).map_err(|e| bad(&e))?,
+                    config: JsonObject::parse("config", &config).map_err(|e| bad(&e))?,
+                    created_ms,
+                    updated_ms,
+                })
+            })
+            .collect()
     }
 
     /// Creates an instance. Refused, writing nothing, when the template,
@@ -193,7 +257,10 @@ impl Registry {
             .fetch_optional(pool)
             .await)
             .map_err(self.db())?;
-        row.map(|row| self.instance_from_row(row)).transpose()
+        match row {
+            Some(row) => Ok(self.instances_from_rows(vec![row]).await?.pop()),
+            None => Ok(None),
+        }
     }
 
     /// Builds a list page. With filters, the first of node, session,
@@ -287,10 +354,7 @@ impl Registry {
             query.fetch_all(pool).await
         })
         .map_err(self.db())?;
-        let mut items = rows
-            .into_iter()
-            .map(|row| self.instance_from_row(row))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut items = self.instances_from_rows(rows).await?;
         let next_cursor = cut_page(&mut items, page.limit())
             .map(|last| encode_cursor(CursorKind::Instances, &last.id.0.to_string()));
         Ok(Paged { items, next_cursor })

@@ -75,6 +75,11 @@ pub(crate) use on_pool;
 pub struct Registry {
     pool: Pool,
     backend: Backend,
+    /// Template id -> name, for instance rows. Always correct without
+    /// invalidation: names never change and ids are never reused (a deleted
+    /// template's entry is never asked for again, since no instance can
+    /// refer to it). Saves a lookup per row in every list page.
+    template_names: std::sync::RwLock<std::collections::HashMap<i64, TemplateName>>,
 }
 
 impl Registry {
@@ -100,6 +105,7 @@ impl Registry {
         let registry = Registry {
             pool: Pool::Sqlite(pool),
             backend: Backend::Sqlite,
+            template_names: Default::default(),
         };
         registry.migrate().await?;
         tracing::info!(path = %path.display(), "registry open on SQLite");
@@ -129,6 +135,7 @@ impl Registry {
         let registry = Registry {
             pool: Pool::Postgres(pool),
             backend: Backend::Postgres,
+            template_names: Default::default(),
         };
         registry.migrate().await?;
         tracing::info!(url = %redact_url(url), "registry open on PostgreSQL");
