@@ -369,7 +369,7 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub token: TokenArgs,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "GM_JSON")]
     pub json: bool,
 }
 
