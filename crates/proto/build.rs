@@ -1,8 +1,12 @@
-//! Compiles proto/ghostmirror.proto with protox (pure Rust, no system protoc).
+//! Compiles the .proto files with protox (pure Rust, no system protoc):
+//! `ghostmirror.proto` (sync) and `registry.proto` (registry admin).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    println!("cargo:rerun-if-changed=proto/ghostmirror.proto");
-    let descriptors = protox::compile(["proto/ghostmirror.proto"], ["proto"])?;
+    let files = ["proto/ghostmirror.proto", "proto/registry.proto"];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

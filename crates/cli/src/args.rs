@@ -67,6 +67,14 @@ pub enum Command {
     /// Confirm that an emptied or replaced workspace root is deliberate, so
     /// its deletions may propagate (the safety brake halted it).
     ConfirmEmpty(ConfirmArgs),
+    /// Registry: sessions (workspaces), active or archived.
+    Session(crate::registry_cmd::SessionArgs),
+    /// Registry: agent templates.
+    Template(crate::registry_cmd::TemplateArgs),
+    /// Registry: agent instances, by node, session, template and status.
+    Instance(crate::registry_cmd::InstanceArgs),
+    /// Registry: the nodes that have attached to the hub.
+    Nodes(crate::registry_cmd::NodesArgs),
 }
 
 /// Settings shared by hub and node scanning.
@@ -177,6 +185,10 @@ pub struct HubArgs {
     /// get to finish before they are aborted.
     #[arg(long, env = "GM_SHUTDOWN_TIMEOUT", default_value_t = 30)]
     pub shutdown_timeout: u64,
+    /// Keep the registry in PostgreSQL (postgres://user:password@host:port/db),
+    /// e.g. for several hubs on one database; default: SQLite in DATA_DIR/state.db.
+    #[arg(long, env = "GM_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     #[command(flatten)]
     pub scan: ScanArgs,
 }
@@ -208,6 +220,15 @@ impl HubArgs {
         if self.max_file_size == 0 {
             bail!("GM_MAX_FILE_SIZE / --max-file-size must be above 0");
         }
+        let database_url = match self.database_url.clone() {
+            None => None,
+            Some(url) if url.trim().is_empty() => None,
+            Some(url) if gm_registry::Registry::is_postgres_url(&url) => Some(url),
+            Some(url) => bail!(
+                "GM_DATABASE_URL / --database-url {:?}: expected postgres://… (leave it unset for SQLite in the data dir)",
+                gm_registry::redact_url(&url)
+            ),
+        };
         let config = gm_hub::HubConfig {
             data_dir,
             token,
@@ -219,6 +240,7 @@ impl HubArgs {
             staging_ttl: Duration::from_secs(self.staging_ttl.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             ownership: std::sync::Arc::new(gm_fs::Ownership::new(self.chown)),
+            database_url,
         };
         Ok((config, self.listen, self.admin_listen))
     }
@@ -410,7 +432,7 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub token: TokenArgs,
     /// Print JSON instead of a table.
-    #[arg(long)]
+    #[arg(long, env = "GM_JSON")]
     pub json: bool,
 }
 

@@ -4,6 +4,7 @@
 
 mod args;
 mod progress;
+mod registry_cmd;
 mod status;
 
 use std::process::ExitCode;
@@ -67,6 +68,10 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         }
         Command::Status(args) => status::run(args).await,
         Command::ConfirmEmpty(args) => args.run(),
+        Command::Session(args) => registry_cmd::run_session(args).await,
+        Command::Template(args) => registry_cmd::run_template(args).await,
+        Command::Instance(args) => registry_cmd::run_instance(args).await,
+        Command::Nodes(args) => registry_cmd::run_nodes(args).await,
     }
 }
 

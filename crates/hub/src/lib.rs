@@ -10,6 +10,7 @@
 //!   racily-clean settling);
 //! - `commit`: node proposals -> disk + journal (the conflict rule);
 //! - `service`: the gRPC surface and token check;
+//! - `registry_service`: the registry's gRPC admin API (gm-registry);
 //! - `admin`: `/healthz` and `/metrics` over HTTP;
 //! - `maintenance`: the watcher, debouncing and periodic work.
 
@@ -17,6 +18,7 @@ mod admin;
 mod commit;
 mod maintenance;
 mod observe;
+mod registry_service;
 mod service;
 mod state;
 mod transfer;
@@ -53,6 +55,10 @@ pub struct HubConfig {
     pub shutdown_timeout: Duration,
     /// Who owns what the hub writes into mirrors (`GM_CHOWN`).
     pub ownership: Arc<gm_fs::Ownership>,
+    /// `postgres://…`: the registry lives in PostgreSQL (several hubs may
+    /// share it). `None`: in SQLite, in `DATA_DIR/state.db`. The hash
+    /// cache and journal stay in `state.db` either way.
+    pub database_url: Option<String>,
 }
 
 /// Runs the hub until `shutdown` is cancelled.
@@ -64,7 +70,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let grpc_addr = grpc.local_addr().context("read gRPC listener address")?;
     let admin_addr = admin.local_addr().context("read admin listener address")?;
-    let hub = Arc::new(state::Hub::open(config).context("open hub data dir")?);
+    let hub = Arc::new(state::Hub::open(config).await?);
 
     // Admin first so /healthz can say "not yet" during the startup scan.
     let admin_task = tokio::spawn(admin::serve(hub.clone(), admin, shutdown.clone()));
@@ -134,6 +140,7 @@ pub async fn run(
     shutdown.cancel();
     let _ = admin_task.await;
     hub.remove_endpoints();
+    hub.registry.close().await;
     tracing::info!("hub stopped");
     result
 }

@@ -1,5 +1,6 @@
-//! The gRPC surface of the hub: token check on every call, request
-//! validation, and the glue from RPCs to `observe`/`commit` and the database.
+//! The gRPC surface of the hub: token check on every call (sync and
+//! registry services alike), request validation, and the glue from RPCs to
+//! `observe`/`commit` and the database.
 //! Every bad request gets a status that names what is wrong and changes
 //! nothing.
 
@@ -18,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::commit::commit_locked;
 use crate::observe::{Scope, observe_workspace};
+use crate::registry_service::RegistryService;
 use crate::state::{Counters, Hub, Workspace};
 
 const DOWNLOAD_CHUNK: usize = 256 * 1024;
@@ -31,24 +33,34 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let token: Arc<str> = Arc::from(hub.config.token.as_str());
     let counted = hub.clone();
+    let registry = gm_proto::registry_pb::registry_server::RegistryServer::new(RegistryService {
+        registry: hub.registry.clone(),
+    });
     let service = pb::sync_server::SyncServer::new(SyncService {
         hub,
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
-    let service = tonic::service::interceptor::InterceptedService::new(
-        service,
-        move |request: Request<()>| {
-            check_token(&request, &token).inspect_err(|_| counted.counters.refuse("token"))?;
-            Ok(request)
-        },
-    );
     tonic::transport::Server::builder()
-        .add_service(service)
+        .add_service(tonic_check(service, token.clone(), counted.clone()))
+        .add_service(tonic_check(registry, token, counted))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// Wraps a service so every call must carry the hub's token; refusals are
+/// counted.
+fn tonic_check<S>(
+    service: S,
+    token: Arc<str>,
+    hub: Arc<Hub>,
+) -> tonic::service::interceptor::InterceptedService<S, impl tonic::service::Interceptor + Clone> {
+    tonic::service::interceptor::InterceptedService::new(service, move |request: Request<()>| {
+        check_token(&request, &token).inspect_err(|_| hub.counters.refuse("token"))?;
+        Ok(request)
+    })
 }
 
 /// Compares in constant time, so the token cannot be guessed byte by byte.
@@ -132,6 +144,17 @@ impl Sync for SyncService {
             observe_workspace(&self.hub, &ws, Scope::Full)
                 .await
                 .map_err(|e| internal(format!("{e:#}")))?;
+        }
+        // The registry learns of the session before the node may sync it: a
+        // workspace a node uses is never missing from the active set.
+        let outcome = self
+            .hub
+            .registry
+            .session_attached(&ws.id, &node)
+            .await
+            .map_err(crate::registry_service::status)?;
+        if outcome == gm_registry::AttachOutcome::Reactivated {
+            tracing::warn!(workspace = %ws.id, node = %node, "an archived session was attached again; it is active again");
         }
         let seq = *ws.committed.borrow();
         tracing::info!(workspace = %ws.id, node = %node, seq, "node attached");

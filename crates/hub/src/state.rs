@@ -1,5 +1,5 @@
-//! The hub's shared state: the database, the open mirrors, the pending
-//! uploads and the counters.
+//! The hub's shared state: the database, the registry, the open mirrors,
+//! the pending uploads and the counters.
 //!
 //! Concurrency: each workspace has one async commit lock (`Workspace::seq`)
 //! that serializes every journal write (node commits and mirror scans);
@@ -7,7 +7,7 @@
 //! while holding it. Disk and database work runs on blocking threads with
 //! the guard moved in.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use gm_core::{ContentHash, RelPath, Seq, WorkspaceId};
 use gm_fs::{DirLock, Root, StagedFile};
+use gm_registry::{Registry, RegistryError};
 use gm_store::HubDb;
 use tokio::sync::watch;
 
@@ -205,6 +206,8 @@ pub struct Upload {
 pub struct Hub {
     pub config: HubConfig,
     pub db: Arc<HubDb>,
+    /// Nodes, sessions, templates, instances (SQLite in state.db, or PostgreSQL).
+    pub registry: Arc<Registry>,
     pub mirrors: PathBuf,
     pub workspaces: Mutex<BTreeMap<WorkspaceId, Arc<Workspace>>>,
     pub uploads: Mutex<HashMap<(WorkspaceId, ContentHash), Upload>>,
@@ -219,7 +222,9 @@ pub struct Hub {
 }
 
 impl Hub {
-    pub fn open(config: HubConfig) -> anyhow::Result<Hub> {
+    /// Takes the data dir's lock, then opens state.db and the registry
+    /// (applying both migration histories).
+    pub async fn open(config: HubConfig) -> anyhow::Result<Hub> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("create data dir {}", config.data_dir.display()))?;
         let lock = DirLock::acquire(&config.data_dir, "hub.lock")
@@ -227,10 +232,20 @@ impl Hub {
         let mirrors = config.data_dir.join("mirrors");
         std::fs::create_dir_all(&mirrors)
             .with_context(|| format!("create {}", mirrors.display()))?;
-        let db = HubDb::open(&config.data_dir.join("state.db"))?;
+        let state_db = config.data_dir.join("state.db");
+        let db = HubDb::open(&state_db).context("open hub data dir")?;
+        let registry = match &config.database_url {
+            Some(url) => Registry::open_postgres(url)
+                .await
+                .context("open the registry on PostgreSQL (GM_DATABASE_URL)")?,
+            None => Registry::open_sqlite(&state_db)
+                .await
+                .with_context(|| format!("open the registry in {}", state_db.display()))?,
+        };
         Ok(Hub {
             config,
             db: Arc::new(db),
+            registry: Arc::new(registry),
             mirrors,
             workspaces: Mutex::new(BTreeMap::new()),
             uploads: Mutex::new(HashMap::new()),
@@ -242,6 +257,13 @@ impl Hub {
             next_subscription: AtomicU64::new(1),
             _lock: lock,
         })
+    }
+
+    /// The sessions the registry holds active: the mirrors the orphan purge
+    /// must keep. An error means "unknown", never "none": a caller must not
+    /// purge on it.
+    pub async fn active_sessions(&self) -> Result<BTreeSet<WorkspaceId>, RegistryError> {
+        self.registry.active_sessions().await
     }
 
     pub fn is_ready(&self) -> bool {
@@ -370,6 +392,23 @@ impl Hub {
             Ok(ids)
         })
         .await??;
+        // A mirror made before the registry existed (or while it was on
+        // another database) gets an active session, so it is not an orphan.
+        let created = self
+            .registry
+            .ensure_sessions(&ids)
+            .await
+            .context("record the mirrors' sessions in the registry")?;
+        let active = self
+            .active_sessions()
+            .await
+            .context("read the active sessions")?;
+        tracing::info!(
+            mirrors = ids.len(),
+            sessions_created = created,
+            active_sessions = active.len(),
+            "registry sessions checked"
+        );
         for id in ids {
             let hub = self.clone();
             let opened = tokio::task::spawn_blocking(move || hub.open_workspace(&id)).await?;

@@ -1,5 +1,8 @@
-//! The wire: generated gRPC code for `proto/ghostmirror.proto` and the
-//! conversions between wire messages and `gm_core` types.
+//! The wire: generated gRPC code for `proto/ghostmirror.proto` (sync,
+//! `pb`) and `proto/registry.proto` (registry admin, `registry_pb`), and the
+//! conversions between sync messages and `gm_core` types. Registry wire
+//! values are checked by gm-registry's constructors (in gm-hub), so that
+//! this crate, which nodes link, does not depend on the registry.
 //!
 //! Guarantee: a wire value becomes a core type only through a checked
 //! conversion here (`path`, `entry`, `path_state`), whose error names the
@@ -9,6 +12,11 @@
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {
     tonic::include_proto!("ghostmirror.v1");
+}
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod registry_pb {
+    tonic::include_proto!("ghostmirror.registry.v1");
 }
 
 use gm_core::{ContentHash, Entry, RelPath, Seq, Versioned};

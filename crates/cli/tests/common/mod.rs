@@ -137,7 +137,15 @@ impl Hub {
             .expect("spawn hub");
         self.child = Some(child);
         let endpoints = self.data_dir.join("hub.json");
-        wait_until("hub writes hub.json", || endpoints.exists());
+        wait_until("hub writes hub.json", || {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                print_log("hub", &self.log);
+                panic!("the hub exited at start: {status}");
+            }
+            endpoints.exists()
+        });
         let text = std::fs::read_to_string(&endpoints).expect("read hub.json");
         let value: serde_json::Value = serde_json::from_str(&text).expect("parse hub.json");
         self.url = value["grpc"].as_str().expect("grpc").to_string();
