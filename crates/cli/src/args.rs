@@ -64,6 +64,9 @@ pub enum Command {
     Node(NodeArgs),
     /// Show what the hub holds: workspaces, conflicts, counters.
     Status(StatusArgs),
+    /// Purge mirrors whose session is not active (to the trash first), and
+    /// empty the trash of entries past their retention.
+    Purge(PurgeArgs),
     /// Confirm that an emptied or replaced workspace root is deliberate, so
     /// its deletions may propagate (the safety brake halted it).
     ConfirmEmpty(ConfirmArgs),
@@ -181,6 +184,15 @@ pub struct HubArgs {
     /// (rootless containers), `off` never changes ownership.
     #[arg(long, env = "GM_CHOWN", default_value = "auto")]
     pub chown: gm_fs::ChownPolicy,
+    /// Seconds between orphan purge passes (mirrors whose session is not active).
+    #[arg(long, env = "GM_PURGE_INTERVAL", default_value_t = 3600)]
+    pub purge_interval: u64,
+    /// Seconds a mirror must stay untouched before the purge may take it.
+    #[arg(long, env = "GM_PURGE_GRACE", default_value_t = 86_400)]
+    pub purge_grace: u64,
+    /// Seconds purged mirrors stay in DATA_DIR/trash before they are deleted.
+    #[arg(long, env = "GM_TRASH_RETENTION", default_value_t = 7 * 86_400)]
+    pub trash_retention: u64,
     /// On SIGTERM/SIGINT, how many seconds in-flight transfers and commits
     /// get to finish before they are aborted.
     #[arg(long, env = "GM_SHUTDOWN_TIMEOUT", default_value_t = 30)]
@@ -240,6 +252,9 @@ impl HubArgs {
             staging_ttl: Duration::from_secs(self.staging_ttl.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             ownership: std::sync::Arc::new(gm_fs::Ownership::new(self.chown)),
+            purge_interval: Duration::from_secs(self.purge_interval.max(1)),
+            purge_grace: Duration::from_secs(self.purge_grace),
+            trash_retention: Duration::from_secs(self.trash_retention),
             database_url,
         };
         Ok((config, self.listen, self.admin_listen))
@@ -432,6 +447,21 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub token: TokenArgs,
     /// Print JSON instead of a table.
+    #[arg(long, env = "GM_JSON")]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct PurgeArgs {
+    /// Hub URL.
+    #[arg(long, env = "GM_HUB", default_value = "http://127.0.0.1:7070")]
+    pub hub: String,
+    #[command(flatten)]
+    pub token: TokenArgs,
+    /// Say what would be purged, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Print JSON instead of lines.
     #[arg(long, env = "GM_JSON")]
     pub json: bool,
 }

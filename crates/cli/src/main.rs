@@ -3,6 +3,7 @@
 //! crates. The only place that prints to stdout.
 
 mod args;
+mod client;
 mod progress;
 mod registry_cmd;
 mod status;
@@ -67,6 +68,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             result
         }
         Command::Status(args) => status::run(args).await,
+        Command::Purge(args) => status::purge(args).await,
         Command::ConfirmEmpty(args) => args.run(),
         Command::Session(args) => registry_cmd::run_session(args).await,
         Command::Template(args) => registry_cmd::run_template(args).await,

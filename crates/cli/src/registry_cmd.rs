@@ -9,8 +9,6 @@ use clap::{Args, Subcommand};
 use gm_proto::registry_pb as pb;
 use pb::registry_client::RegistryClient;
 use serde_json::{Value, json};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
 
 use crate::args::TokenArgs;
 
@@ -177,39 +175,16 @@ pub struct NodesArgs {
 }
 
 /// Adds the token to every call.
-#[derive(Clone)]
-struct Auth(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        request
-            .metadata_mut()
-            .insert(gm_proto::AUTH_HEADER, self.0.clone());
-        Ok(request)
-    }
-}
-
-type Client = RegistryClient<InterceptedService<Channel, Auth>>;
+type Client = RegistryClient<crate::client::AuthedChannel>;
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
     let token = TokenArgs {
         token: args.token.clone(),
         token_file: args.token_file.clone(),
-    }
-    .resolve()?;
-    let channel = Endpoint::from_shared(args.hub.clone())
-        .map_err(|e| anyhow::anyhow!("hub address {:?} is not a valid URL: {e}", args.hub))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("hub unreachable at {}: {e}", args.hub))?;
-    let header = format!("Bearer {token}").parse().map_err(|_| {
-        anyhow::anyhow!("the token contains characters that cannot travel in a header")
-    })?;
-    Ok(RegistryClient::with_interceptor(channel, Auth(header)))
+    };
+    Ok(RegistryClient::new(
+        crate::client::connect(&args.hub, &token).await?,
+    ))
 }
 
 /// A failed call as the user should read it.

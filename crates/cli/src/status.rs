@@ -2,39 +2,16 @@
 
 use gm_proto::pb;
 use serde_json::json;
-use tonic::transport::Endpoint;
 
 use crate::args::StatusArgs;
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let token = args.token.resolve()?;
-    let channel = Endpoint::from_shared(args.hub.clone())
-        .map_err(|e| anyhow::anyhow!("hub address {:?} is not a valid URL: {e}", args.hub))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| anyhow::anyhow!("hub unreachable at {}: {e}", args.hub))?;
-    let header: tonic::metadata::MetadataValue<_> =
-        format!("Bearer {token}").parse().map_err(|_| {
-            anyhow::anyhow!("the token contains characters that cannot travel in a header")
-        })?;
-    let mut client = pb::sync_client::SyncClient::with_interceptor(
-        channel,
-        move |mut req: tonic::Request<()>| {
-            req.metadata_mut()
-                .insert(gm_proto::AUTH_HEADER, header.clone());
-            Ok(req)
-        },
-    );
+    let channel = crate::client::connect(&args.hub, &args.token).await?;
+    let mut client = pb::sync_client::SyncClient::new(channel);
     let status = client
         .status(pb::StatusRequest {})
         .await
-        .map_err(|s| match s.code() {
-            tonic::Code::Unauthenticated => {
-                anyhow::anyhow!("the hub refused the token: {}", s.message())
-            }
-            _ => anyhow::anyhow!("status failed: {}", s.message()),
-        })?
+        .map_err(|s| crate::client::refused("status", s))?
         .into_inner();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&to_json(&status))?);
@@ -65,6 +42,7 @@ fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
             "local_copies": c.local_copies,
             "chunk_bytes_reused": c.chunk_bytes_reused,
             "staging_reclaimed": c.staging_reclaimed,
+            "purges": c.purges,
         },
         "settings": status.settings.clone().map(|s| json!({
             "hash_workers": s.hash_workers,
@@ -145,4 +123,45 @@ fn print_table(status: &pb::StatusResponse) {
             c.hub_side_changes
         );
     }
+}
+
+/// `ghostmirror purge`: runs the hub's orphan purge now (or a dry run).
+pub async fn purge(args: crate::args::PurgeArgs) -> anyhow::Result<()> {
+    let channel = crate::client::connect(&args.hub, &args.token).await?;
+    let mut client = pb::sync_client::SyncClient::new(channel);
+    let report = client
+        .purge(pb::PurgeRequest {
+            dry_run: args.dry_run,
+        })
+        .await
+        .map_err(|s| crate::client::refused("purge", s))?
+        .into_inner();
+    if args.json {
+        let value = json!({
+            "dry_run": report.dry_run,
+            "error": if report.error.is_empty() { serde_json::Value::Null } else { json!(report.error) },
+            "actions": report.actions.iter().map(|a| json!({
+                "workspace": a.workspace,
+                "action": a.action,
+                "path": a.path,
+                "reason": a.reason,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let verb = if report.dry_run { "would" } else { "did" };
+        for a in &report.actions {
+            println!(
+                "{verb} {} {} ({}): {}",
+                a.action, a.workspace, a.path, a.reason
+            );
+        }
+        if report.actions.is_empty() {
+            println!("nothing to purge");
+        }
+    }
+    if !report.error.is_empty() {
+        anyhow::bail!("purge refused to run: {}", report.error);
+    }
+    Ok(())
 }

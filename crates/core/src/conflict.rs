@@ -88,6 +88,42 @@ pub fn format_utc(unix_secs: i64) -> String {
     )
 }
 
+/// Parses `YYYYMMDDTHHMMSSZ` (as `format_utc` writes it) back into seconds
+/// since the Unix epoch.
+pub fn parse_utc(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    if b.len() != 16 || b[8] != b'T' || b[15] != b'Z' {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<i64> {
+        let part = text.get(range)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse().ok()
+        } else {
+            None
+        }
+    };
+    let (year, month, day) = (num(0..4)?, num(4..6)?, num(6..8)?);
+    let (hour, minute, second) = (num(9..11)?, num(11..13)?, num(13..15)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    // Days-from-civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
 /// The name of a conflict copy of `path` made for `node` at `unix_secs`:
 /// `NAME.conflict-<node>-<utc>.EXT` (the extension is kept last so the copy
 /// still opens with the right program; directories keep their whole name).
@@ -238,6 +274,21 @@ mod tests {
         assert_eq!(format_utc(0), "19700101T000000Z");
         assert_eq!(format_utc(1_795_300_000), "20261121T222640Z");
         assert_eq!(format_utc(951_782_400), "20000229T000000Z");
+    }
+
+    #[test]
+    fn utc_round_trip() {
+        for t in [0, 951_782_400, 1_795_300_000, 4_102_444_799] {
+            assert_eq!(parse_utc(&format_utc(t)), Some(t));
+        }
+        for bad in [
+            "",
+            "20261121T222640",
+            "2026112XT222640Z",
+            "20261321T222640Z",
+        ] {
+            assert_eq!(parse_utc(bad), None, "{bad}");
+        }
     }
 
     #[test]

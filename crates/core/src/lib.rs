@@ -14,7 +14,7 @@ pub mod meta;
 pub mod path;
 pub mod reconcile;
 
-pub use conflict::{CommitDecision, conflict_copy_name, decide_commit};
+pub use conflict::{CommitDecision, conflict_copy_name, decide_commit, format_utc, parse_utc};
 pub use entry::{Entry, Seq, Versioned};
 pub use hash::{ContentHash, Hasher};
 pub use meta::{CacheRecord, Kind, Stat};

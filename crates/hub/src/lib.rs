@@ -18,6 +18,7 @@ mod admin;
 mod commit;
 mod maintenance;
 mod observe;
+mod purge;
 mod registry_service;
 mod service;
 mod state;
@@ -55,6 +56,12 @@ pub struct HubConfig {
     pub shutdown_timeout: Duration,
     /// Who owns what the hub writes into mirrors (`GM_CHOWN`).
     pub ownership: Arc<gm_fs::Ownership>,
+    /// How often the orphan purge runs.
+    pub purge_interval: Duration,
+    /// Mirrors changed more recently than this are never purged.
+    pub purge_grace: Duration,
+    /// How long purged mirrors stay in `DATA_DIR/trash/`.
+    pub trash_retention: Duration,
     /// `postgres://…`: the registry lives in PostgreSQL (several hubs may
     /// share it). `None`: in SQLite, in `DATA_DIR/state.db`. The hash
     /// cache and journal stay in `state.db` either way.

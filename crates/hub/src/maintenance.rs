@@ -61,6 +61,7 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
     let mut last_event = Instant::now();
     let mut last_full = Instant::now();
     let mut last_reclaim = Instant::now();
+    let mut last_purge = Instant::now();
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -112,7 +113,7 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
                 }
             }
             _ = ticker.tick() => {
-                tick(&hub, &mut last_full, &mut last_reclaim).await;
+                tick(&hub, &mut last_full, &mut last_reclaim, &mut last_purge).await;
             }
         }
     }
@@ -124,8 +125,20 @@ async fn observe_logged(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) {
     }
 }
 
-async fn tick(hub: &Arc<Hub>, last_full: &mut Instant, last_reclaim: &mut Instant) {
+async fn tick(
+    hub: &Arc<Hub>,
+    last_full: &mut Instant,
+    last_reclaim: &mut Instant,
+    last_purge: &mut Instant,
+) {
     let now = Instant::now();
+    if now.duration_since(*last_purge) >= hub.config.purge_interval {
+        *last_purge = now;
+        let report = crate::purge::run(hub, false).await;
+        if !report.actions.is_empty() {
+            tracing::info!(actions = report.actions.len(), "purge pass done");
+        }
+    }
     if now.duration_since(*last_reclaim) >= RECLAIM_EVERY.min(hub.config.staging_ttl) {
         *last_reclaim = now;
         for ws in hub.all_workspaces() {

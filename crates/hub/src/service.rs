@@ -464,6 +464,28 @@ impl Sync for SyncService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn purge(
+        &self,
+        request: Request<pb::PurgeRequest>,
+    ) -> Result<Response<pb::PurgeResponse>, Status> {
+        let dry_run = request.into_inner().dry_run;
+        let report = crate::purge::run(&self.hub, dry_run).await;
+        Ok(Response::new(pb::PurgeResponse {
+            actions: report
+                .actions
+                .into_iter()
+                .map(|a| pb::PurgeAction {
+                    workspace: a.workspace,
+                    action: a.action.to_string(),
+                    path: a.path.display().to_string(),
+                    reason: a.reason,
+                })
+                .collect(),
+            dry_run,
+            error: report.refused.unwrap_or_default(),
+        }))
+    }
+
     async fn status(
         &self,
         _request: Request<pb::StatusRequest>,
@@ -534,6 +556,7 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             local_copies: c.local_copies,
             chunk_bytes_reused: c.chunk_bytes_reused,
             staging_reclaimed: c.staging_reclaimed,
+            purges: c.purges,
         }),
         settings: Some(pb::Settings {
             hash_workers: hub.config.scan.hash_workers as u64,

@@ -336,6 +336,18 @@ impl Hub {
         Ok((entry.clone(), true))
     }
 
+    /// Drops an open workspace (its mirror was purged).
+    pub fn forget_workspace(&self, id: &WorkspaceId) {
+        self.workspaces
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.uploads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(ws, _), _| ws != id);
+    }
+
     /// Logs and counts removed staging entries.
     pub fn log_reclaimed(&self, id: &WorkspaceId, reclaimed: &[gm_fs::Reclaimed], why: &str) {
         for entry in reclaimed {

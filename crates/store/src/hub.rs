@@ -237,6 +237,20 @@ impl HubDb {
         Ok(())
     }
 
+    /// Removes every trace of a workspace (journal, cache, chunk index,
+    /// conflict log): after its mirror was purged. A node attaching the id
+    /// again starts a new journal with a new epoch.
+    pub fn forget_workspace(&self, ws: &WorkspaceId) -> Result<(), StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            for table in ["entries", "hash_cache", "chunks", "conflicts"] {
+                tx.execute(&format!("DELETE FROM {table} WHERE ws = ?1"), [ws.as_str()])?;
+            }
+            tx.execute("DELETE FROM workspaces WHERE id = ?1", [ws.as_str()])?;
+            tx.commit()
+        })
+    }
+
     /// Marks an emptying of the mirror as deliberate (`ghostmirror confirm-empty`).
     pub fn request_confirm_empty(&self, ws: &WorkspaceId) -> Result<bool, StoreError> {
         let changed = self.with(|c| {
