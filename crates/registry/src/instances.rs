@@ -311,6 +311,19 @@ impl Registry {
         }
         let cursor = next(Bind::Int(after));
         let limit = next(Bind::Int(i64::from(page.limit()) + 1));
+        // SQLite picks plans by estimate; on a low-selectivity column (four
+        // statuses) it may walk the primary key instead, which makes page
+        // latency depend on the data. The seek index is named outright.
+        let indexed_by = match (self.backend, filters.first()) {
+            (Backend::Sqlite, Some((column, _))) => match *column {
+                "i.node_id" => " INDEXED BY registry_instances_by_node",
+                "i.session_id" => " INDEXED BY registry_instances_by_session",
+                "i.template_id" => " INDEXED BY registry_instances_by_template",
+                "i.status" => " INDEXED BY registry_instances_by_status",
+                _ => "",
+            },
+            _ => "",
+        };
         let (conditions, order) = match filters.split_first() {
             None => (format!("i.id > ${cursor}"), "i.id".to_string()),
             Some(((column, value), rest)) => {
@@ -330,7 +343,7 @@ impl Registry {
             }
         };
         let sql = format!(
-            "{prefix}SELECT {} FROM registry_instances i WHERE {conditions} ORDER BY {order} LIMIT ${limit}",
+            "{prefix}SELECT {} FROM registry_instances i{indexed_by} WHERE {conditions} ORDER BY {order} LIMIT ${limit}",
             self.instance_columns(),
         );
         Ok(ListQuery { sql, binds })
