@@ -1,16 +1,14 @@
 //! The hub's database: workspaces, journal, mirror hash cache, conflicts.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use gm_chunk::Manifest;
 use gm_core::{CacheRecord, ContentHash, Entry, RelPath, Seq, Versioned, WorkspaceId};
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{OptionalExtension, params};
 
-use crate::cache::{self, ChunkLocation};
+use crate::cache;
 use crate::codec::{entry_columns, entry_from_row, subtree_bounds};
-use crate::{StoreError, open_with};
+use crate::{Sqlite, StoreError, open_with};
 
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -71,9 +69,16 @@ CREATE INDEX conflicts_by_ws ON conflicts (ws, seq);
 ];
 
 pub struct HubDb {
-    path: String,
-    conn: Mutex<Connection>,
+    sqlite: Sqlite,
     hub_id: String,
+}
+
+impl std::ops::Deref for HubDb {
+    type Target = Sqlite;
+
+    fn deref(&self) -> &Sqlite {
+        &self.sqlite
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -148,39 +153,13 @@ impl HubDb {
             }
         };
         Ok(HubDb {
-            path: shown,
-            conn: Mutex::new(conn),
+            sqlite: Sqlite::new(shown, conn),
             hub_id,
         })
     }
 
     pub fn hub_id(&self) -> &str {
         &self.hub_id
-    }
-
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut conn).map_err(|source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })
-    }
-
-    fn corrupt(&self, what: impl Into<String>) -> StoreError {
-        StoreError::Corrupt {
-            path: self.path.clone(),
-            what: what.into(),
-        }
-    }
-
-    fn path_of(&self, raw: &str) -> Result<RelPath, StoreError> {
-        RelPath::new(raw).map_err(|e| self.corrupt(e.to_string()))
     }
 
     pub fn workspaces(&self) -> Result<Vec<HubWorkspace>, StoreError> {
@@ -317,17 +296,7 @@ impl HubDb {
                 .collect()
             }
         })?;
-        rows.into_iter()
-            .map(|(path, seq, entry)| {
-                Ok((
-                    self.path_of(&path)?,
-                    Versioned {
-                        entry: entry.map_err(|e| self.corrupt(e))?,
-                        seq: Seq(seq as u64),
-                    },
-                ))
-            })
-            .collect()
+        self.versioned_rows(rows)
     }
 
     /// True when some live entry sits strictly under `dir`.
@@ -358,17 +327,7 @@ impl HubDb {
             })?
             .collect()
         })?;
-        rows.into_iter()
-            .map(|(path, seq, entry)| {
-                Ok((
-                    self.path_of(&path)?,
-                    Versioned {
-                        entry: entry.map_err(|e| self.corrupt(e))?,
-                        seq: Seq(seq as u64),
-                    },
-                ))
-            })
-            .collect()
+        self.versioned_rows(rows)
     }
 
     /// Live files holding content `hash` (for local copies instead of transfers).
@@ -452,66 +411,6 @@ impl HubDb {
         })
     }
 
-    /// The cache record of one path.
-    pub fn cache_get(
-        &self,
-        ws: &WorkspaceId,
-        path: &RelPath,
-    ) -> Result<Option<CacheRecord>, StoreError> {
-        let row = self.with(|c| cache::get(c, ws, path))?;
-        row.transpose().map_err(|e| self.corrupt(e))
-    }
-
-    /// Cache records at or under `top` (all when `None`).
-    pub fn cache_under(
-        &self,
-        ws: &WorkspaceId,
-        top: Option<&RelPath>,
-    ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
-        let rows = self.with(|c| cache::under(c, ws, top))?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for (path, record) in rows {
-            out.insert(self.path_of(&path)?, record.map_err(|e| self.corrupt(e))?);
-        }
-        Ok(out)
-    }
-
-    /// The stored chunk list of `path` (`None` when none is stored).
-    pub fn manifest(
-        &self,
-        ws: &WorkspaceId,
-        path: &RelPath,
-    ) -> Result<Option<Manifest>, StoreError> {
-        let rows = self.with(|c| cache::manifest(c, ws, path))?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        cache::decode_manifest(rows)
-            .map(Some)
-            .map_err(|e| self.corrupt(e))
-    }
-
-    /// Where each chunk hash can be read locally, for those that can.
-    pub fn locate_chunks(
-        &self,
-        ws: &WorkspaceId,
-        hashes: &[ContentHash],
-    ) -> Result<HashMap<ContentHash, ChunkLocation>, StoreError> {
-        let rows = self.with(|c| cache::locate(c, ws, hashes))?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for (hash, (path, offset, len)) in rows {
-            out.insert(
-                hash,
-                ChunkLocation {
-                    path: self.path_of(&path)?,
-                    offset,
-                    len,
-                },
-            );
-        }
-        Ok(out)
-    }
-
     pub fn conflicts(&self, ws: &WorkspaceId) -> Result<Vec<ConflictRow>, StoreError> {
         let rows: Vec<(String, String, String, i64, i64)> = self.with(|c| {
             let mut stmt = c.prepare_cached(
@@ -556,6 +455,7 @@ impl HubDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ChunkLocation;
     use gm_core::{Kind, Stat};
 
     fn rel(raw: &str) -> RelPath {

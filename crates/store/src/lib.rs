@@ -20,6 +20,11 @@ pub mod hub;
 pub mod node;
 
 pub use cache::ChunkLocation;
+
+use std::collections::HashMap;
+
+use gm_chunk::Manifest;
+use gm_core::{CacheRecord, ContentHash, RelPath, Seq, Versioned, WorkspaceId};
 pub use hub::{ConflictRow, HubDb, HubWorkspace, RecordBatch, WorkspaceCounts};
 pub use node::{NodeBatch, NodeDb, NodeWorkspace};
 
@@ -43,6 +48,128 @@ pub enum StoreError {
     },
     #[error("unknown workspace {0}")]
     UnknownWorkspace(String),
+}
+
+/// One SQLite file of the sync state: its connection (used from blocking
+/// threads only) and what the hub's and the node's databases share: row
+/// decoding and the hash cache with its chunk index.
+pub struct Sqlite {
+    path: String,
+    conn: std::sync::Mutex<rusqlite::Connection>,
+}
+
+type VersionedRow = (String, i64, Result<Option<gm_core::Entry>, String>);
+
+impl Sqlite {
+    fn new(path: String, conn: rusqlite::Connection) -> Sqlite {
+        Sqlite {
+            path,
+            conn: std::sync::Mutex::new(conn),
+        }
+    }
+
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&mut rusqlite::Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut conn).map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub(crate) fn corrupt(&self, what: impl Into<String>) -> StoreError {
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            what: what.into(),
+        }
+    }
+
+    pub(crate) fn path_of(&self, raw: &str) -> Result<RelPath, StoreError> {
+        RelPath::new(raw).map_err(|e| self.corrupt(e.to_string()))
+    }
+
+    /// Decodes `(path, seq, entry columns)` rows of the journal or the synced tree.
+    pub(crate) fn versioned_rows(
+        &self,
+        rows: Vec<VersionedRow>,
+    ) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
+        rows.into_iter()
+            .map(|(path, seq, entry)| {
+                Ok((
+                    self.path_of(&path)?,
+                    Versioned {
+                        entry: entry.map_err(|e| self.corrupt(e))?,
+                        seq: Seq(seq as u64),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// The cache record of one path.
+    pub fn cache_get(
+        &self,
+        ws: &WorkspaceId,
+        path: &RelPath,
+    ) -> Result<Option<CacheRecord>, StoreError> {
+        let row = self.with(|c| cache::get(c, ws, path))?;
+        row.transpose().map_err(|e| self.corrupt(e))
+    }
+
+    /// Cache records at or under `top` (all when `None`).
+    pub fn cache_under(
+        &self,
+        ws: &WorkspaceId,
+        top: Option<&RelPath>,
+    ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
+        let rows = self.with(|c| cache::under(c, ws, top))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (path, record) in rows {
+            out.insert(self.path_of(&path)?, record.map_err(|e| self.corrupt(e))?);
+        }
+        Ok(out)
+    }
+
+    /// The stored chunk list of `path` (`None` when none is stored).
+    pub fn manifest(
+        &self,
+        ws: &WorkspaceId,
+        path: &RelPath,
+    ) -> Result<Option<Manifest>, StoreError> {
+        let rows = self.with(|c| cache::manifest(c, ws, path))?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        cache::decode_manifest(rows)
+            .map(Some)
+            .map_err(|e| self.corrupt(e))
+    }
+
+    /// Where each chunk hash can be read locally, for those that can.
+    pub fn locate_chunks(
+        &self,
+        ws: &WorkspaceId,
+        hashes: &[ContentHash],
+    ) -> Result<HashMap<ContentHash, ChunkLocation>, StoreError> {
+        let rows = self.with(|c| cache::locate(c, ws, hashes))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for (hash, (path, offset, len)) in rows {
+            out.insert(
+                hash,
+                ChunkLocation {
+                    path: self.path_of(&path)?,
+                    offset,
+                    len,
+                },
+            );
+        }
+        Ok(out)
+    }
 }
 
 /// Opens a SQLite file with the project's pragmas and applies `migrations`.

@@ -1,17 +1,15 @@
 //! The node's database: bound workspaces, the synced tree (merge base) and
 //! the local hash cache.
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
 
 use gm_chunk::Manifest;
-use gm_core::{CacheRecord, ContentHash, Entry, RelPath, Seq, Versioned, WorkspaceId};
-use rusqlite::{Connection, OptionalExtension, params};
+use gm_core::{CacheRecord, Entry, RelPath, Seq, Versioned, WorkspaceId};
+use rusqlite::{OptionalExtension, params};
 
-use crate::cache::{self, ChunkLocation};
+use crate::cache;
 use crate::codec::{entry_columns, entry_from_row};
-use crate::{StoreError, open_with};
+use crate::{Sqlite, StoreError, open_with};
 
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -58,8 +56,15 @@ CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);
 ];
 
 pub struct NodeDb {
-    path: String,
-    conn: Mutex<Connection>,
+    sqlite: Sqlite,
+}
+
+impl std::ops::Deref for NodeDb {
+    type Target = Sqlite;
+
+    fn deref(&self) -> &Sqlite {
+        &self.sqlite
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -101,34 +106,8 @@ impl NodeDb {
     pub fn open(path: &Path) -> Result<NodeDb, StoreError> {
         let conn = open_with(path, MIGRATIONS)?;
         Ok(NodeDb {
-            path: path.display().to_string(),
-            conn: Mutex::new(conn),
+            sqlite: Sqlite::new(path.display().to_string(), conn),
         })
-    }
-
-    fn with<T>(
-        &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
-    ) -> Result<T, StoreError> {
-        let mut conn = self
-            .conn
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        f(&mut conn).map_err(|source| StoreError::Sqlite {
-            path: self.path.clone(),
-            source,
-        })
-    }
-
-    fn corrupt(&self, what: impl Into<String>) -> StoreError {
-        StoreError::Corrupt {
-            path: self.path.clone(),
-            what: what.into(),
-        }
-    }
-
-    fn path_of(&self, raw: &str) -> Result<RelPath, StoreError> {
-        RelPath::new(raw).map_err(|e| self.corrupt(e.to_string()))
     }
 
     pub fn workspace(&self, ws: &WorkspaceId) -> Result<Option<NodeWorkspace>, StoreError> {
@@ -233,17 +212,7 @@ impl NodeDb {
             stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, r.get(1)?, entry_from_row(r, 2)?)))?
                 .collect()
         })?;
-        rows.into_iter()
-            .map(|(path, seq, entry)| {
-                Ok((
-                    self.path_of(&path)?,
-                    Versioned {
-                        entry: entry.map_err(|e| self.corrupt(e))?,
-                        seq: Seq(seq as u64),
-                    },
-                ))
-            })
-            .collect()
+        self.versioned_rows(rows)
     }
 
     pub fn apply(&self, ws: &WorkspaceId, batch: &NodeBatch) -> Result<(), StoreError> {
@@ -275,66 +244,6 @@ impl NodeDb {
             }
             tx.commit()
         })
-    }
-
-    /// The cache record of one path.
-    pub fn cache_get(
-        &self,
-        ws: &WorkspaceId,
-        path: &RelPath,
-    ) -> Result<Option<CacheRecord>, StoreError> {
-        let row = self.with(|c| cache::get(c, ws, path))?;
-        row.transpose().map_err(|e| self.corrupt(e))
-    }
-
-    /// Cache records at or under `top` (all when `None`).
-    pub fn cache_under(
-        &self,
-        ws: &WorkspaceId,
-        top: Option<&RelPath>,
-    ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
-        let rows = self.with(|c| cache::under(c, ws, top))?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for (path, record) in rows {
-            out.insert(self.path_of(&path)?, record.map_err(|e| self.corrupt(e))?);
-        }
-        Ok(out)
-    }
-
-    /// The stored chunk list of `path` (`None` when none is stored).
-    pub fn manifest(
-        &self,
-        ws: &WorkspaceId,
-        path: &RelPath,
-    ) -> Result<Option<Manifest>, StoreError> {
-        let rows = self.with(|c| cache::manifest(c, ws, path))?;
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        cache::decode_manifest(rows)
-            .map(Some)
-            .map_err(|e| self.corrupt(e))
-    }
-
-    /// Where each chunk hash can be read locally, for those that can.
-    pub fn locate_chunks(
-        &self,
-        ws: &WorkspaceId,
-        hashes: &[ContentHash],
-    ) -> Result<HashMap<ContentHash, ChunkLocation>, StoreError> {
-        let rows = self.with(|c| cache::locate(c, ws, hashes))?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for (hash, (path, offset, len)) in rows {
-            out.insert(
-                hash,
-                ChunkLocation {
-                    path: self.path_of(&path)?,
-                    offset,
-                    len,
-                },
-            );
-        }
-        Ok(out)
     }
 
     /// Local files whose cached hash is `hash` (sources for local copies).
