@@ -5,7 +5,8 @@
 //! 1. the path on disk is compared with the journal first, so a write by a
 //!    hub-side tool is journaled (and wins as "theirs") before any decision;
 //! 2. `gm_core::decide_commit` decides: apply, already current, or keep
-//!    theirs (with ours as a conflict copy when it has content);
+//!    theirs (with ours as a conflict copy when it has content, under the
+//!    first free name of `gm_core::conflict_copy_candidates`);
 //! 3. the change lands through `gm_fs` (staging, hash check, mode, fsync,
 //!    target check, rename) and is appended to the batch's journal records.
 //!
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use gm_core::{
     CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned,
-    conflict_copy_name, decide_commit,
+    children_matter, conflict_copy_candidates, decide_commit,
 };
 use gm_fs::{Expect, FsError, IgnoreRules, Root, StagedFile, scan_tree};
 use gm_proto::pb;
@@ -327,9 +328,7 @@ impl Ctx<'_> {
     ) -> Result<pb::OpResult, OpError> {
         let disk = self.sync_disk(path)?;
         let current = self.current(path)?;
-        let has_children = if current.entry.as_ref().is_some_and(Entry::is_dir)
-            && !ours.is_some_and(Entry::is_dir)
-        {
+        let has_children = if children_matter(&current, ours) {
             self.flush()?;
             self.hub.db.has_live_children(&self.ws.id, path)?
         } else {
@@ -514,9 +513,9 @@ impl Ctx<'_> {
     }
 
     fn free_copy_name(&mut self, path: &RelPath, ours: &Entry) -> Result<RelPath, OpError> {
-        for attempt in 0..100 {
-            let name = conflict_copy_name(path, self.node, self.now_unix, attempt, !ours.is_dir())
-                .map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
+        for name in conflict_copy_candidates(path, self.node, self.now_unix, ours) {
+            let name =
+                name.map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
             if self.current(&name)?.entry.is_none() && self.root.lstat(&name)?.is_none() {
                 return Ok(name);
             }
