@@ -164,12 +164,57 @@ impl NodeTrees {
     }
 
     /// Records the agreed version of a path (a deletion stays as a
-    /// tombstone until `checkpoint` finds it settled).
+    /// tombstone until `checkpoint` finds it settled). When the path is now
+    /// an agreed directory, versions refused below it (the hub may have
+    /// refused them because the directory was not there yet, or was not a
+    /// directory) are proposed again.
     pub fn set_synced(&mut self, path: &RelPath, state: Versioned) {
         if self.remote.get(path).is_some_and(|r| r.seq <= state.seq) {
             self.remote.remove(path);
         }
+        if state.entry.as_ref().is_some_and(Entry::is_dir) {
+            let retry: Vec<RelPath> = self
+                .refused
+                .keys()
+                .filter(|refused| path.is_ancestor_of(refused))
+                .cloned()
+                .collect();
+            for refused in retry {
+                self.refused.remove(&refused);
+                self.follow_up.insert(refused);
+            }
+        }
         self.synced.insert(path.clone(), state);
+    }
+
+    /// The newest synced seq among the ancestors of `path`. A proposal
+    /// carries it from when it was sent, so that a refusal can tell whether
+    /// the parents changed meanwhile (see `refuse`).
+    pub fn ancestors_seq(&self, path: &RelPath) -> Seq {
+        path.ancestors()
+            .iter()
+            .filter_map(|ancestor| self.synced.get(ancestor).map(|v| v.seq))
+            .max()
+            .unwrap_or(Seq::ZERO)
+    }
+
+    /// The hub refused `entry` at `path`. It is not proposed again until it
+    /// changes, unless a parent changed since the proposal was sent
+    /// (`ancestors_seq_sent`): the refusal may be about a parent that is a
+    /// directory by now (two calls in flight can reach the hub in either
+    /// order), so the path is looked at again instead.
+    pub fn refuse(
+        &mut self,
+        path: RelPath,
+        entry: Option<Entry>,
+        reason: String,
+        ancestors_seq_sent: Seq,
+    ) {
+        if self.ancestors_seq(&path) > ancestors_seq_sent {
+            self.follow_up.insert(path);
+            return;
+        }
+        self.refused.insert(path, Refused { entry, reason });
     }
 
     /// The hub kept `current` at `path`; the disk should hold `expected`
@@ -205,7 +250,7 @@ impl NodeTrees {
     }
 
     /// The paths a round plans: everything the scan found, and every
-    /// synced, remote or forced path in scope. Remote changes to ignored
+    /// synced, remote, forced or refused path in scope. Remote changes to ignored
     /// paths (`ignored`) are consumed without being applied.
     pub fn candidates<'a>(
         &mut self,
@@ -224,6 +269,9 @@ impl NodeTrees {
             );
         }
         candidates.extend(self.force.keys().filter(|p| in_scope(tops, p)).cloned());
+        // A refused version that is gone from the disk is forgotten when
+        // its path is planned again (and proposed again if it comes back).
+        candidates.extend(self.refused.keys().filter(|p| in_scope(tops, p)).cloned());
         candidates
     }
 
@@ -240,6 +288,17 @@ impl NodeTrees {
         release_deletes: bool,
     ) -> Plan {
         let mut plan = Plan::default();
+        // Directories with new or changed entries below them on disk. (A
+        // round that plans a directory scanned its whole subtree, so these
+        // entries are among the candidates.)
+        let changed_below: BTreeSet<RelPath> = candidates
+            .iter()
+            .filter(|path| {
+                let here = local(path);
+                here.is_some() && here != self.synced.get(*path).and_then(|b| b.entry.as_ref())
+            })
+            .flat_map(RelPath::ancestors)
+            .collect();
         for path in candidates {
             let here = local(&path);
             if let Some(forced) = self.force.remove(&path)
@@ -260,7 +319,22 @@ impl NodeTrees {
             let base_entry = base.and_then(|b| b.entry.as_ref());
             let base_seq = base.map_or(Seq::ZERO, |b| b.seq);
             let remote = self.remote.get(&path).filter(|r| r.seq > base_seq).cloned();
-            let action = decide_node(base_entry, here, remote.as_ref().map(|r| r.entry.as_ref()));
+            let mut action =
+                decide_node(base_entry, here, remote.as_ref().map(|r| r.entry.as_ref()));
+            // A remote file or symlink would replace a local directory that
+            // holds new or changed entries. They could never be proposed
+            // under a path that is no longer a directory on the hub, so the
+            // directory counts as changed here: proposed against the hub's
+            // version, it becomes a conflict copy that keeps its content.
+            if action == NodeAction::ApplyRemote
+                && here.is_some_and(Entry::is_dir)
+                && remote
+                    .as_ref()
+                    .is_some_and(|r| r.entry.as_ref().is_some_and(|e| !e.is_dir()))
+                && changed_below.contains(&path)
+            {
+                action = NodeAction::Propose;
+            }
             let deletes_base = base_entry.is_some();
             if remote.is_none() {
                 self.remote.remove(&path);
@@ -366,7 +440,7 @@ mod tests {
         }
     }
 
-    fn trees(
+    fn make(
         synced: &[(&str, Option<Entry>, u64)],
         remote: &[(&str, Option<Entry>, u64)],
     ) -> NodeTrees {
@@ -398,7 +472,7 @@ mod tests {
 
     #[test]
     fn unchanged_paths_plan_nothing_and_forget_refusals() {
-        let mut trees = trees(&[("a", Some(file("1")), 1)], &[]);
+        let mut trees = make(&[("a", Some(file("1")), 1)], &[]);
         trees.refused.insert(
             p("a"),
             Refused {
@@ -413,7 +487,7 @@ mod tests {
 
     #[test]
     fn local_changes_are_proposed_with_their_base() {
-        let mut trees = trees(&[("a", Some(file("1")), 4)], &[]);
+        let mut trees = make(&[("a", Some(file("1")), 4)], &[]);
         let plan = plan_full(&mut trees, &[("a", file("2")), ("b", Entry::Dir)], false);
         assert_eq!(
             plan.propose_writes,
@@ -423,7 +497,7 @@ mod tests {
 
     #[test]
     fn local_deletions_wait_until_released() {
-        let mut trees = trees(
+        let mut trees = make(
             &[("d", Some(Entry::Dir), 1), ("d/x", Some(file("1")), 2)],
             &[],
         );
@@ -445,7 +519,7 @@ mod tests {
 
     #[test]
     fn a_deferred_deletion_that_comes_back_is_forgotten() {
-        let mut trees = trees(&[("a", Some(file("1")), 1)], &[]);
+        let mut trees = make(&[("a", Some(file("1")), 1)], &[]);
         plan_full(&mut trees, &[], false);
         assert_eq!(trees.deferred.len(), 1);
         let plan = plan_full(&mut trees, &[("a", file("1"))], false);
@@ -455,7 +529,7 @@ mod tests {
 
     #[test]
     fn remote_changes_apply_parents_first_and_delete_children_first() {
-        let mut trees = trees(
+        let mut trees = make(
             &[("old", Some(Entry::Dir), 1), ("old/x", Some(file("x")), 2)],
             &[
                 ("new", Some(Entry::Dir), 5),
@@ -476,14 +550,14 @@ mod tests {
 
     #[test]
     fn disk_that_already_holds_the_remote_version_is_adopted() {
-        let mut trees = trees(&[("a", Some(file("1")), 1)], &[("a", Some(file("2")), 3)]);
+        let mut trees = make(&[("a", Some(file("1")), 1)], &[("a", Some(file("2")), 3)]);
         let plan = plan_full(&mut trees, &[("a", file("2"))], false);
         assert_eq!(plan.adopt, vec![(p("a"), at(Some(file("2")), 3))]);
     }
 
     #[test]
     fn a_local_change_against_a_remote_change_is_proposed_not_overwritten() {
-        let mut trees = trees(&[("a", Some(file("1")), 1)], &[("a", Some(file("2")), 3)]);
+        let mut trees = make(&[("a", Some(file("1")), 1)], &[("a", Some(file("2")), 3)]);
         let plan = plan_full(&mut trees, &[("a", file("3"))], false);
         assert_eq!(plan.propose_writes, vec![(p("a"), Seq(1))]);
         assert!(plan.apply_writes.is_empty());
@@ -493,7 +567,7 @@ mod tests {
 
     #[test]
     fn stale_remote_changes_are_dropped() {
-        let mut trees = trees(&[], &[("a", Some(file("2")), 3)]);
+        let mut trees = make(&[], &[("a", Some(file("2")), 3)]);
         trees.synced.insert(p("a"), at(Some(file("2")), 3));
         let plan = plan_full(&mut trees, &[("a", file("2"))], false);
         assert!(plan.is_empty());
@@ -503,7 +577,7 @@ mod tests {
     #[test]
     fn forced_versions_land_only_over_what_the_conflict_left() {
         // The local version moved to its copy: the path is empty, as expected.
-        let mut trees = trees(&[("a", Some(file("1")), 1)], &[]);
+        let mut trees = make(&[("a", Some(file("1")), 1)], &[]);
         trees.after_conflict(&p("a"), None, at(Some(file("2")), 4));
         let plan = plan_full(&mut trees, &[], false);
         assert_eq!(plan.apply_writes, vec![(p("a"), at(Some(file("2")), 4))]);
@@ -532,14 +606,14 @@ mod tests {
     }
 
     fn trees_with_force() -> NodeTrees {
-        let mut trees = trees(&[("a", Some(file("1")), 1)], &[]);
+        let mut trees = make(&[("a", Some(file("1")), 1)], &[]);
         trees.after_conflict(&p("a"), Some(file("2")), at(Some(file("2")), 4));
         trees
     }
 
     #[test]
     fn refused_versions_wait_until_they_change() {
-        let mut trees = trees(&[], &[]);
+        let mut trees = make(&[], &[]);
         trees.refused.insert(
             p("a"),
             Refused {
@@ -554,7 +628,7 @@ mod tests {
 
     #[test]
     fn absorb_keeps_the_newest_change_above_the_synced_seq() {
-        let mut trees = trees(&[("a", Some(file("1")), 5)], &[]);
+        let mut trees = make(&[("a", Some(file("1")), 5)], &[]);
         trees.absorb(p("a"), at(Some(file("0")), 4));
         assert!(trees.remote.is_empty());
         trees.absorb(p("b"), at(Some(file("2")), 7));
@@ -565,7 +639,7 @@ mod tests {
 
     #[test]
     fn checkpoint_stays_below_pending_changes_and_keeps_young_tombstones() {
-        let mut trees = trees(
+        let mut trees = make(
             &[("gone", None, 3), ("later", None, 9)],
             &[("x", Some(file("1")), 6), ("y", Some(file("1")), 8)],
         );
@@ -582,7 +656,7 @@ mod tests {
 
     #[test]
     fn subtree_rounds_look_at_pending_paths_and_follow_ups_too() {
-        let mut trees = trees(
+        let mut trees = make(
             &[
                 ("a/x", Some(file("1")), 1),
                 ("b", Some(file("1")), 2),
@@ -607,6 +681,105 @@ mod tests {
         trees.follow_up.insert(p("c"));
         assert_eq!(trees.tops(Scope::Full), None);
         assert!(trees.follow_up.is_empty());
+    }
+
+    /// Found by gm-sim (seed 9 of the first runs): the hub replaced
+    /// directory `b` by a file while a node created `b/x` inside it. The
+    /// node kept trying to remove its non-empty `b` (NotEmpty, forever) and
+    /// the hub refused `b/x` ("b is a file on the hub"), so `b/x` never
+    /// left the node and the replicas never converged. Now the directory
+    /// counts as changed: it is proposed, becomes a conflict copy with its
+    /// content, and the hub's file takes the path.
+    #[test]
+    fn regression_seed_9_remote_file_over_a_directory_with_new_content() {
+        let mut trees = make(
+            &[("b", Some(Entry::Dir), 3), ("b/old", Some(file("o")), 4)],
+            &[("b/old", None, 9), ("b", Some(file("f")), 10)],
+        );
+        let plan = plan_full(
+            &mut trees,
+            &[
+                ("b", Entry::Dir),
+                ("b/old", file("o")),
+                ("b/x", file("new")),
+            ],
+            false,
+        );
+        assert!(plan.apply_writes.is_empty(), "{plan:?}");
+        assert_eq!(
+            plan.propose_writes,
+            vec![(p("b"), Seq(3)), (p("b/x"), Seq::ZERO)]
+        );
+        // Without new content below, the file replaces the directory (its
+        // old child is deleted first).
+        let mut trees = make(
+            &[("b", Some(Entry::Dir), 3), ("b/old", Some(file("o")), 4)],
+            &[("b/old", None, 9), ("b", Some(file("f")), 10)],
+        );
+        let plan = plan_full(
+            &mut trees,
+            &[("b", Entry::Dir), ("b/old", file("o"))],
+            false,
+        );
+        assert_eq!(names(&plan.apply_writes), ["b"]);
+        assert_eq!(names(&plan.apply_deletes), ["b/old"]);
+        // A remote deletion of such a directory stays a deletion: the new
+        // child is proposed and the hub brings the directory back.
+        let mut trees = make(&[("b", Some(Entry::Dir), 3)], &[("b", None, 10)]);
+        let plan = plan_full(
+            &mut trees,
+            &[("b", Entry::Dir), ("b/x", file("new"))],
+            false,
+        );
+        assert_eq!(names(&plan.apply_deletes), ["b"]);
+        assert_eq!(plan.propose_writes, vec![(p("b/x"), Seq::ZERO)]);
+    }
+
+    /// Found by gm-sim (seeds 3-6 of the first runs): a version refused
+    /// under a parent that was then moved to its conflict copy stayed in
+    /// `refused` for ever (its path was never planned again), so `--once`
+    /// would report a refusal for a workspace that is in sync.
+    #[test]
+    fn regression_seed_4_refusals_of_vanished_paths_are_forgotten() {
+        let mut trees = make(&[], &[]);
+        trees.refused.insert(
+            p("b/e"),
+            Refused {
+                entry: Some(file("1")),
+                reason: "b is a file on the hub, not a directory".into(),
+            },
+        );
+        let plan = plan_full(&mut trees, &[], false);
+        assert!(plan.is_empty());
+        assert!(trees.refused.is_empty());
+    }
+
+    /// Found by gm-sim (seed 229 of the first runs): a node proposed `e`
+    /// (a new directory) and `e/a` in two calls in flight; the hub took the
+    /// second first and refused `e/a` ("e is a symlink on the hub"), then
+    /// committed `e`. The refusal arrived after `e` was agreed, and `e/a`
+    /// was never proposed again.
+    #[test]
+    fn regression_seed_229_refusal_after_the_parent_changed_is_retried() {
+        let mut trees = make(
+            &[("e", Some(Entry::Symlink { target: "t".into() }), 2)],
+            &[],
+        );
+        let sent = trees.ancestors_seq(&p("e/a"));
+        assert_eq!(sent, Seq(2));
+        trees.set_synced(&p("e"), at(Some(Entry::Dir), 28));
+        trees.refuse(p("e/a"), Some(file("a")), "e is a symlink".into(), sent);
+        assert!(trees.refused.is_empty());
+        assert!(trees.follow_up.contains(&p("e/a")));
+        // Parents unchanged since sending: the refusal holds.
+        let sent = trees.ancestors_seq(&p("e/b"));
+        trees.refuse(p("e/b"), Some(file("b")), "too large".into(), sent);
+        assert!(trees.refused.contains_key(&p("e/b")));
+        // ...until the parent is agreed again as a directory.
+        trees.follow_up.clear();
+        trees.set_synced(&p("e"), at(Some(Entry::Dir), 30));
+        assert!(trees.refused.is_empty());
+        assert!(trees.follow_up.contains(&p("e/b")));
     }
 
     fn entry_strategy() -> impl Strategy<Value = Option<Entry>> {

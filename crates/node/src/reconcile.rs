@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gm_core::{
-    CacheRecord, ContentHash, Entry, NodeTrees, Refused, RelPath, Seq, Stat, Versioned, WorkspaceId,
+    CacheRecord, ContentHash, Entry, NodeTrees, RelPath, Seq, Stat, Versioned, WorkspaceId,
 };
 use gm_fs::{Expect, FsError, IgnoreRules, Root, ScanOutcome, scan_tree};
 use gm_proto::pb;
@@ -60,7 +60,9 @@ type Local = Option<(Entry, Stat)>;
 /// A commit request on its way, and what each op in it proposed.
 type CommitCall =
     tokio::task::JoinHandle<Result<tonic::Response<pb::CommitResponse>, tonic::Status>>;
-type Member = (RelPath, Seq, Local);
+/// One op of a call: path, base, what was proposed, and the newest synced
+/// seq of its parents when it was sent (see `NodeTrees::refuse`).
+type Member = (RelPath, Seq, Local, Seq);
 
 struct ApplyItem {
     path: RelPath,
@@ -679,7 +681,8 @@ impl Replica {
                     let Some((op, item_local)) = op else { continue };
                     bytes += op.data.as_ref().map_or(0, |d| d.len() as u64);
                     ops.push(op);
-                    members.push((item.path.clone(), item.base, item_local));
+                    let parents = self.trees.ancestors_seq(&item.path);
+                    members.push((item.path.clone(), item.base, item_local, parents));
                     if bytes >= self.config.batch_bytes {
                         break;
                     }
@@ -730,7 +733,7 @@ impl Replica {
             .await?
             .map_err(|s| SyncError::from_status(s, "commit"))?
             .into_inner();
-        for ((path, base, local), result) in members.into_iter().zip(response.results) {
+        for ((path, base, local, parents), result) in members.into_iter().zip(response.results) {
             stats.proposed += 1;
             self.progress.advance(local.as_ref().map(|(e, _)| e));
             match result.outcome {
@@ -794,7 +797,7 @@ impl Replica {
                     stats.refused += 1;
                     tracing::warn!(workspace = %self.id, path = %path, reason = %reason, "the hub refused a local change; it stays local");
                     let entry = local.map(|(e, _)| e);
-                    self.trees.refused.insert(path, Refused { entry, reason });
+                    self.trees.refuse(path, entry, reason, parents);
                 }
                 None => {
                     stats.failed += 1;
