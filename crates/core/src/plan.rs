@@ -141,8 +141,29 @@ impl NodeTrees {
         match self.remote.get(&path) {
             Some(existing) if existing.seq >= state.seq => {}
             _ => {
+                // The hub's version changed: refusals that may depend on it
+                // (of this path, or below it) are void.
+                self.retry_refused(&path, true);
                 self.remote.insert(path, state);
             }
+        }
+    }
+
+    /// Forgets the refusals of `path` (when `itself`) and below it, and
+    /// looks at those paths again.
+    fn retry_refused(&mut self, path: &RelPath, itself: bool) {
+        if self.refused.is_empty() {
+            return;
+        }
+        let retry: Vec<RelPath> = self
+            .refused
+            .keys()
+            .filter(|refused| (itself && *refused == path) || path.is_ancestor_of(refused))
+            .cloned()
+            .collect();
+        for refused in retry {
+            self.refused.remove(&refused);
+            self.follow_up.insert(refused);
         }
     }
 
@@ -167,50 +188,47 @@ impl NodeTrees {
     /// tombstone until `checkpoint` finds it settled). When the path is now
     /// an agreed directory, versions refused below it (the hub may have
     /// refused them because the directory was not there yet, or was not a
-    /// directory) are proposed again.
+    /// directory) are looked at again.
     pub fn set_synced(&mut self, path: &RelPath, state: Versioned) {
         if self.remote.get(path).is_some_and(|r| r.seq <= state.seq) {
             self.remote.remove(path);
         }
         if state.entry.as_ref().is_some_and(Entry::is_dir) {
-            let retry: Vec<RelPath> = self
-                .refused
-                .keys()
-                .filter(|refused| path.is_ancestor_of(refused))
-                .cloned()
-                .collect();
-            for refused in retry {
-                self.refused.remove(&refused);
-                self.follow_up.insert(refused);
-            }
+            self.retry_refused(path, false);
         }
         self.synced.insert(path.clone(), state);
     }
 
-    /// The newest synced seq among the ancestors of `path`. A proposal
-    /// carries it from when it was sent, so that a refusal can tell whether
-    /// the parents changed meanwhile (see `refuse`).
-    pub fn ancestors_seq(&self, path: &RelPath) -> Seq {
-        path.ancestors()
-            .iter()
-            .filter_map(|ancestor| self.synced.get(ancestor).map(|v| v.seq))
-            .max()
-            .unwrap_or(Seq::ZERO)
+    /// The newest seq the node knows for `path` and its ancestors, synced
+    /// or pending. A proposal carries it from when it was sent, so that a
+    /// refusal can tell whether the hub's state there changed meanwhile
+    /// (see `refuse`).
+    pub fn known_seq(&self, path: &RelPath) -> Seq {
+        let mut known = Seq::ZERO;
+        for at in path.ancestors().iter().chain(std::iter::once(path)) {
+            for tree in [&self.synced, &self.remote] {
+                if let Some(state) = tree.get(at) {
+                    known = known.max(state.seq);
+                }
+            }
+        }
+        known
     }
 
     /// The hub refused `entry` at `path`. It is not proposed again until it
-    /// changes, unless a parent changed since the proposal was sent
-    /// (`ancestors_seq_sent`): the refusal may be about a parent that is a
-    /// directory by now (two calls in flight can reach the hub in either
-    /// order), so the path is looked at again instead.
+    /// changes, or until the hub's version of the path or of a parent
+    /// changes (a refusal such as "parent is not a directory" is about the
+    /// hub's state, which moves on). If that state already moved since the
+    /// proposal was sent (`known_seq_sent`) — two calls in flight reach the
+    /// hub in either order — the path is looked at again at once.
     pub fn refuse(
         &mut self,
         path: RelPath,
         entry: Option<Entry>,
         reason: String,
-        ancestors_seq_sent: Seq,
+        known_seq_sent: Seq,
     ) {
-        if self.ancestors_seq(&path) > ancestors_seq_sent {
+        if self.known_seq(&path) > known_seq_sent {
             self.follow_up.insert(path);
             return;
         }
@@ -765,14 +783,14 @@ mod tests {
             &[("e", Some(Entry::Symlink { target: "t".into() }), 2)],
             &[],
         );
-        let sent = trees.ancestors_seq(&p("e/a"));
+        let sent = trees.known_seq(&p("e/a"));
         assert_eq!(sent, Seq(2));
         trees.set_synced(&p("e"), at(Some(Entry::Dir), 28));
         trees.refuse(p("e/a"), Some(file("a")), "e is a symlink".into(), sent);
         assert!(trees.refused.is_empty());
         assert!(trees.follow_up.contains(&p("e/a")));
         // Parents unchanged since sending: the refusal holds.
-        let sent = trees.ancestors_seq(&p("e/b"));
+        let sent = trees.known_seq(&p("e/b"));
         trees.refuse(p("e/b"), Some(file("b")), "too large".into(), sent);
         assert!(trees.refused.contains_key(&p("e/b")));
         // ...until the parent is agreed again as a directory.
@@ -780,6 +798,50 @@ mod tests {
         trees.set_synced(&p("e"), at(Some(Entry::Dir), 30));
         assert!(trees.refused.is_empty());
         assert!(trees.follow_up.contains(&p("e/b")));
+    }
+
+    /// Found by the gm-sim soak (seeds 31086 and 55386): refusals held for
+    /// ever after the hub's state they were about had moved on. `a/c.txt`
+    /// was refused while `a` was a file on the hub; the hub then deleted
+    /// `a`, but the node kept its non-empty directory `a` (a remote deletion
+    /// of a directory with new content waits for that content) and never
+    /// proposed `a/c.txt` again. Likewise a new directory refused at a path
+    /// the hub then gave a file was never proposed again, so it could not
+    /// become a conflict copy.
+    #[test]
+    fn regression_seed_31086_refusals_end_when_the_hub_moves_on() {
+        let mut trees = make(&[("a", Some(Entry::Dir), 3)], &[]);
+        let sent = trees.known_seq(&p("a/c.txt"));
+        trees.refuse(p("a/c.txt"), Some(file("1")), "a is a file".into(), sent);
+        trees.refuse(p("x"), Some(Entry::Dir), "x: parent".into(), sent);
+        assert_eq!(trees.refused.len(), 2);
+        // The hub deletes `a`: the refusal below it is void.
+        trees.absorb(p("a"), at(None, 9));
+        assert!(!trees.refused.contains_key(&p("a/c.txt")));
+        let plan = plan_full(
+            &mut trees,
+            &[("a", Entry::Dir), ("a/c.txt", file("1"))],
+            false,
+        );
+        assert_eq!(plan.propose_writes, vec![(p("a/c.txt"), Seq::ZERO)]);
+        // The hub puts a file at `x`: the refused directory is proposed
+        // against it (and becomes a conflict copy).
+        trees.absorb(p("x"), at(Some(file("hub")), 10));
+        let plan = plan_full(
+            &mut trees,
+            &[("a", Entry::Dir), ("a/c.txt", file("1")), ("x", Entry::Dir)],
+            false,
+        );
+        assert!(
+            plan.propose_writes.contains(&(p("x"), Seq::ZERO)),
+            "{plan:?}"
+        );
+        // A refusal that arrives after such a change is not kept.
+        let sent = trees.known_seq(&p("y/z"));
+        trees.absorb(p("y"), at(None, 11));
+        trees.refuse(p("y/z"), Some(file("2")), "y is a file".into(), sent);
+        assert!(!trees.refused.contains_key(&p("y/z")));
+        assert!(trees.follow_up.contains(&p("y/z")));
     }
 
     fn entry_strategy() -> impl Strategy<Value = Option<Entry>> {

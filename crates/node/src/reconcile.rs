@@ -61,7 +61,7 @@ type Local = Option<(Entry, Stat)>;
 type CommitCall =
     tokio::task::JoinHandle<Result<tonic::Response<pb::CommitResponse>, tonic::Status>>;
 /// One op of a call: path, base, what was proposed, and the newest synced
-/// seq of its parents when it was sent (see `NodeTrees::refuse`).
+/// seq known for it and its parents when it was sent (see `NodeTrees::refuse`).
 type Member = (RelPath, Seq, Local, Seq);
 
 struct ApplyItem {
@@ -681,8 +681,8 @@ impl Replica {
                     let Some((op, item_local)) = op else { continue };
                     bytes += op.data.as_ref().map_or(0, |d| d.len() as u64);
                     ops.push(op);
-                    let parents = self.trees.ancestors_seq(&item.path);
-                    members.push((item.path.clone(), item.base, item_local, parents));
+                    let known = self.trees.known_seq(&item.path);
+                    members.push((item.path.clone(), item.base, item_local, known));
                     if bytes >= self.config.batch_bytes {
                         break;
                     }
@@ -733,7 +733,7 @@ impl Replica {
             .await?
             .map_err(|s| SyncError::from_status(s, "commit"))?
             .into_inner();
-        for ((path, base, local, parents), result) in members.into_iter().zip(response.results) {
+        for ((path, base, local, known), result) in members.into_iter().zip(response.results) {
             stats.proposed += 1;
             self.progress.advance(local.as_ref().map(|(e, _)| e));
             match result.outcome {
@@ -797,7 +797,7 @@ impl Replica {
                     stats.refused += 1;
                     tracing::warn!(workspace = %self.id, path = %path, reason = %reason, "the hub refused a local change; it stays local");
                     let entry = local.map(|(e, _)| e);
-                    self.trees.refuse(path, entry, reason, parents);
+                    self.trees.refuse(path, entry, reason, known);
                 }
                 None => {
                     stats.failed += 1;
