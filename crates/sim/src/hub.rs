@@ -16,7 +16,7 @@
 //! Does not model: transfers by chunks, hash caches, ignore rules, the
 //! safety brake (the workload never empties a mirror), halting.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use gm_core::{
     CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Versioned, children_matter,
@@ -59,6 +59,9 @@ pub struct SimHub {
     pub staging: usize,
     /// By node index.
     pub subscriptions: BTreeMap<usize, Subscription>,
+    /// The commit call holding the commit lock, and those waiting for it.
+    pub active: Option<ActiveCall>,
+    pub waiting: VecDeque<ActiveCall>,
     /// Broken promises found while running (journal seqs not increasing).
     pub violations: Vec<String>,
 }
@@ -195,49 +198,109 @@ impl SimHub {
         changed
     }
 
-    /// Handles one Commit request from `node`. With `crash_after = Some(k)`
-    /// the hub dies after the k-th op: what landed on disk stays, the
-    /// unflushed journal records are lost. Returns `None` then.
-    pub fn commit(
-        &mut self,
-        node: &NodeId,
-        now_unix: i64,
-        ops: &[Op],
-        crash_after: Option<usize>,
-        trace: &mut Trace,
-    ) -> Option<Vec<OpResult>> {
-        let mut ctx = Ctx {
+    /// Takes a Commit request; it runs when the commit lock is free, one
+    /// `call_step` at a time.
+    pub fn queue_call(&mut self, node: usize, node_id: NodeId, conn: u64, call: u64, ops: Vec<Op>) {
+        self.waiting.push_back(ActiveCall {
             node,
-            now_unix,
-            pending: BTreeMap::new(),
-            changes: Vec::new(),
-            conflicts: Vec::new(),
-            written: HashMap::new(),
-            prestaged: Vec::new(),
+            conn,
+            call,
+            ops,
+            next_op: 0,
+            attempt: 0,
+            last_retry: String::new(),
+            decided: None,
+            results: Vec::new(),
+            ctx: Ctx {
+                node: node_id,
+                now_unix: 0,
+                pending: BTreeMap::new(),
+                changes: Vec::new(),
+                conflicts: Vec::new(),
+                written: HashMap::new(),
+                prestaged: Vec::new(),
+            },
+        });
+    }
+
+    /// True when a commit call runs or waits.
+    pub fn has_calls(&self) -> bool {
+        self.active.is_some() || !self.waiting.is_empty()
+    }
+
+    /// The path the running call is about to decide or write, if any.
+    pub fn call_path(&self) -> Option<&RelPath> {
+        let call = self.active.as_ref()?;
+        call.ops.get(call.next_op).map(|op| &op.path)
+    }
+
+    /// One step of the commit calls, under the commit lock: start the next
+    /// call (its inline files are staged, as a group), or read-and-decide
+    /// the current op, or write it. A hub-side write can land between the
+    /// decision and the write; the write then finds its target changed and
+    /// the op is decided again (three attempts). Returns a finished call:
+    /// (node, conn, call, results).
+    pub fn call_step(
+        &mut self,
+        now_unix: i64,
+        trace: &mut Trace,
+    ) -> Option<(usize, u64, u64, Vec<OpResult>)> {
+        let Some(mut call) = self.active.take() else {
+            let mut call = self.waiting.pop_front()?;
+            call.ctx.now_unix = now_unix;
+            trace.line(format!(
+                "hub: commit call {} from {} starts",
+                call.call, call.ctx.node
+            ));
+            for op in &call.ops {
+                if let (true, Some(Entry::File { hash, .. })) = (op.inline, &op.entry) {
+                    call.ctx.prestaged.push((op.path.clone(), *hash));
+                    self.staging += 1;
+                }
+            }
+            self.active = Some(call);
+            return None;
         };
-        // Group commit: every inline file is staged first.
-        for op in ops {
-            if let (true, Some(Entry::File { hash, .. })) = (op.inline, &op.entry) {
-                ctx.prestaged.push((op.path.clone(), *hash));
-                self.staging += 1;
+        if let Some(op) = call.ops.get(call.next_op).cloned() {
+            let outcome = match call.decided.take() {
+                None => match self.read_op(&mut call.ctx, &op, trace) {
+                    Ok(decided) => {
+                        call.decided = Some(decided);
+                        None
+                    }
+                    Err(err) => Some(Err(err)),
+                },
+                Some(decided) => Some(self.write_op(&mut call.ctx, &op, decided, trace)),
+            };
+            let result = match outcome {
+                None => None,
+                Some(Ok(result)) => Some(result),
+                Some(Err(OpError::Refused(why))) => Some(OpResult::Refused(why)),
+                Some(Err(OpError::NeedContent)) => Some(OpResult::NeedContent),
+                Some(Err(OpError::Retry(why))) => {
+                    call.attempt += 1;
+                    call.last_retry = why;
+                    (call.attempt >= 3).then(|| {
+                        OpResult::Refused(format!(
+                            "path keeps changing on the hub ({}); try again",
+                            call.last_retry
+                        ))
+                    })
+                }
+            };
+            if let Some(result) = result {
+                trace.line(format!("hub   {} -> {result:?}", op.path));
+                call.results.push(result);
+                call.next_op += 1;
+                call.attempt = 0;
             }
-        }
-        let mut results = Vec::with_capacity(ops.len());
-        for (index, op) in ops.iter().enumerate() {
-            let result = self.handle(&mut ctx, op, trace);
-            trace.line(format!("hub   {} -> {result:?}", op.path));
-            results.push(result);
-            if crash_after == Some(index) {
-                // Unflushed records die with the process; staging stays
-                // on disk until the next start.
-                self.seq = self.recorded;
-                return None;
-            }
+            self.active = Some(call);
+            return None;
         }
         // Staged files no op used are removed when the request ends.
-        self.staging -= ctx.prestaged.len();
-        self.flush(&mut ctx, trace);
-        Some(results)
+        self.staging -= call.ctx.prestaged.len();
+        self.flush(&mut call.ctx, trace);
+        Some((call.node, call.conn, call.call, call.results))
     }
 
     fn flush(&mut self, ctx: &mut Ctx, trace: &mut Trace) {
@@ -270,22 +333,9 @@ impl SimHub {
         self.seq
     }
 
-    fn handle(&mut self, ctx: &mut Ctx, op: &Op, trace: &mut Trace) -> OpResult {
-        let mut last = String::new();
-        for _attempt in 0..3 {
-            match self.try_op(ctx, op, trace) {
-                Ok(result) => return result,
-                Err(OpError::Retry(why)) => last = why,
-                Err(OpError::Refused(why)) => return OpResult::Refused(why),
-                Err(OpError::NeedContent) => return OpResult::NeedContent,
-            }
-        }
-        OpResult::Refused(format!(
-            "path keeps changing on the hub ({last}); try again"
-        ))
-    }
-
-    fn try_op(&mut self, ctx: &mut Ctx, op: &Op, trace: &mut Trace) -> Result<OpResult, OpError> {
+    /// The first half of `try_op`: the disk is journaled if it differs,
+    /// and the real `decide_commit` decides.
+    fn read_op(&mut self, ctx: &mut Ctx, op: &Op, trace: &mut Trace) -> Result<Decided, OpError> {
         let path = &op.path;
         let ours = op.entry.as_ref();
         let disk = self.sync_disk(ctx, path, trace);
@@ -296,7 +346,31 @@ impl SimHub {
         } else {
             false
         };
-        match decide_commit(op.base, &current, has_children, ours) {
+        let decision = decide_commit(op.base, &current, has_children, ours);
+        Ok(Decided {
+            disk,
+            current,
+            decision,
+        })
+    }
+
+    /// The second half of `try_op`: carries out the decision over what was
+    /// read (a write finds out here when the disk changed meanwhile).
+    fn write_op(
+        &mut self,
+        ctx: &mut Ctx,
+        op: &Op,
+        decided: Decided,
+        trace: &mut Trace,
+    ) -> Result<OpResult, OpError> {
+        let path = &op.path;
+        let ours = op.entry.as_ref();
+        let Decided {
+            disk,
+            current,
+            decision,
+        } = decided;
+        match decision {
             CommitDecision::AlreadyCurrent => Ok(OpResult::Committed(current.seq)),
             CommitDecision::Apply => {
                 let seq = self.apply(ctx, path, ours, disk.as_ref(), op.inline, trace)?;
@@ -347,7 +421,7 @@ impl SimHub {
         path: &RelPath,
         ours: &Entry,
     ) -> Result<RelPath, OpError> {
-        for name in conflict_copy_candidates(path, ctx.node, ctx.now_unix, ours) {
+        for name in conflict_copy_candidates(path, &ctx.node, ctx.now_unix, ours) {
             let name = name.map_err(|e| OpError::Refused(e.to_string()))?;
             if self.current(ctx, &name).entry.is_none() && self.disk.get(&name).is_none() {
                 return Ok(name);
@@ -540,6 +614,10 @@ impl SimHub {
     /// A restart after a crash: staging is cleared and the mirror is
     /// observed whole (the startup scan).
     pub fn restart(&mut self, trace: &mut Trace) {
+        // Calls in progress die with the process: their unflushed records
+        // are lost; what they put on disk stays.
+        self.active = None;
+        self.waiting.clear();
         self.seq = self.recorded;
         self.staging = 0;
         self.subscriptions.clear();
@@ -548,8 +626,32 @@ impl SimHub {
     }
 }
 
-struct Ctx<'a> {
-    node: &'a NodeId,
+/// A commit call in progress: its ops, where it is, and what it wrote.
+#[derive(Debug)]
+pub struct ActiveCall {
+    node: usize,
+    conn: u64,
+    call: u64,
+    ops: Vec<Op>,
+    next_op: usize,
+    attempt: u32,
+    last_retry: String,
+    decided: Option<Decided>,
+    results: Vec<OpResult>,
+    ctx: Ctx,
+}
+
+/// What `read_op` saw and decided.
+#[derive(Debug)]
+struct Decided {
+    disk: Option<Item>,
+    current: Versioned,
+    decision: CommitDecision,
+}
+
+#[derive(Debug)]
+struct Ctx {
+    node: NodeId,
     now_unix: i64,
     /// Journal states written by this request and not yet flushed.
     pending: BTreeMap<RelPath, Versioned>,

@@ -48,7 +48,7 @@ struct ProposeItem {
 }
 
 /// One op of a call: path, base, what was proposed, and the newest synced
-/// seq of its parents when it was sent.
+/// seq known for it and its parents when it was sent.
 type Member = (RelPath, Seq, Local, Seq);
 
 #[derive(Debug, Clone)]
@@ -824,8 +824,8 @@ impl SimNode {
                 index += 1;
                 if let Some((op, local)) = self.make_op(&item, force_inline, &p.hub_has) {
                     ops.push(op);
-                    let parents = self.session().trees.ancestors_seq(&item.path);
-                    members.push((item.path.clone(), item.base, local, parents));
+                    let known = self.session().trees.known_seq(&item.path);
+                    members.push((item.path.clone(), item.base, local, known));
                 }
             }
             p.start = index;
@@ -919,7 +919,7 @@ impl SimNode {
         next: &mut Vec<(ProposeItem, bool)>,
         trace: &mut Trace,
     ) {
-        for ((path, base, local, parents), result) in members.into_iter().zip(results) {
+        for ((path, base, local, known), result) in members.into_iter().zip(results) {
             match result {
                 OpResult::Committed(seq) => {
                     let entry = local.as_ref().map(|(e, _)| e.clone());
@@ -939,7 +939,7 @@ impl SimNode {
                 OpResult::Refused(reason) => {
                     trace.line(format!("{} refused {path}: {reason}", self.id));
                     let entry = local.map(|(e, _)| e);
-                    self.session().trees.refuse(path, entry, reason, parents);
+                    self.session().trees.refuse(path, entry, reason, known);
                 }
             }
         }

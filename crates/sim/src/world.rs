@@ -65,6 +65,9 @@ pub struct Stats {
     pub commits: usize,
     pub conflicts: usize,
     pub faults: usize,
+    /// Ops the hub refused, and of those "keeps changing".
+    pub refused: usize,
+    pub keeps_changing: usize,
     pub final_entries: usize,
 }
 
@@ -111,6 +114,7 @@ enum Action {
     HubObserve,
     HubRescan,
     HubPump(usize),
+    HubCall,
     Reconnect(usize),
     Disconnect(usize),
     CrashNode(usize),
@@ -155,6 +159,13 @@ impl Contents {
             Entry::File { hash, .. } => self.by_hash.get(hash).copied(),
             Entry::Symlink { target } => target.strip_prefix('t')?.parse().ok(),
             Entry::Dir => None,
+        }
+    }
+
+    /// A write that did not happen after all.
+    fn forget(&mut self, entry: &Entry) {
+        if let Some(id) = self.id_of(entry) {
+            self.written.remove(&id);
         }
     }
 
@@ -383,8 +394,15 @@ impl World {
                             enabled.push((20, Action::Step(index)));
                         }
                     } else {
-                        for trigger in node.triggers(self.now) {
+                        let triggers = node.triggers(self.now);
+                        let live = node.session.as_ref().is_some_and(|s| s.caught_up)
+                            && !triggers.contains(&Trigger::First);
+                        for trigger in triggers {
                             enabled.push((8, Action::Round(index, trigger)));
+                        }
+                        if workload && live {
+                            // The periodic full rescan under the watcher.
+                            enabled.push((1, Action::Round(index, Trigger::Rescan)));
                         }
                     }
                     if workload && self.config.faults {
@@ -408,11 +426,16 @@ impl World {
                 enabled.push((8, Action::HubPump(index)));
             }
         }
-        if !self.hub.dirty.is_empty() {
+        // Observing takes the commit lock: not while a call holds it.
+        if self.hub.has_calls() {
+            enabled.push((12, Action::HubCall));
+        } else if !self.hub.dirty.is_empty() {
             enabled.push((6, Action::HubObserve));
         }
-        if workload {
+        if workload && !self.hub.has_calls() {
             enabled.push((1, Action::HubRescan));
+        }
+        if workload {
             if self.config.faults {
                 enabled.push((1, Action::CrashHub));
             }
@@ -468,6 +491,30 @@ impl World {
                     {
                         sub.sent = last.seq;
                         self.links[index].stream.push_back(ToNode::Changes(changes));
+                    }
+                }
+            }
+            Action::HubCall => {
+                let now_unix = BASE_UNIX + (self.now / 10) as i64;
+                let conflicts_before = self.hub.conflicts.len();
+                let finished = self.hub.call_step(now_unix, &mut self.trace);
+                self.stats.conflicts += self.hub.conflicts.len() - conflicts_before;
+                self.hub_watch();
+                if let Some((index, conn, call, results)) = finished {
+                    for result in &results {
+                        if let crate::net::OpResult::Refused(reason) = result {
+                            self.stats.refused += 1;
+                            if reason.contains("keeps changing") {
+                                self.stats.keeps_changing += 1;
+                            }
+                        }
+                    }
+                    // The answer goes back on the connection the call came
+                    // on, if it is still there.
+                    if self.links[index].up && self.links[index].conn == conn {
+                        self.links[index]
+                            .answers
+                            .push(ToNode::CommitDone { call, results });
                     }
                 }
             }
@@ -546,31 +593,8 @@ impl World {
             }
             ToHub::Commit { call, ops } => {
                 self.stats.commits += 1;
-                let crash_after = if !self.settling && self.config.faults && self.rng.chance(3) {
-                    Some(self.rng.below(ops.len()))
-                } else {
-                    None
-                };
-                let now_unix = BASE_UNIX + (self.now / 10) as i64;
-                self.trace
-                    .line(format!("hub: commit call {call} from {node_id}"));
-                let conflicts_before = self.hub.conflicts.len();
-                let results =
-                    self.hub
-                        .commit(&node_id, now_unix, &ops, crash_after, &mut self.trace);
-                self.stats.conflicts += self.hub.conflicts.len() - conflicts_before;
-                self.hub_watch();
-                match results {
-                    Some(results) => self.links[index]
-                        .answers
-                        .push(ToNode::CommitDone { call, results }),
-                    None => {
-                        self.stats.faults += 1;
-                        self.trace
-                            .line("FAULT hub crashed in the middle of a commit".into());
-                        self.crash_hub();
-                    }
-                }
+                let conn = self.links[index].conn;
+                self.hub.queue_call(index, node_id, conn, call, ops);
             }
             ToHub::Download { call, items } => {
                 let items = self.hub.download(&items);
@@ -629,6 +653,13 @@ impl World {
     }
 
     fn user_op(&mut self, replica: Replica) {
+        if replica == Replica::Hub
+            && let Some(path) = self.hub.call_path().cloned()
+            && self.rng.chance(50)
+        {
+            self.hub_rewrite(&path);
+            return;
+        }
         let who = match replica {
             Replica::Hub => "hub".to_string(),
             Replica::Node(index) => format!("n{index}"),
@@ -742,6 +773,28 @@ impl World {
         if let Some(done) = done {
             self.trace.line(format!("USER {who} {done}"));
         }
+    }
+
+    /// A hub-side tool writes the path a commit call is working on (a
+    /// file there, or a new one), racing the call.
+    fn hub_rewrite(&mut self, path: &RelPath) {
+        let old = self.hub.disk.entry(path).cloned();
+        if old.as_ref().is_some_and(Entry::is_dir) {
+            return;
+        }
+        let entry = self.contents.file(false, format!("hub {path}"));
+        let shown = crate::show(Some(&entry));
+        if self.hub.disk.user_write(path, entry.clone()) {
+            if let Some(old) = &old {
+                self.contents.supersede(old);
+            }
+            self.trace.line(format!(
+                "USER hub rewrite {path} = {shown} (racing a commit)"
+            ));
+        } else {
+            self.contents.forget(&entry);
+        }
+        self.hub_watch();
     }
 
     // ---- the checks ----

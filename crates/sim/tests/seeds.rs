@@ -36,12 +36,15 @@ fn seeds() {
     let started = Instant::now();
     let mut failures = Vec::new();
     let (mut steps, mut conflicts, mut faults) = (0u64, 0usize, 0usize);
+    let (mut refused, mut keeps_changing) = (0usize, 0usize);
     for &seed in &seeds {
         match run_seed(seed, &config) {
             Ok(stats) => {
                 steps += stats.steps;
                 conflicts += stats.conflicts;
                 faults += stats.faults;
+                refused += stats.refused;
+                keeps_changing += stats.keeps_changing;
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -53,7 +56,7 @@ fn seeds() {
         }
     }
     eprintln!(
-        "gm-sim: {} seeds from {} in {:.1?}: {steps} steps, {conflicts} conflicts, {faults} faults; failing seeds: {failures:?}",
+        "gm-sim: {} seeds from {} in {:.1?}: {steps} steps, {conflicts} conflicts, {faults} faults, {refused} refusals ({keeps_changing} 'keeps changing'); failing seeds: {failures:?}",
         seeds.len(),
         seeds[0],
         started.elapsed()
@@ -62,4 +65,18 @@ fn seeds() {
         failures.is_empty(),
         "failing seeds: {failures:?} (rerun one with GM_SIM_SEED=<seed>)"
     );
+}
+
+/// A seed is a run: the same seed gives the same steps and outcome.
+#[test]
+fn same_seed_same_run() {
+    let config = Config::default();
+    for seed in [1, 77, 4242] {
+        let first = run_seed(seed, &config).map_err(|f| f.to_string());
+        let again = run_seed(seed, &config).map_err(|f| f.to_string());
+        match (first, again) {
+            (Ok(a), Ok(b)) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
+            (a, b) => assert_eq!(format!("{a:?}"), format!("{b:?}")),
+        }
+    }
 }
