@@ -564,7 +564,39 @@ impl Ctx<'_> {
     }
 
     /// Puts `ours` at `path` on disk (which holds `disk`) and journals it.
+    ///
+    /// A disk that has a non-directory where the journal has a parent
+    /// directory (a hub-side change not journaled yet) makes the write fail
+    /// with "not a directory": the parents are journaled as they are and
+    /// the op is decided again, instead of refusing it for a state the
+    /// journal does not show (found by gm-sim, soak seed 175207: the node
+    /// kept that refusal for ever while the journal never changed).
     fn apply(
+        &mut self,
+        path: &RelPath,
+        ours: Option<&Entry>,
+        disk: &DiskState,
+        data: Option<&[u8]>,
+    ) -> Result<Seq, OpError> {
+        match self.apply_unchecked(path, ours, disk, data) {
+            Err(OpError::Refused(Refusal::ParentNotDirectory, why)) => {
+                let mut journaled = false;
+                for ancestor in path.ancestors() {
+                    let before = self.current(&ancestor)?;
+                    self.sync_disk(&ancestor)?;
+                    journaled |= self.current(&ancestor)? != before;
+                }
+                if journaled {
+                    Err(OpError::Retry(why))
+                } else {
+                    Err(OpError::Refused(Refusal::ParentNotDirectory, why))
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn apply_unchecked(
         &mut self,
         path: &RelPath,
         ours: Option<&Entry>,

@@ -467,8 +467,37 @@ impl SimHub {
         Ok(())
     }
 
-    /// Puts `ours` at `path` (whose disk holds `disk`) and journals it.
+    /// Puts `ours` at `path` (whose disk holds `disk`) and journals it. A
+    /// parent that is not a directory on disk while the journal says it is
+    /// gets journaled, and the op is decided again (`gm_hub::commit`).
     fn apply(
+        &mut self,
+        ctx: &mut Ctx,
+        path: &RelPath,
+        ours: Option<&Entry>,
+        disk: Option<&Item>,
+        inline: bool,
+        trace: &mut Trace,
+    ) -> Result<Seq, OpError> {
+        match self.apply_unchecked(ctx, path, ours, disk, inline, trace) {
+            Err(OpError::Refused(why)) if why.contains("not a directory") => {
+                let mut journaled = false;
+                for ancestor in path.ancestors() {
+                    let before = self.current(ctx, &ancestor);
+                    self.sync_disk(ctx, &ancestor, trace);
+                    journaled |= self.current(ctx, &ancestor) != before;
+                }
+                if journaled {
+                    Err(OpError::Retry(why))
+                } else {
+                    Err(OpError::Refused(why))
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn apply_unchecked(
         &mut self,
         ctx: &mut Ctx,
         path: &RelPath,
