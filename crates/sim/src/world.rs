@@ -435,10 +435,8 @@ impl World {
         if workload && !self.hub.has_calls() {
             enabled.push((1, Action::HubRescan));
         }
-        if workload {
-            if self.config.faults {
-                enabled.push((1, Action::CrashHub));
-            }
+        if workload && self.config.faults {
+            enabled.push((1, Action::CrashHub));
         }
         enabled
     }
@@ -664,7 +662,7 @@ impl World {
             Replica::Hub => "hub".to_string(),
             Replica::Node(index) => format!("n{index}"),
         };
-        let kind = self.rng.weighted(&[20, 20, 10, 10, 8, 6, 6, 6]);
+        let kind = self.rng.weighted(&[20, 20, 10, 10, 8, 6, 6, 6, 5]);
         let done: Option<String> = match kind {
             // create a file
             0 => self.new_path(replica).map(|path| {
@@ -745,6 +743,24 @@ impl World {
                 self.disk(replica).user_write(&path, entry);
                 format!("symlink {path} = {shown}")
             }),
+            // copy a file (same content at a second path: the hub and the
+            // nodes then copy it locally instead of moving bytes)
+            8 => {
+                let from = self.existing(replica, true);
+                let to = self.new_path(replica);
+                match (from, to) {
+                    (Some(from), Some(to)) => {
+                        let entry = self.disk(replica).entry(&from).cloned();
+                        match entry {
+                            Some(entry) if self.disk(replica).user_write(&to, entry.clone()) => {
+                                Some(format!("copy {from} -> {to}"))
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                }
+            }
             // replace an entry by one of another kind
             _ => self.existing(replica, false).map(|path| {
                 let removed = self.disk(replica).user_remove_tree(&path);
