@@ -337,6 +337,26 @@ fn directory_replaced_by_a_file_keeps_new_content_inside() {
     assert!(!tree.contains_key("d/old.txt"), "{tree:?}");
 }
 
+/// A directory replaced by a file on a node (`rm -rf d; echo > d`) becomes
+/// that file everywhere, without a conflict copy: the node deletes the
+/// directory's children before it proposes the file. (Before, the hub kept
+/// the directory, which still had children, and made the file a copy.)
+#[test]
+fn directory_replaced_by_a_file_on_a_node_is_no_conflict() {
+    let mut c = cluster();
+    write(&c.a.path("keep.txt"), "k");
+    write(&c.a.path("d/e/x.txt"), "x");
+    c.a.start();
+    c.b.start();
+    c.all("seed", |t| t.contains_key("d/e/x.txt"));
+    std::fs::remove_dir_all(c.a.path("d")).unwrap();
+    write(&c.a.path("d"), "now a file");
+    let tree = c.all("d is a file everywhere", |t| {
+        t.get("d") == Some(&file("now a file"))
+    });
+    assert!(tree.keys().all(|k| !k.contains(".conflict-")), "{tree:?}");
+}
+
 #[test]
 fn emptied_root_deletes_nothing_until_confirmed() {
     let mut c = cluster();

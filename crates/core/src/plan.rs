@@ -49,9 +49,10 @@ pub struct Refused {
 }
 
 /// What one round does, in the order the node carries it out: adoptions,
-/// then writes of remote versions, proposals of local writes, remote
-/// deletions, proposals of local deletions (new content lands before old
-/// content leaves, so a rename finds its bytes).
+/// then writes of remote versions, proposals of the deletions that clear a
+/// directory the disk now holds as a file or symlink, proposals of local
+/// writes, remote deletions, proposals of local deletions (new content
+/// lands before old content leaves, so a rename finds its bytes).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// The disk already holds these remote versions: record them as synced.
@@ -60,6 +61,13 @@ pub struct Plan {
     pub apply_writes: Vec<(RelPath, Versioned)>,
     /// Remote deletions of unchanged local paths, children first.
     pub apply_deletes: Vec<(RelPath, Versioned)>,
+    /// Local deletions below a directory that the disk now holds as a
+    /// file or symlink (`rm -rf d; echo > d`), children first. They go
+    /// before `propose_writes` and do not wait for the delete delay: the
+    /// hub replaces a directory only once it has no children left, and
+    /// would otherwise keep the directory and make the file a conflict
+    /// copy although nobody else changed anything.
+    pub propose_clearing: Vec<(RelPath, Seq)>,
     /// Local versions to propose with their base seq, parents first.
     pub propose_writes: Vec<(RelPath, Seq)>,
     /// Local deletions to propose with their base seq, children first.
@@ -74,6 +82,7 @@ impl Plan {
         self.adopt.is_empty()
             && self.apply_writes.is_empty()
             && self.apply_deletes.is_empty()
+            && self.propose_clearing.is_empty()
             && self.propose_writes.is_empty()
             && self.propose_deletes.is_empty()
     }
@@ -317,7 +326,19 @@ impl NodeTrees {
             })
             .flat_map(RelPath::ancestors)
             .collect();
-        for path in candidates {
+        // Agreed directories the disk now holds as a file or symlink.
+        let retyped: BTreeSet<&RelPath> = candidates
+            .iter()
+            .filter(|path| {
+                local(path).is_some_and(|here| !here.is_dir())
+                    && self
+                        .synced
+                        .get(*path)
+                        .is_some_and(|base| base.entry.as_ref().is_some_and(Entry::is_dir))
+            })
+            .collect();
+        for path in candidates.iter() {
+            let path = path.clone();
             let here = local(&path);
             if let Some(forced) = self.force.remove(&path)
                 && here == forced.expected.as_ref()
@@ -386,14 +407,19 @@ impl NodeTrees {
                     {
                         continue;
                     }
-                    if here.is_none() && deletes_base && !release_deletes {
+                    let clearing = here.is_none()
+                        && deletes_base
+                        && path.ancestors().iter().any(|a| retyped.contains(a));
+                    if here.is_none() && deletes_base && !release_deletes && !clearing {
                         if self.deferred.insert(path) {
                             plan.deferred_more = true;
                         }
                         continue;
                     }
                     self.deferred.remove(&path);
-                    if here.is_some() {
+                    if clearing {
+                        plan.propose_clearing.push((path, base_seq));
+                    } else if here.is_some() {
                         plan.propose_writes.push((path, base_seq));
                     } else {
                         plan.propose_deletes.push((path, base_seq));
@@ -404,6 +430,7 @@ impl NodeTrees {
         // Candidates come in path order (parents first); deletions go
         // children first.
         plan.apply_deletes.reverse();
+        plan.propose_clearing.reverse();
         plan.propose_deletes.reverse();
         plan
     }
@@ -844,6 +871,34 @@ mod tests {
         assert!(trees.follow_up.contains(&p("y/z")));
     }
 
+    /// A directory replaced by a file on the node (`rm -rf d; echo > d`):
+    /// the children's deletions go first and do not wait for the delete
+    /// delay, so the hub (which never replaces a directory that still has
+    /// children) replaces it, instead of keeping the directory and making
+    /// the file a conflict copy although nothing happened elsewhere.
+    #[test]
+    fn a_directory_replaced_by_a_file_is_cleared_first() {
+        let mut trees = make(
+            &[
+                ("d", Some(Entry::Dir), 1),
+                ("d/e", Some(Entry::Dir), 2),
+                ("d/e/x", Some(file("x")), 3),
+                ("other", Some(file("o")), 4),
+            ],
+            &[],
+        );
+        let plan = plan_full(&mut trees, &[("d", file("now a file"))], false);
+        assert_eq!(
+            plan.propose_clearing,
+            vec![(p("d/e/x"), Seq(3)), (p("d/e"), Seq(2))]
+        );
+        assert_eq!(plan.propose_writes, vec![(p("d"), Seq(1))]);
+        // Other deletions still wait for the delay.
+        assert!(plan.propose_deletes.is_empty());
+        assert!(trees.deferred.contains(&p("other")));
+        assert!(!trees.deferred.contains(&p("d/e/x")));
+    }
+
     fn entry_strategy() -> impl Strategy<Value = Option<Entry>> {
         prop_oneof![
             Just(None),
@@ -890,7 +945,7 @@ mod tests {
             for (index, (base, here, _, _)) in rows.iter().enumerate() {
                 let path = p(&format!("p{index}"));
                 if here != base && !forced.contains_key(&path) {
-                    let proposed = plan.propose_writes.iter().chain(&plan.propose_deletes).any(|(p, _)| *p == path);
+                    let proposed = plan.propose_writes.iter().chain(&plan.propose_clearing).chain(&plan.propose_deletes).any(|(p, _)| *p == path);
                     let adopted = plan.adopt.iter().any(|(p, _)| *p == path);
                     prop_assert!(proposed || adopted || trees.deferred.contains(&path), "{path} dropped");
                 }

@@ -309,11 +309,12 @@ impl Replica {
         };
         let apply_writes = applies(plan.apply_writes);
         let apply_deletes = applies(plan.apply_deletes);
+        let propose_clearing = proposals(plan.propose_clearing);
         let propose_writes = proposals(plan.propose_writes);
         let propose_deletes = proposals(plan.propose_deletes);
 
         // Safety brake: an empty root with a non-empty synced tree proposes nothing.
-        let deletes = propose_deletes.len();
+        let deletes = propose_clearing.len() + propose_deletes.len();
         if deletes > 0 && self.live_synced() > 0 && self.root.is_empty()? {
             let confirmed = std::mem::take(&mut self.emptying_confirmed)
                 || self.db.take_confirm_empty(&self.id)?;
@@ -338,13 +339,17 @@ impl Replica {
                 .chain(&apply_deletes)
                 .map(|a| a.target.entry.as_ref())
                 .chain(
-                    propose_writes
+                    propose_clearing
                         .iter()
+                        .chain(&propose_writes)
                         .chain(&propose_deletes)
                         .map(|p| p.local.as_ref().map(|(e, _)| e)),
                 ),
         );
         self.apply_writes(apply_writes, &mut stats).await?;
+        // A directory replaced by a file: its children go first, so the
+        // hub can replace the then empty directory.
+        self.propose(propose_clearing, &mut stats).await?;
         self.propose(propose_writes, &mut stats).await?;
         self.apply_deletes(apply_deletes, &mut stats);
         self.propose(propose_deletes, &mut stats).await?;

@@ -80,6 +80,7 @@ enum Stage {
     Staged {
         landed: Vec<(Download, Result<(), String>)>,
     },
+    ProposeClearing,
     ProposeWrites,
     ApplyDeletes,
     ProposeDeletes,
@@ -91,6 +92,7 @@ struct Round {
     stage: Stage,
     apply_writes: VecDeque<ApplyItem>,
     downloads: Vec<Download>,
+    propose_clearing: Vec<ProposeItem>,
     propose_writes: Vec<ProposeItem>,
     apply_deletes: VecDeque<ApplyItem>,
     propose_deletes: Vec<ProposeItem>,
@@ -285,15 +287,17 @@ impl SimNode {
         };
         match &round.stage {
             Stage::AwaitDownload { call } => session.answers.contains_key(call),
-            Stage::ProposeWrites | Stage::ProposeDeletes => match &round.proposing {
-                Some(p) => match p.in_flight.front() {
-                    Some((call, _)) if p.in_flight.len() >= 2 || p.start >= p.queue.len() => {
-                        session.answers.contains_key(call)
-                    }
-                    _ => true,
-                },
-                None => true,
-            },
+            Stage::ProposeClearing | Stage::ProposeWrites | Stage::ProposeDeletes => {
+                match &round.proposing {
+                    Some(p) => match p.in_flight.front() {
+                        Some((call, _)) if p.in_flight.len() >= 2 || p.start >= p.queue.len() => {
+                            session.answers.contains_key(call)
+                        }
+                        _ => true,
+                    },
+                    None => true,
+                }
+            }
             _ => true,
         }
     }
@@ -400,7 +404,7 @@ impl SimNode {
             session.last_deletion = Some(now);
         }
         trace.line(format!(
-            "{} round {trigger:?} {}: adopt {} apply {}+{} propose {}+{} deferred {}",
+            "{} round {trigger:?} {}: adopt {} apply {}+{} propose {}+{}+{} deferred {}",
             self.id,
             match &tops {
                 None => "full".to_string(),
@@ -409,6 +413,7 @@ impl SimNode {
             plan.adopt.len(),
             plan.apply_writes.len(),
             plan.apply_deletes.len(),
+            plan.propose_clearing.len(),
             plan.propose_writes.len(),
             plan.propose_deletes.len(),
             session.trees.deferred.len(),
@@ -444,6 +449,7 @@ impl SimNode {
             stage: Stage::ApplyWrites,
             apply_writes: applies(plan.apply_writes),
             downloads: Vec::new(),
+            propose_clearing: proposals(plan.propose_clearing),
             propose_writes: proposals(plan.propose_writes),
             apply_deletes: applies(plan.apply_deletes),
             propose_deletes: proposals(plan.propose_deletes),
@@ -494,7 +500,7 @@ impl SimNode {
                     });
                     round.stage = Stage::AwaitDownload { call };
                 } else {
-                    self.begin_proposing(round, false);
+                    self.begin_proposing(round, Stage::ProposeClearing);
                 }
             }
             Stage::AwaitDownload { call } => {
@@ -546,7 +552,14 @@ impl SimNode {
                         }
                     }
                 }
-                self.begin_proposing(round, false);
+                self.begin_proposing(round, Stage::ProposeClearing);
+            }
+            Stage::ProposeClearing => {
+                if self.propose_step(round, rng, out, trace) {
+                    self.begin_proposing(round, Stage::ProposeWrites);
+                } else {
+                    round.stage = Stage::ProposeClearing;
+                }
             }
             Stage::ProposeWrites => {
                 if self.propose_step(round, rng, out, trace) {
@@ -560,7 +573,7 @@ impl SimNode {
                     self.apply_delete(item, trace);
                     round.stage = Stage::ApplyDeletes;
                 } else {
-                    self.begin_proposing(round, true);
+                    self.begin_proposing(round, Stage::ProposeDeletes);
                 }
             }
             Stage::ProposeDeletes => {
@@ -745,11 +758,11 @@ impl SimNode {
         }
     }
 
-    fn begin_proposing(&mut self, round: &mut Round, deletes: bool) {
-        let items = if deletes {
-            std::mem::take(&mut round.propose_deletes)
-        } else {
-            std::mem::take(&mut round.propose_writes)
+    fn begin_proposing(&mut self, round: &mut Round, stage: Stage) {
+        let items = match stage {
+            Stage::ProposeClearing => std::mem::take(&mut round.propose_clearing),
+            Stage::ProposeWrites => std::mem::take(&mut round.propose_writes),
+            _ => std::mem::take(&mut round.propose_deletes),
         };
         let session = self.session.as_ref().expect("a round runs in a session");
         let hub_has: BTreeSet<ContentHash> = session
@@ -766,11 +779,7 @@ impl SimNode {
             in_flight: VecDeque::new(),
             hub_has,
         });
-        round.stage = if deletes {
-            Stage::ProposeDeletes
-        } else {
-            Stage::ProposeWrites
-        };
+        round.stage = stage;
     }
 
     /// `Replica::propose`, one step: send a batch, or take the answer of the
