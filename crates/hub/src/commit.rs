@@ -8,7 +8,9 @@
 //!    theirs (with ours as a conflict copy when it has content, under the
 //!    first free name of `gm_core::conflict_copy_candidates`);
 //! 3. the change lands through `gm_fs` (staging, hash check, mode, fsync,
-//!    target check, rename) and is appended to the batch's journal records.
+//!    target check, rename) and is appended to the batch's journal records;
+//!    a landing that finds a non-directory parent the journal does not know
+//!    of journals the parents first and decides again.
 //!
 //! The journal records of one request are written in one transaction at
 //! the end (or earlier, before a hub-side change must be journaled), so a

@@ -9,9 +9,9 @@
 //! `gm_core::NodeTrees::plan` (the pure part, shared with the simulation in
 //! `gm_sim`), then: adopts remote versions the disk already holds, writes
 //! remote versions over paths the user did not change, and proposes local
-//! changes to the hub. Conflicts are decided by the hub; the node then moves its version
-//! to the conflict-copy name the hub chose (a rename, no bytes) and takes
-//! the hub's version at the path.
+//! changes to the hub. Conflicts are decided by the hub; the node then
+//! moves its version to the conflict-copy name the hub chose (a rename, no
+//! bytes) and takes the hub's version at the path.
 //!
 //! Invariants:
 //! - A local change is never overwritten: writes check the target against
