@@ -305,6 +305,58 @@ fn modify_vs_delete_keeps_the_modified_file() {
     );
 }
 
+/// Found by the simulation (gm-sim, seed 9 of its first runs): a directory
+/// replaced by a file on the hub while an offline node added to it. The
+/// node kept failing to remove its non-empty directory and the hub refused
+/// the new file ("d is a file on the hub"), for ever. Now the node's
+/// directory becomes a conflict copy that keeps its content.
+#[test]
+fn directory_replaced_by_a_file_keeps_new_content_inside() {
+    let mut c = cluster();
+    write(&c.a.path("keep.txt"), "k");
+    write(&c.a.path("d/old.txt"), "old");
+    c.a.start();
+    c.b.start();
+    c.all("seed", |t| t.contains_key("d/old.txt"));
+    c.b.stop();
+    std::fs::remove_dir_all(c.mirror().join("d")).unwrap();
+    write(&c.mirror().join("d"), "now a file");
+    wait_until("a has the hub's file", || {
+        std::fs::read(c.a.path("d")).ok() == Some(b"now a file".to_vec())
+    });
+    write(&c.b.path("d/new.txt"), "new on b");
+    c.b.start();
+    let tree = c.all("the file keeps the path, b's directory is a copy", |t| {
+        t.get("d") == Some(&file("now a file"))
+            && t.iter().any(|(k, v)| {
+                k.starts_with("d.conflict-node-b-")
+                    && k.ends_with("/new.txt")
+                    && *v == file("new on b")
+            })
+    });
+    assert!(!tree.contains_key("d/old.txt"), "{tree:?}");
+}
+
+/// A directory replaced by a file on a node (`rm -rf d; echo > d`) becomes
+/// that file everywhere, without a conflict copy: the node deletes the
+/// directory's children before it proposes the file. (Before, the hub kept
+/// the directory, which still had children, and made the file a copy.)
+#[test]
+fn directory_replaced_by_a_file_on_a_node_is_no_conflict() {
+    let mut c = cluster();
+    write(&c.a.path("keep.txt"), "k");
+    write(&c.a.path("d/e/x.txt"), "x");
+    c.a.start();
+    c.b.start();
+    c.all("seed", |t| t.contains_key("d/e/x.txt"));
+    std::fs::remove_dir_all(c.a.path("d")).unwrap();
+    write(&c.a.path("d"), "now a file");
+    let tree = c.all("d is a file everywhere", |t| {
+        t.get("d") == Some(&file("now a file"))
+    });
+    assert!(tree.keys().all(|k| !k.contains(".conflict-")), "{tree:?}");
+}
+
 #[test]
 fn emptied_root_deletes_nothing_until_confirmed() {
     let mut c = cluster();

@@ -66,6 +66,32 @@ pub fn decide_commit(
     }
 }
 
+/// True when `decide_commit` needs to know whether the current entry has
+/// live children: it is a directory and ours is not (a directory proposed
+/// over a directory changes nothing below it).
+pub fn children_matter(current: &Versioned, ours: Option<&Entry>) -> bool {
+    current.entry.as_ref().is_some_and(Entry::is_dir) && !ours.is_some_and(Entry::is_dir)
+}
+
+/// How many conflict-copy names the hub tries for one conflict before it
+/// refuses the proposal.
+pub const MAX_COPY_ATTEMPTS: u32 = 100;
+
+/// The conflict-copy names for `ours` at `path`, in the order the hub tries
+/// them; it takes the first that is free both in the journal and on disk.
+/// Directories keep their whole name; files and symlinks keep their
+/// extension last.
+pub fn conflict_copy_candidates<'a>(
+    path: &'a RelPath,
+    node: &'a NodeId,
+    unix_secs: i64,
+    ours: &Entry,
+) -> impl Iterator<Item = Result<RelPath, PathError>> + 'a {
+    let split_extension = !ours.is_dir();
+    (0..MAX_COPY_ATTEMPTS)
+        .map(move |attempt| conflict_copy_name(path, node, unix_secs, attempt, split_extension))
+}
+
 /// Formats seconds since the Unix epoch as `YYYYMMDDTHHMMSSZ`.
 pub fn format_utc(unix_secs: i64) -> String {
     let days = unix_secs.div_euclid(86_400);
@@ -341,6 +367,35 @@ mod tests {
         let got = conflict_copy_name(&RelPath::new(&long).unwrap(), &node, t, 0, true).unwrap();
         assert!(got.as_str().len() <= MAX_NAME_BYTES);
         assert!(got.as_str().ends_with("-20261121T222640Z.txt"));
+    }
+
+    #[test]
+    fn copy_candidates_keep_dir_names_whole_and_count_attempts() {
+        let node = NodeId::new("n1").unwrap();
+        let path = RelPath::new("d/x.v2").unwrap();
+        let names: Vec<String> = conflict_copy_candidates(&path, &node, 0, &Entry::Dir)
+            .map(|name| name.unwrap().to_string())
+            .collect();
+        assert_eq!(names.len(), MAX_COPY_ATTEMPTS as usize);
+        assert_eq!(names[0], "d/x.v2.conflict-n1-19700101T000000Z");
+        assert_eq!(names[1], "d/x.v2.conflict-n1-19700101T000000Z-1");
+        let file = file(b"a", false);
+        let first = conflict_copy_candidates(&path, &node, 0, &file)
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.as_str(), "d/x.conflict-n1-19700101T000000Z.v2");
+    }
+
+    #[test]
+    fn children_matter_only_when_a_directory_would_go() {
+        let dir = at(Some(Entry::Dir), 2);
+        let a = file(b"a", false);
+        assert!(children_matter(&dir, None));
+        assert!(children_matter(&dir, Some(&a)));
+        assert!(!children_matter(&dir, Some(&Entry::Dir)));
+        assert!(!children_matter(&at(Some(a.clone()), 2), None));
+        assert!(!children_matter(&at(None, 2), Some(&a)));
     }
 
     fn entry_strategy() -> impl Strategy<Value = Option<Entry>> {

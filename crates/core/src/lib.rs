@@ -1,6 +1,6 @@
 //! Pure domain of ghostmirror: what a path, a hash, a tree entry and a
 //! sequence number are, and the decisions taken on them (conflicts, node
-//! reconciliation, conflict-copy names).
+//! reconciliation and the plan of a node's round, conflict-copy names).
 //!
 //! Guarantees: no IO, no clock, no randomness. Everything here is a function
 //! of its arguments, so every replica that asks the same question gets the
@@ -12,11 +12,16 @@ pub mod entry;
 pub mod hash;
 pub mod meta;
 pub mod path;
+pub mod plan;
 pub mod reconcile;
 
-pub use conflict::{CommitDecision, conflict_copy_name, decide_commit, format_utc, parse_utc};
+pub use conflict::{
+    CommitDecision, MAX_COPY_ATTEMPTS, children_matter, conflict_copy_candidates,
+    conflict_copy_name, decide_commit, format_utc, parse_utc,
+};
 pub use entry::{Entry, Seq, Versioned};
 pub use hash::{ContentHash, Hasher};
 pub use meta::{CacheRecord, Kind, Stat};
 pub use path::{INTERNAL_DIR, NodeId, PathError, RelPath, WorkspaceId, minimal_tops};
+pub use plan::{Checkpoint, Forced, NodeTrees, Plan, Refused, Scope};
 pub use reconcile::{NodeAction, decide_node};

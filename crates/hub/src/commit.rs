@@ -5,9 +5,12 @@
 //! 1. the path on disk is compared with the journal first, so a write by a
 //!    hub-side tool is journaled (and wins as "theirs") before any decision;
 //! 2. `gm_core::decide_commit` decides: apply, already current, or keep
-//!    theirs (with ours as a conflict copy when it has content);
+//!    theirs (with ours as a conflict copy when it has content, under the
+//!    first free name of `gm_core::conflict_copy_candidates`);
 //! 3. the change lands through `gm_fs` (staging, hash check, mode, fsync,
-//!    target check, rename) and is appended to the batch's journal records.
+//!    target check, rename) and is appended to the batch's journal records;
+//!    a landing that finds a non-directory parent the journal does not know
+//!    of journals the parents first and decides again.
 //!
 //! The journal records of one request are written in one transaction at
 //! the end (or earlier, before a hub-side change must be journaled), so a
@@ -20,7 +23,7 @@ use std::sync::Arc;
 
 use gm_core::{
     CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned,
-    conflict_copy_name, decide_commit,
+    children_matter, conflict_copy_candidates, decide_commit,
 };
 use gm_fs::{Expect, FsError, IgnoreRules, Root, StagedFile, scan_tree};
 use gm_proto::pb;
@@ -330,9 +333,7 @@ impl Ctx<'_> {
     ) -> Result<pb::OpResult, OpError> {
         let disk = self.sync_disk(path)?;
         let current = self.current(path)?;
-        let has_children = if current.entry.as_ref().is_some_and(Entry::is_dir)
-            && !ours.is_some_and(Entry::is_dir)
-        {
+        let has_children = if children_matter(&current, ours) {
             self.flush()?;
             self.hub.db.has_live_children(&self.ws.id, path)?
         } else {
@@ -517,9 +518,9 @@ impl Ctx<'_> {
     }
 
     fn free_copy_name(&mut self, path: &RelPath, ours: &Entry) -> Result<RelPath, OpError> {
-        for attempt in 0..100 {
-            let name = conflict_copy_name(path, self.node, self.now_unix, attempt, !ours.is_dir())
-                .map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
+        for name in conflict_copy_candidates(path, self.node, self.now_unix, ours) {
+            let name =
+                name.map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
             if self.current(&name)?.entry.is_none() && self.root.lstat(&name)?.is_none() {
                 return Ok(name);
             }
@@ -568,7 +569,39 @@ impl Ctx<'_> {
     }
 
     /// Puts `ours` at `path` on disk (which holds `disk`) and journals it.
+    ///
+    /// A disk that has a non-directory where the journal has a parent
+    /// directory (a hub-side change not journaled yet) makes the write fail
+    /// with "not a directory": the parents are journaled as they are and
+    /// the op is decided again, instead of refusing it for a state the
+    /// journal does not show (found by gm-sim, soak seed 175207: the node
+    /// kept that refusal for ever while the journal never changed).
     fn apply(
+        &mut self,
+        path: &RelPath,
+        ours: Option<&Entry>,
+        disk: &DiskState,
+        data: Option<&[u8]>,
+    ) -> Result<Seq, OpError> {
+        match self.apply_unchecked(path, ours, disk, data) {
+            Err(OpError::Refused(Refusal::ParentNotDirectory, why)) => {
+                let mut journaled = false;
+                for ancestor in path.ancestors() {
+                    let before = self.current(&ancestor)?;
+                    self.sync_disk(&ancestor)?;
+                    journaled |= self.current(&ancestor)? != before;
+                }
+                if journaled {
+                    Err(OpError::Retry(why))
+                } else {
+                    Err(OpError::Refused(Refusal::ParentNotDirectory, why))
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn apply_unchecked(
         &mut self,
         path: &RelPath,
         ours: Option<&Entry>,

@@ -6,7 +6,8 @@
 //! - `session`: one workspace's life: attach, catch up, reconcile, then live
 //!   (watcher + subscription), reconnecting with backoff;
 //! - `reconcile`: the three-tree step (synced / local / remote) for a set of
-//!   paths: plan with `gm_core::decide_node`, then apply and propose;
+//!   paths: scan, plan with `gm_core::NodeTrees` (which calls
+//!   `gm_core::decide_node`), then apply and propose;
 //! - `transfer`: downloads into staging and uploads of large files.
 
 mod client;

@@ -5,12 +5,13 @@
 //! - local: what the disk holds now (a scan, with the hash cache);
 //! - remote: journal changes from the hub not yet in the synced tree.
 //!
-//! A round plans every path in scope with `gm_core::decide_node`, then:
-//! adopts remote versions the disk already holds, writes remote versions
-//! over paths the user did not change, and proposes local changes to the
-//! hub. Conflicts are decided by the hub; the node then moves its version
-//! to the conflict-copy name the hub chose (a rename, no bytes) and takes
-//! the hub's version at the path.
+//! A round scans the paths in scope and plans them with
+//! `gm_core::NodeTrees::plan` (the pure part, shared with the simulation in
+//! `gm_sim`), then: adopts remote versions the disk already holds, writes
+//! remote versions over paths the user did not change, and proposes local
+//! changes to the hub. Conflicts are decided by the hub; the node then
+//! moves its version to the conflict-copy name the hub chose (a rename, no
+//! bytes) and takes the hub's version at the path.
 //!
 //! Invariants:
 //! - A local change is never overwritten: writes check the target against
@@ -20,13 +21,12 @@
 //! - Safety brake: a root that is gone, replaced or empty while the synced
 //!   tree is not halts the workspace before any deletion is proposed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gm_core::{
-    CacheRecord, ContentHash, Entry, NodeAction, RelPath, Seq, Stat, Versioned, WorkspaceId,
-    decide_node, minimal_tops,
+    CacheRecord, ContentHash, Entry, NodeTrees, RelPath, Seq, Stat, Versioned, WorkspaceId,
 };
 use gm_fs::{Expect, FsError, IgnoreRules, Root, ScanOutcome, scan_tree};
 use gm_proto::pb;
@@ -36,13 +36,7 @@ use crate::client::{Client, SyncError};
 use crate::transfer::{self, DownloadFailure, DownloadItem};
 use crate::{NodeConfig, Progress};
 
-/// Which paths a round looks at.
-#[derive(Debug, Clone)]
-pub enum Scope {
-    Full,
-    /// These subtrees (plus every pending remote change and follow-up).
-    Subtrees(Vec<RelPath>),
-}
+pub use gm_core::Scope;
 
 /// What a round did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -66,7 +60,9 @@ type Local = Option<(Entry, Stat)>;
 /// A commit request on its way, and what each op in it proposed.
 type CommitCall =
     tokio::task::JoinHandle<Result<tonic::Response<pb::CommitResponse>, tonic::Status>>;
-type Member = (RelPath, Seq, Local);
+/// One op of a call: path, base, what was proposed, and the newest synced
+/// seq known for it and its parents when it was sent (see `NodeTrees::refuse`).
+type Member = (RelPath, Seq, Local, Seq);
 
 struct ApplyItem {
     path: RelPath,
@@ -86,21 +82,13 @@ pub struct Replica {
     pub config: Arc<NodeConfig>,
     pub db: Arc<NodeDb>,
     pub client: Client,
-    pub synced: BTreeMap<RelPath, Versioned>,
-    pub remote: BTreeMap<RelPath, Versioned>,
-    /// Highest journal seq received from the hub.
-    pub highest_seen: Seq,
-    /// After a conflict: path -> (what the disk should hold now, the hub's
-    /// version to write over it).
-    force: HashMap<RelPath, (Option<Entry>, Versioned)>,
-    /// Local versions the hub refused; not proposed again until they change.
-    pub refused: HashMap<RelPath, (Option<Entry>, String)>,
-    /// Paths to look at again in the next round.
-    pub follow_up: BTreeSet<RelPath>,
-    /// Local deletions held back until no new deletion has been seen for
-    /// `delete_delay`: a root being emptied (`rm -rf`, an unmount) is then
-    /// seen empty by the brake before any of its deletions leave the node.
-    deferred: BTreeSet<RelPath>,
+    /// Synced and remote trees and the bookkeeping between rounds (forced
+    /// paths after conflicts, refused versions, follow-ups, deferred
+    /// deletions). Local deletions are deferred until no new deletion has
+    /// been seen for `delete_delay`: a root being emptied (`rm -rf`, an
+    /// unmount) is then seen empty by the brake before any of its
+    /// deletions leave the node.
+    pub trees: NodeTrees,
     last_deletion: Option<Instant>,
     /// Set by `confirm-empty`: the next emptying is deliberate.
     pub emptying_confirmed: bool,
@@ -131,13 +119,7 @@ impl Replica {
             config,
             db,
             client,
-            synced,
-            remote: BTreeMap::new(),
-            highest_seen: last_seq,
-            force: HashMap::new(),
-            refused: HashMap::new(),
-            follow_up: BTreeSet::new(),
-            deferred: BTreeSet::new(),
+            trees: NodeTrees::new(synced, last_seq),
             last_deletion: None,
             emptying_confirmed: false,
             ignore_problems: Vec::new(),
@@ -158,46 +140,30 @@ impl Replica {
                     continue;
                 }
             };
-            self.highest_seen = self.highest_seen.max(state.seq);
-            let synced_seq = self.synced.get(&path).map_or(Seq::ZERO, |s| s.seq);
-            if state.seq <= synced_seq {
-                continue;
-            }
-            match self.remote.get(&path) {
-                Some(existing) if existing.seq >= state.seq => {}
-                _ => {
-                    self.remote.insert(path, state);
-                }
-            }
+            self.trees.absorb(path, state);
         }
     }
 
     pub fn saw_seq(&mut self, seq: Seq) {
-        self.highest_seen = self.highest_seen.max(seq);
+        self.trees.saw_seq(seq);
     }
 
     /// True when nothing is pending on either side.
     pub fn settled(&self) -> bool {
-        self.remote.is_empty()
-            && self.force.is_empty()
-            && self.follow_up.is_empty()
-            && self.deferred.is_empty()
+        self.trees.settled()
     }
 
     /// Records the agreed version of a path. Deletions are kept as
     /// tombstones (with their seq) until every older journal event has been
     /// absorbed, so a late event can never bring a deleted path back.
     fn set_synced(&mut self, path: &RelPath, state: Versioned) {
-        if self.remote.get(path).is_some_and(|r| r.seq <= state.seq) {
-            self.remote.remove(path);
-        }
-        self.synced.insert(path.clone(), state.clone());
+        self.trees.set_synced(path, state.clone());
         self.batch.synced_put.push((path.clone(), state));
     }
 
     /// Live entries in the synced tree.
     pub fn live_synced(&self) -> usize {
-        self.synced.values().filter(|v| v.entry.is_some()).count()
+        self.trees.live_synced()
     }
 
     fn put_cache(&mut self, path: &RelPath, stat: Stat, hash: ContentHash) {
@@ -223,27 +189,14 @@ impl Replica {
     /// Writes what the round changed, and the highest seq below every
     /// change still pending.
     pub async fn persist(&mut self) -> Result<(), SyncError> {
-        let pending_floor = self.remote.values().map(|v| v.seq).min();
-        let last_seq = match pending_floor {
-            Some(floor) => Seq(floor.0.saturating_sub(1)).min(self.highest_seen),
-            None => self.highest_seen,
-        };
         if std::mem::take(&mut self.needs_sync) {
             let root = self.root.clone();
             tokio::task::spawn_blocking(move || root.sync_filesystem()).await??;
         }
+        let checkpoint = self.trees.checkpoint();
         let mut batch = std::mem::take(&mut self.batch);
-        batch.last_seq = Some(last_seq);
-        let settled_tombstones: Vec<RelPath> = self
-            .synced
-            .iter()
-            .filter(|(_, v)| v.entry.is_none() && v.seq <= last_seq)
-            .map(|(p, _)| p.clone())
-            .collect();
-        for path in settled_tombstones {
-            self.synced.remove(&path);
-            batch.synced_del.push(path);
-        }
+        batch.last_seq = Some(checkpoint.last_seq);
+        batch.synced_del.extend(checkpoint.dropped_tombstones);
         let db = self.db.clone();
         let id = self.id.clone();
         tokio::task::spawn_blocking(move || db.apply(&id, &batch)).await??;
@@ -252,7 +205,7 @@ impl Replica {
 
     /// True when deferred local deletions have been quiet long enough.
     pub fn deletions_due(&self) -> bool {
-        !self.deferred.is_empty()
+        !self.trees.deferred.is_empty()
             && self
                 .last_deletion
                 .is_none_or(|at| at.elapsed() >= self.config.delete_delay)
@@ -260,7 +213,7 @@ impl Replica {
 
     /// Paths whose local deletion waits.
     pub fn deferred_deletions(&self) -> Vec<RelPath> {
-        self.deferred.iter().cloned().collect()
+        self.trees.deferred.iter().cloned().collect()
     }
 
     /// One round over `scope`. Local deletions are only proposed when
@@ -278,18 +231,7 @@ impl Replica {
                 self.id
             )));
         }
-        let tops: Option<Vec<RelPath>> = match scope {
-            Scope::Full => {
-                self.follow_up.clear();
-                None
-            }
-            Scope::Subtrees(mut paths) => {
-                paths.extend(self.remote.keys().cloned());
-                paths.extend(self.force.keys().cloned());
-                paths.extend(std::mem::take(&mut self.follow_up));
-                Some(minimal_tops(paths))
-            }
-        };
+        let tops: Option<Vec<RelPath>> = self.trees.tops(scope);
         let rules = Arc::new(IgnoreRules::load(&self.root));
         if rules.problems != self.ignore_problems {
             for problem in &rules.problems {
@@ -317,10 +259,6 @@ impl Replica {
                 local.insert(item.path, (item.entry, item.stat));
             }
         }
-        let in_scope = |path: &RelPath| match &tops {
-            None => true,
-            Some(tops) => tops.iter().any(|t| t == path || t.is_ancestor_of(path)),
-        };
         let is_unreadable = |path: &RelPath| {
             unreadable
                 .iter()
@@ -328,126 +266,56 @@ impl Replica {
         };
 
         // Ignored paths are neither sent nor applied (the scan already
-        // skipped them locally).
-        let ignored = |path: &RelPath, state: Option<&Versioned>| match state
-            .and_then(|s| s.entry.as_ref())
-        {
+        // skipped them locally); remote changes to them are consumed
+        // without being applied.
+        let ignored = |path: &RelPath, state: &Versioned| match &state.entry {
             Some(entry) => rules.is_ignored(path, entry.is_dir()),
             None => rules.is_ignored_any(path),
         };
-        // Remote changes to ignored paths are consumed without being applied.
-        let dropped: Vec<RelPath> = self
-            .remote
-            .iter()
-            .filter(|(p, v)| in_scope(p) && ignored(p, Some(v)))
-            .map(|(p, _)| p.clone())
-            .collect();
-        for path in dropped {
-            self.remote.remove(&path);
+        let mut candidates = self
+            .trees
+            .candidates(tops.as_deref(), local.keys(), ignored);
+        candidates.retain(|path| !is_unreadable(path));
+        let plan = self.trees.plan(
+            candidates,
+            |path| local.get(path).map(|(entry, _)| entry),
+            release_deletes,
+        );
+        if plan.deferred_more {
+            self.last_deletion = Some(Instant::now());
         }
-        let mut candidates: BTreeSet<RelPath> = local.keys().cloned().collect();
-        candidates.extend(
-            self.synced
-                .iter()
-                .filter(|(p, v)| in_scope(p) && !ignored(p, Some(v)))
-                .map(|(p, _)| p.clone()),
-        );
-        candidates.extend(
-            self.remote
-                .iter()
-                .filter(|(p, v)| in_scope(p) && !ignored(p, Some(v)))
-                .map(|(p, _)| p.clone()),
-        );
-        candidates.extend(self.force.keys().filter(|p| in_scope(p)).cloned());
 
         let mut stats = RoundStats::default();
-        let mut applies: Vec<ApplyItem> = Vec::new();
-        let mut proposals: Vec<ProposeItem> = Vec::new();
-        for path in candidates {
-            if is_unreadable(&path) {
-                continue;
-            }
-            let here: Local = local.get(&path).cloned();
-            let here_entry = here.as_ref().map(|(e, _)| e.clone());
-            if let Some((expected, target)) = self.force.remove(&path)
-                && here_entry == expected
-            {
-                {
-                    if here_entry != target.entry {
-                        applies.push(ApplyItem {
-                            path,
-                            target,
-                            local: here,
-                        });
-                    } else {
-                        self.set_synced(&path, target);
-                        stats.adopted += 1;
-                    }
-                    continue;
-                }
-            }
-            let base = self.synced.get(&path).cloned();
-            let base_entry = base.as_ref().and_then(|b| b.entry.clone());
-            let base_seq = base.as_ref().map_or(Seq::ZERO, |b| b.seq);
-            let remote = self.remote.get(&path).filter(|r| r.seq > base_seq).cloned();
-            if remote.is_none() {
-                self.remote.remove(&path);
-            }
-            let action = decide_node(
-                base_entry.as_ref(),
-                here_entry.as_ref(),
-                remote.as_ref().map(|r| r.entry.as_ref()),
-            );
-            if here.is_some() || action != NodeAction::Propose {
-                self.deferred.remove(&path);
-            }
-            match action {
-                NodeAction::Nothing => {
-                    self.refused.remove(&path);
-                }
-                NodeAction::AdoptRemote => {
-                    if let Some(remote) = remote {
-                        self.set_synced(&path, remote);
-                        stats.adopted += 1;
-                    }
-                }
-                NodeAction::ApplyRemote => {
-                    if let Some(target) = remote {
-                        applies.push(ApplyItem {
-                            path,
-                            target,
-                            local: here,
-                        });
-                    }
-                }
-                NodeAction::Propose => {
-                    if self
-                        .refused
-                        .get(&path)
-                        .is_some_and(|(entry, _)| *entry == here_entry)
-                    {
-                        continue;
-                    }
-                    if here.is_none() && base_entry.is_some() && !release_deletes {
-                        // A local deletion waits until deletions have been
-                        // quiet for the delete delay (see `deferred`).
-                        if self.deferred.insert(path) {
-                            self.last_deletion = Some(Instant::now());
-                        }
-                        continue;
-                    }
-                    self.deferred.remove(&path);
-                    proposals.push(ProposeItem {
-                        path,
-                        base: base_seq,
-                        local: here,
-                    });
-                }
-            }
+        for (path, state) in plan.adopt {
+            self.set_synced(&path, state);
+            stats.adopted += 1;
         }
+        let applies = |list: Vec<(RelPath, Versioned)>| -> Vec<ApplyItem> {
+            list.into_iter()
+                .map(|(path, target)| ApplyItem {
+                    local: local.get(&path).cloned(),
+                    path,
+                    target,
+                })
+                .collect()
+        };
+        let proposals = |list: Vec<(RelPath, Seq)>| -> Vec<ProposeItem> {
+            list.into_iter()
+                .map(|(path, base)| ProposeItem {
+                    local: local.get(&path).cloned(),
+                    path,
+                    base,
+                })
+                .collect()
+        };
+        let apply_writes = applies(plan.apply_writes);
+        let apply_deletes = applies(plan.apply_deletes);
+        let propose_clearing = proposals(plan.propose_clearing);
+        let propose_writes = proposals(plan.propose_writes);
+        let propose_deletes = proposals(plan.propose_deletes);
 
         // Safety brake: an empty root with a non-empty synced tree proposes nothing.
-        let deletes = proposals.iter().filter(|p| p.local.is_none()).count();
+        let deletes = propose_clearing.len() + propose_deletes.len();
         if deletes > 0 && self.live_synced() > 0 && self.root.is_empty()? {
             let confirmed = std::mem::take(&mut self.emptying_confirmed)
                 || self.db.take_confirm_empty(&self.id)?;
@@ -465,23 +333,26 @@ impl Replica {
 
         // Creations and updates go parent-first, deletions child-first; new
         // content lands before old content leaves, so renames find their bytes.
+        // (The plan orders each list: parents first, deletions children first.)
         self.progress.plan(
-            applies
+            apply_writes
                 .iter()
+                .chain(&apply_deletes)
                 .map(|a| a.target.entry.as_ref())
-                .chain(proposals.iter().map(|p| p.local.as_ref().map(|(e, _)| e))),
+                .chain(
+                    propose_clearing
+                        .iter()
+                        .chain(&propose_writes)
+                        .chain(&propose_deletes)
+                        .map(|p| p.local.as_ref().map(|(e, _)| e)),
+                ),
         );
-        let (apply_deletes, apply_writes): (Vec<_>, Vec<_>) =
-            applies.into_iter().partition(|a| a.target.entry.is_none());
-        let (propose_deletes, propose_writes): (Vec<_>, Vec<_>) =
-            proposals.into_iter().partition(|p| p.local.is_none());
         self.apply_writes(apply_writes, &mut stats).await?;
+        // A directory replaced by a file: its children go first, so the
+        // hub can replace the then empty directory.
+        self.propose(propose_clearing, &mut stats).await?;
         self.propose(propose_writes, &mut stats).await?;
-        let mut apply_deletes = apply_deletes;
-        apply_deletes.sort_by(|a, b| b.path.cmp(&a.path));
         self.apply_deletes(apply_deletes, &mut stats);
-        let mut propose_deletes = propose_deletes;
-        propose_deletes.sort_by(|a, b| b.path.cmp(&a.path));
         self.propose(propose_deletes, &mut stats).await?;
         self.persist().await?;
         if !stats.idle() {
@@ -646,7 +517,7 @@ impl Replica {
                 Some(Err(failure)) => {
                     tracing::debug!(workspace = %self.id, path = %item.path, ?failure, "download not landed; waiting for the journal");
                     stats.failed += 1;
-                    self.follow_up.insert(item.path.clone());
+                    self.trees.follow_up.insert(item.path.clone());
                 }
                 None => {}
             }
@@ -690,16 +561,16 @@ impl Replica {
                         Some(Err(DownloadFailure::Unavailable(why))) => {
                             tracing::debug!(workspace = %self.id, path = %item.path, why = %why, "download not landed; waiting for the journal");
                             stats.failed += 1;
-                            self.follow_up.insert(item.path.clone());
+                            self.trees.follow_up.insert(item.path.clone());
                         }
                         Some(Err(DownloadFailure::Corrupt)) => {
                             tracing::warn!(workspace = %self.id, path = %item.path, "downloaded content kept failing its hash check");
                             stats.failed += 1;
-                            self.follow_up.insert(item.path.clone());
+                            self.trees.follow_up.insert(item.path.clone());
                         }
                         None => {
                             stats.failed += 1;
-                            self.follow_up.insert(item.path.clone());
+                            self.trees.follow_up.insert(item.path.clone());
                         }
                     }
                 }
@@ -719,6 +590,7 @@ impl Replica {
         expect: Expect,
     ) -> Option<Stat> {
         let mut sources: Vec<RelPath> = self
+            .trees
             .synced
             .iter()
             .filter(|(p, v)| {
@@ -777,7 +649,7 @@ impl Replica {
             tracing::warn!(workspace = %self.id, path = %path, error = %err, "could not apply a remote change");
         }
         stats.failed += 1;
-        self.follow_up.insert(path.clone());
+        self.trees.follow_up.insert(path.clone());
     }
 
     /// Proposes local changes in batches; handles each answer.
@@ -790,6 +662,7 @@ impl Replica {
             return Ok(());
         }
         let hub_has: HashSet<ContentHash> = self
+            .trees
             .synced
             .values()
             .filter_map(|v| v.entry.as_ref().and_then(Entry::file_hash))
@@ -814,7 +687,8 @@ impl Replica {
                     let Some((op, item_local)) = op else { continue };
                     bytes += op.data.as_ref().map_or(0, |d| d.len() as u64);
                     ops.push(op);
-                    members.push((item.path.clone(), item.base, item_local));
+                    let known = self.trees.known_seq(&item.path);
+                    members.push((item.path.clone(), item.base, item_local, known));
                     if bytes >= self.config.batch_bytes {
                         break;
                     }
@@ -848,7 +722,7 @@ impl Replica {
             queue = next;
         }
         for (item, _) in queue {
-            self.follow_up.insert(item.path);
+            self.trees.follow_up.insert(item.path);
         }
         Ok(())
     }
@@ -865,13 +739,13 @@ impl Replica {
             .await?
             .map_err(|s| SyncError::from_status(s, "commit"))?
             .into_inner();
-        for ((path, base, local), result) in members.into_iter().zip(response.results) {
+        for ((path, base, local, known), result) in members.into_iter().zip(response.results) {
             stats.proposed += 1;
             self.progress.advance(local.as_ref().map(|(e, _)| e));
             match result.outcome {
                 Some(pb::op_result::Outcome::Committed(done)) => {
                     let entry = local.as_ref().map(|(e, _)| e.clone());
-                    self.refused.remove(&path);
+                    self.trees.refused.remove(&path);
                     self.set_synced(
                         &path,
                         Versioned {
@@ -915,13 +789,13 @@ impl Replica {
                                 Err(err) => {
                                     tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
                                     stats.failed += 1;
-                                    self.follow_up.insert(item.path.clone());
+                                    self.trees.follow_up.insert(item.path.clone());
                                 }
                             }
                         }
                         _ => {
                             stats.failed += 1;
-                            self.follow_up.insert(item.path.clone());
+                            self.trees.follow_up.insert(item.path.clone());
                         }
                     }
                 }
@@ -929,11 +803,11 @@ impl Replica {
                     stats.refused += 1;
                     tracing::warn!(workspace = %self.id, path = %path, reason = %reason, "the hub refused a local change; it stays local");
                     let entry = local.map(|(e, _)| e);
-                    self.refused.insert(path, (entry, reason));
+                    self.trees.refuse(path, entry, reason, known);
                 }
                 None => {
                     stats.failed += 1;
-                    self.follow_up.insert(path);
+                    self.trees.follow_up.insert(path);
                 }
             }
         }
@@ -980,7 +854,7 @@ impl Replica {
                     }
                     Err(err) => {
                         tracing::debug!(workspace = %self.id, path = %item.path, error = %err, "file changed while being read; looking again");
-                        self.follow_up.insert(item.path.clone());
+                        self.trees.follow_up.insert(item.path.clone());
                         return None;
                     }
                 }
@@ -1003,7 +877,7 @@ impl Replica {
             Some(Ok((_, current))) => current,
             _ => {
                 tracing::warn!(workspace = %self.id, path = %path, "conflict answer without a valid current state");
-                self.follow_up.insert(path.clone());
+                self.trees.follow_up.insert(path.clone());
                 return;
             }
         };
@@ -1011,7 +885,7 @@ impl Replica {
         let expected_after = match copy {
             Some(Ok((copy_path, copy_state))) => {
                 let Some((entry, stat)) = &local else {
-                    self.follow_up.insert(path.clone());
+                    self.trees.follow_up.insert(path.clone());
                     return;
                 };
                 match self.root.rename_noreplace(path, &copy_path, *stat) {
@@ -1023,26 +897,25 @@ impl Replica {
                         self.batch.cache_del.push(path.clone());
                         self.set_synced(&copy_path, copy_state);
                         if entry.is_dir() {
-                            self.follow_up.insert(copy_path);
+                            self.trees.follow_up.insert(copy_path);
                         }
                         None
                     }
                     Err(err) => {
                         tracing::info!(workspace = %self.id, path = %path, error = %err, "conflict copy not moved yet; the local version changed again");
-                        self.follow_up.insert(path.clone());
+                        self.trees.follow_up.insert(path.clone());
                         return;
                     }
                 }
             }
             Some(Err(err)) => {
                 tracing::warn!(workspace = %self.id, path = %path, error = %err, "conflict answer with an invalid copy");
-                self.follow_up.insert(path.clone());
+                self.trees.follow_up.insert(path.clone());
                 return;
             }
             None => local.map(|(e, _)| e),
         };
-        self.force.insert(path.clone(), (expected_after, current));
-        self.follow_up.insert(path.clone());
+        self.trees.after_conflict(path, expected_after, current);
     }
 }
 

@@ -289,7 +289,7 @@ impl WorkspaceTask {
                 None => return Err(SyncError::Retry(anyhow!("subscription closed"))),
             }
         }
-        tracing::info!(workspace = %self.id, pending = replica.remote.len(), seq = replica.highest_seen.0, "caught up with the hub");
+        tracing::info!(workspace = %self.id, pending = replica.trees.remote.len(), seq = replica.trees.highest_seen.0, "caught up with the hub");
 
         let first = replica.round(Scope::Full, self.config.once).await?;
         tracing::info!(workspace = %self.id, ?first, "first reconciliation done");
@@ -378,7 +378,7 @@ impl WorkspaceTask {
                     for path in &due {
                         replica.racy.remove(path);
                     }
-                    if !due.is_empty() || !replica.follow_up.is_empty() {
+                    if !due.is_empty() || !replica.trees.follow_up.is_empty() {
                         replica.round(Scope::Subtrees(due), false).await?;
                     }
                     if replica.deletions_due() {
@@ -414,24 +414,25 @@ impl WorkspaceTask {
             };
             if stats.idle() && replica.settled() && stats.refused == 0 {
                 let final_round = replica.round(Scope::Full, self.config.once).await?;
-                if final_round.idle() && replica.settled() && replica.refused.is_empty() {
-                    tracing::info!(workspace = %self.id, seq = replica.highest_seen.0, "workspace equals its mirror");
+                if final_round.idle() && replica.settled() && replica.trees.refused.is_empty() {
+                    tracing::info!(workspace = %self.id, seq = replica.trees.highest_seen.0, "workspace equals its mirror");
                     return Ok(());
                 }
             }
         }
         let mut why = Vec::new();
-        if !replica.remote.is_empty() {
+        if !replica.trees.remote.is_empty() {
             why.push(format!(
                 "{} remote changes not applied",
-                replica.remote.len()
+                replica.trees.remote.len()
             ));
         }
-        for (path, (_, reason)) in replica.refused.iter().take(10) {
-            why.push(format!("{path}: refused by the hub: {reason}"));
+        for (path, refused) in replica.trees.refused.iter().take(10) {
+            why.push(format!("{path}: refused by the hub: {}", refused.reason));
         }
-        if !replica.follow_up.is_empty() {
+        if !replica.trees.follow_up.is_empty() {
             let sample: Vec<String> = replica
+                .trees
                 .follow_up
                 .iter()
                 .take(10)
