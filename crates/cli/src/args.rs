@@ -78,6 +78,8 @@ pub enum Command {
     Instance(crate::registry_cmd::InstanceArgs),
     /// Registry: the nodes that have attached to the hub.
     Nodes(crate::registry_cmd::NodesArgs),
+    /// Per-node tokens: create (shown once), revoke, list. Needs the admin token.
+    Token(crate::registry_cmd::TokenCmdArgs),
 }
 
 /// Settings shared by hub and node scanning.

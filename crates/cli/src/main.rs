@@ -74,6 +74,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Template(args) => registry_cmd::run_template(args).await,
         Command::Instance(args) => registry_cmd::run_instance(args).await,
         Command::Nodes(args) => registry_cmd::run_nodes(args).await,
+        Command::Token(args) => registry_cmd::run_token(args).await,
     }
 }
 

@@ -645,3 +645,94 @@ pub async fn run_nodes(args: NodesArgs) -> anyhow::Result<()> {
     print_more(&got.next_cursor);
     Ok(())
 }
+
+#[derive(Args)]
+pub struct TokenCmdArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(subcommand)]
+    pub command: TokenCommand,
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Create (or replace) a node's token, printed once; the hub keeps only a
+    /// salted hash. The node may reach only the workspaces given here.
+    Create {
+        /// The node the token is for (its --node-id).
+        #[arg(long)]
+        node: String,
+        /// A workspace the node may reach; repeat for several.
+        #[arg(long = "workspace", required = true)]
+        workspaces: Vec<String>,
+    },
+    /// Revoke a node's token: every call with it is refused from then on.
+    Revoke {
+        #[arg(long)]
+        node: String,
+    },
+    /// List node tokens (never the tokens themselves).
+    List,
+}
+
+/// `ghostmirror token create|revoke|list` (admin token required).
+pub async fn run_token(args: TokenCmdArgs) -> anyhow::Result<()> {
+    let json = args.client.json;
+    let mut client = connect(&args.client).await?;
+    match args.command {
+        TokenCommand::Create { node, workspaces } => {
+            let made = client
+                .create_node_token(pb::CreateNodeTokenRequest { node, workspaces })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if json {
+                print_json(
+                    &json!({ "node": made.node, "token": made.token, "workspaces": made.workspaces }),
+                )
+            } else {
+                println!("{}", made.token);
+                eprintln!(
+                    "token for node {} (workspaces: {}); it is shown only now",
+                    made.node,
+                    made.workspaces.join(", ")
+                );
+                Ok(())
+            }
+        }
+        TokenCommand::Revoke { node } => {
+            client
+                .revoke_node_token(pb::RevokeNodeTokenRequest { node: node.clone() })
+                .await
+                .map_err(refused)?;
+            if json {
+                print_json(&json!({ "node": node, "revoked": true }))
+            } else {
+                println!("revoked the token of node {node}");
+                Ok(())
+            }
+        }
+        TokenCommand::List => {
+            let list = client
+                .list_node_tokens(pb::ListNodeTokensRequest {})
+                .await
+                .map_err(refused)?
+                .into_inner();
+            if json {
+                print_json(&Value::Array(
+                    list.tokens
+                        .iter()
+                        .map(|t| json!({ "node": t.node, "revoked": t.revoked, "workspaces": t.workspaces }))
+                        .collect(),
+                ))
+            } else {
+                println!("{:<24} {:<8} WORKSPACES", "NODE", "STATE");
+                for t in &list.tokens {
+                    let state = if t.revoked { "revoked" } else { "active" };
+                    println!("{:<24} {:<8} {}", t.node, state, t.workspaces.join(","));
+                }
+                Ok(())
+            }
+        }
+    }
+}

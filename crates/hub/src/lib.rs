@@ -15,6 +15,7 @@
 //! - `maintenance`: the watcher, debouncing and periodic work.
 
 mod admin;
+mod auth;
 mod commit;
 mod maintenance;
 mod observe;

@@ -21,6 +21,9 @@ use crate::state::{Hub, Workspace};
 
 const TICK: Duration = Duration::from_millis(250);
 const UPLOAD_TTL: Duration = Duration::from_secs(15 * 60);
+/// How often node tokens are re-read from the registry (revocations made
+/// through another hub take at most this long).
+const TOKEN_REFRESH: Duration = Duration::from_secs(5);
 /// How often staging is checked for stale entries (at most).
 const RECLAIM_EVERY: Duration = Duration::from_secs(60);
 
@@ -59,9 +62,12 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
     let mut dirty_all: BTreeSet<WorkspaceId> = BTreeSet::new();
     let mut first_event: Option<Instant> = None;
     let mut last_event = Instant::now();
-    let mut last_full = Instant::now();
-    let mut last_reclaim = Instant::now();
-    let mut last_purge = Instant::now();
+    let mut timers = Timers {
+        full: Instant::now(),
+        reclaim: Instant::now(),
+        purge: Instant::now(),
+        tokens: Instant::now(),
+    };
     let mut ticker = tokio::time::interval(TICK);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -113,7 +119,7 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
                 }
             }
             _ = ticker.tick() => {
-                tick(&hub, &mut last_full, &mut last_reclaim, &mut last_purge).await;
+                tick(&hub, &mut timers).await;
             }
         }
     }
@@ -125,13 +131,25 @@ async fn observe_logged(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) {
     }
 }
 
-async fn tick(
-    hub: &Arc<Hub>,
-    last_full: &mut Instant,
-    last_reclaim: &mut Instant,
-    last_purge: &mut Instant,
-) {
+/// When each periodic job last ran.
+struct Timers {
+    full: Instant,
+    reclaim: Instant,
+    purge: Instant,
+    tokens: Instant,
+}
+
+async fn tick(hub: &Arc<Hub>, timers: &mut Timers) {
     let now = Instant::now();
+    // Node tokens made or revoked through another hub on the same database.
+    if now.duration_since(timers.tokens) >= TOKEN_REFRESH {
+        timers.tokens = now;
+        if let Err(err) = hub.access.refresh(&hub.registry).await {
+            tracing::warn!(error = %err, "cannot refresh the node tokens; keeping the last known ones");
+        }
+    }
+    let (last_full, last_reclaim, last_purge) =
+        (&mut timers.full, &mut timers.reclaim, &mut timers.purge);
     if now.duration_since(*last_purge) >= hub.config.purge_interval {
         *last_purge = now;
         let report = crate::purge::run(hub, false).await;

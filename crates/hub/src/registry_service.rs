@@ -15,6 +15,8 @@ use tonic::{Request, Response, Status};
 
 pub struct RegistryService {
     pub registry: Arc<Registry>,
+    /// Refreshed right after a token change, so it takes effect at once here.
+    pub access: Arc<crate::auth::Access>,
 }
 
 /// The status a registry error becomes; database failures are logged here,
@@ -333,5 +335,64 @@ impl pb::registry_server::Registry for RegistryService {
         let id = InstanceId::from_wire(request.into_inner().id).map_err(status)?;
         self.registry.delete_instance(id).await.map_err(status)?;
         Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn create_node_token(
+        &self,
+        request: Request<pb::CreateNodeTokenRequest>,
+    ) -> Result<Response<pb::NodeToken>, Status> {
+        let req = request.into_inner();
+        let node = node_id("node", &req.node)?;
+        if req.workspaces.is_empty() {
+            return Err(Status::invalid_argument(
+                "a node token needs at least one workspace (--workspace)",
+            ));
+        }
+        let workspaces = req
+            .workspaces
+            .iter()
+            .map(|w| session_id("workspaces", w))
+            .collect::<Result<Vec<_>, _>>()?;
+        let made = self
+            .registry
+            .create_node_token(&node, &workspaces)
+            .await
+            .map_err(status)?;
+        self.access.refresh(&self.registry).await.map_err(status)?;
+        Ok(Response::new(pb::NodeToken {
+            node: made.node.to_string(),
+            token: made.token,
+            workspaces: made.workspaces.iter().map(|w| w.to_string()).collect(),
+        }))
+    }
+
+    async fn revoke_node_token(
+        &self,
+        request: Request<pb::RevokeNodeTokenRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let node = node_id("node", &request.into_inner().node)?;
+        self.registry
+            .revoke_node_token(&node)
+            .await
+            .map_err(status)?;
+        self.access.refresh(&self.registry).await.map_err(status)?;
+        Ok(Response::new(pb::DeleteResponse {}))
+    }
+
+    async fn list_node_tokens(
+        &self,
+        _request: Request<pb::ListNodeTokensRequest>,
+    ) -> Result<Response<pb::ListNodeTokensResponse>, Status> {
+        let records = self.registry.node_access().await.map_err(status)?;
+        Ok(Response::new(pb::ListNodeTokensResponse {
+            tokens: records
+                .into_iter()
+                .map(|a| pb::NodeTokenInfo {
+                    node: a.node.to_string(),
+                    revoked: a.revoked,
+                    workspaces: a.workspaces.iter().map(|w| w.to_string()).collect(),
+                })
+                .collect(),
+        }))
     }
 }

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth::{Principal, principal};
 use crate::commit::commit_locked;
 use crate::observe::{Scope, observe_workspace};
 use crate::registry_service::RegistryService;
@@ -31,10 +32,10 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let token: Arc<str> = Arc::from(hub.config.token.as_str());
     let counted = hub.clone();
     let registry = gm_proto::registry_pb::registry_server::RegistryServer::new(RegistryService {
         registry: hub.registry.clone(),
+        access: hub.access.clone(),
     });
     let service = pb::sync_server::SyncServer::new(SyncService {
         hub,
@@ -43,50 +44,33 @@ pub async fn serve(
     .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
     tonic::transport::Server::builder()
-        .add_service(tonic_check(service, token.clone(), counted.clone()))
-        .add_service(tonic_check(registry, token, counted))
+        .add_service(identify(service, counted.clone(), false))
+        .add_service(identify(registry, counted, true))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
 }
 
-/// Wraps a service so every call must carry the hub's token; refusals are
-/// counted.
-fn tonic_check<S>(
+/// Wraps a service so every call is identified (admin or node token) before
+/// it runs; the caller goes into the request's extensions. Refusals are
+/// counted. `admin_only` refuses node tokens outright (the registry).
+fn identify<S>(
     service: S,
-    token: Arc<str>,
     hub: Arc<Hub>,
+    admin_only: bool,
 ) -> tonic::service::interceptor::InterceptedService<S, impl tonic::service::Interceptor + Clone> {
-    tonic::service::interceptor::InterceptedService::new(service, move |request: Request<()>| {
-        check_token(&request, &token).inspect_err(|_| hub.counters.refuse("token"))?;
+    tonic::service::interceptor::InterceptedService::new(service, move |mut request: Request<()>| {
+        let who = hub
+            .access
+            .check(&request)
+            .inspect_err(|_| hub.counters.refuse("token"))?;
+        if admin_only {
+            who.require_admin("the registry")
+                .inspect_err(|_| hub.counters.refuse("permission"))?;
+        }
+        request.extensions_mut().insert(who);
         Ok(request)
     })
-}
-
-/// Compares in constant time, so the token cannot be guessed byte by byte.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-fn check_token<T>(request: &Request<T>, expected: &str) -> Result<(), Status> {
-    let Some(value) = request.metadata().get(gm_proto::AUTH_HEADER) else {
-        return Err(Status::unauthenticated(
-            "no token: send `authorization: Bearer <token>`",
-        ));
-    };
-    let presented = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    if constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(Status::unauthenticated("the hub refused the token"))
-    }
 }
 
 pub struct SyncService {
@@ -109,11 +93,20 @@ fn draining() -> Status {
 }
 
 impl SyncService {
-    fn attached(&self, raw: &str) -> Result<Arc<Workspace>, Status> {
+    /// The attached workspace `raw`, if the caller may reach it (as `node`,
+    /// when the request names one).
+    fn attached(
+        &self,
+        who: &Principal,
+        raw: &str,
+        node: Option<&NodeId>,
+    ) -> Result<Arc<Workspace>, Status> {
         if self.hub.is_draining() {
             return Err(draining());
         }
         let id = WorkspaceId::new(raw).map_err(bad)?;
+        who.may_reach(&id, node)
+            .inspect_err(|_| self.hub.counters.refuse("permission"))?;
         self.hub.workspace(&id).ok_or_else(|| {
             Status::not_found(format!("workspace {id} is not attached; call Attach first"))
         })
@@ -131,9 +124,12 @@ impl Sync for SyncService {
         if self.hub.is_draining() {
             return Err(draining());
         }
+        let who = principal(&request)?;
         let req = request.into_inner();
         let id = WorkspaceId::new(&req.workspace).map_err(bad)?;
         let node = NodeId::new(&req.node_id).map_err(bad)?;
+        who.may_reach(&id, Some(&node))
+            .inspect_err(|_| self.hub.counters.refuse("permission"))?;
         let hub = self.hub.clone();
         let (ws, created) = tokio::task::spawn_blocking(move || hub.open_workspace(&id))
             .await
@@ -171,9 +167,10 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let who = principal(&request)?;
         let req = request.into_inner();
-        let ws = self.attached(&req.workspace)?;
         let node = NodeId::new(&req.node_id).map_err(bad)?;
+        let ws = self.attached(&who, &req.workspace, Some(&node))?;
         let since = if req.epoch == ws.epoch {
             Seq(req.since)
         } else {
@@ -256,9 +253,10 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::CommitRequest>,
     ) -> Result<Response<pb::CommitResponse>, Status> {
+        let who = principal(&request)?;
         let req = request.into_inner();
-        let ws = self.attached(&req.workspace)?;
         let node = NodeId::new(&req.node_id).map_err(bad)?;
+        let ws = self.attached(&who, &req.workspace, Some(&node))?;
         if req.ops.len() > MAX_OPS_PER_COMMIT {
             return Err(bad(format!(
                 "{} operations in one commit; the limit is {MAX_OPS_PER_COMMIT}",
@@ -289,6 +287,7 @@ impl Sync for SyncService {
         &self,
         request: Request<Streaming<pb::UploadMessage>>,
     ) -> Result<Response<Self::UploadStream>, Status> {
+        let who = principal(&request)?;
         let stream = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
@@ -296,6 +295,8 @@ impl Sync for SyncService {
         tokio::spawn(async move {
             let workspace_of = move |raw: &str| -> Result<Arc<Workspace>, Status> {
                 let id = WorkspaceId::new(raw).map_err(bad)?;
+                who.may_reach(&id, None)
+                    .inspect_err(|_| lookup.counters.refuse("permission"))?;
                 lookup.workspace(&id).ok_or_else(|| {
                     Status::not_found(format!("workspace {id} is not attached; call Attach first"))
                 })
@@ -315,8 +316,9 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::ManifestRequest>,
     ) -> Result<Response<Self::GetManifestStream>, Status> {
+        let who = principal(&request)?;
         let req = request.into_inner();
-        let ws = self.attached(&req.workspace)?;
+        let ws = self.attached(&who, &req.workspace, None)?;
         let path = gm_proto::path(&req.path).map_err(bad)?;
         let hash =
             ContentHash::from_slice(&req.hash).map_err(|e| bad(format!("{}: {e}", req.path)))?;
@@ -343,8 +345,9 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::ReadChunksRequest>,
     ) -> Result<Response<Self::ReadChunksStream>, Status> {
+        let who = principal(&request)?;
         let req = request.into_inner();
-        let ws = self.attached(&req.workspace)?;
+        let ws = self.attached(&who, &req.workspace, None)?;
         let path = gm_proto::path(&req.path).map_err(bad)?;
         if req.ranges.len() > gm_chunk::MAX_CHUNKS_PER_FILE {
             return Err(bad(format!("{} ranges in one request", req.ranges.len())));
@@ -373,8 +376,9 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
+        let who = principal(&request)?;
         let req = request.into_inner();
-        let ws = self.attached(&req.workspace)?;
+        let ws = self.attached(&who, &req.workspace, None)?;
         if req.items.len() > MAX_DOWNLOAD_ITEMS {
             return Err(bad(format!(
                 "{} items in one download; the limit is {MAX_DOWNLOAD_ITEMS}",
@@ -468,6 +472,7 @@ impl Sync for SyncService {
         &self,
         request: Request<pb::PurgeRequest>,
     ) -> Result<Response<pb::PurgeResponse>, Status> {
+        principal(&request)?.require_admin("purge")?;
         let dry_run = request.into_inner().dry_run;
         let report = crate::purge::run(&self.hub, dry_run).await;
         Ok(Response::new(pb::PurgeResponse {
@@ -488,8 +493,9 @@ impl Sync for SyncService {
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
+        principal(&request)?.require_admin("status")?;
         let hub = self.hub.clone();
         let response = tokio::task::spawn_blocking(move || build_status(&hub))
             .await
@@ -568,27 +574,4 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             chown: hub.config.ownership.describe().to_string(),
         }),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_check() {
-        let mut request = Request::new(());
-        assert_eq!(
-            check_token(&request, "s3cret").unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
-        request
-            .metadata_mut()
-            .insert("authorization", "Bearer wrong".parse().unwrap());
-        let err = check_token(&request, "s3cret").unwrap_err();
-        assert!(err.message().contains("refused the token"));
-        request
-            .metadata_mut()
-            .insert("authorization", "Bearer s3cret".parse().unwrap());
-        assert!(check_token(&request, "s3cret").is_ok());
-    }
 }

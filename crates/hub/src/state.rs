@@ -208,6 +208,8 @@ pub struct Hub {
     pub db: Arc<HubDb>,
     /// Nodes, sessions, templates, instances (SQLite in state.db, or PostgreSQL).
     pub registry: Arc<Registry>,
+    /// Who may call: the admin token and the node tokens.
+    pub access: Arc<crate::auth::Access>,
     pub mirrors: PathBuf,
     pub workspaces: Mutex<BTreeMap<WorkspaceId, Arc<Workspace>>>,
     pub uploads: Mutex<HashMap<(WorkspaceId, ContentHash), Upload>>,
@@ -242,10 +244,16 @@ impl Hub {
                 .await
                 .with_context(|| format!("open the registry in {}", state_db.display()))?,
         };
+        let access = crate::auth::Access::new(config.token.clone());
+        access
+            .refresh(&registry)
+            .await
+            .context("read the node tokens")?;
         Ok(Hub {
             config,
             db: Arc::new(db),
             registry: Arc::new(registry),
+            access: Arc::new(access),
             mirrors,
             workspaces: Mutex::new(BTreeMap::new()),
             uploads: Mutex::new(HashMap::new()),

@@ -72,6 +72,10 @@ impl SyncError {
                 "{what}: hub unreachable: {}",
                 status.message()
             )),
+            Code::PermissionDenied => SyncError::Fatal(anyhow::anyhow!(
+                "{what}: the hub refused: {}",
+                status.message()
+            )),
             Code::InvalidArgument if !status.message().contains("does not match") => {
                 SyncError::Fatal(anyhow::anyhow!(
                     "{what}: the hub refused the request: {}",

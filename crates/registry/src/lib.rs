@@ -24,6 +24,7 @@ mod instances;
 mod migrate;
 mod sessions;
 mod templates;
+mod tokens;
 pub mod types;
 
 use std::path::Path;
@@ -35,8 +36,9 @@ use sqlx::{PgPool, SqlitePool};
 
 pub use error::{Backend, RegistryError};
 pub use instances::BulkInstance;
-pub use migrate::SCHEMA_VERSION;
+pub use migrate::{SCHEMA_VERSION, migration_versions};
 pub use sessions::AttachOutcome;
+pub use tokens::{NewNodeToken, NodeAccess, parse_node_token};
 pub use types::{
     BoundNode, DEFAULT_PAGE, Instance, InstanceFilter, InstanceId, InstanceStatus, JsonObject,
     MAX_PAGE, NewInstance, NewTemplate, Node, Page, Paged, Session, SessionState, Template,

@@ -11,18 +11,32 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use crate::{Backend, Registry, RegistryError, on_pool};
 
 /// (version, name, SQL) for SQLite.
-const SQLITE: &[(i64, &str, &str)] = &[(
-    1,
-    "registry",
-    include_str!("../migrations/sqlite/0001_registry.sql"),
-)];
+const SQLITE: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "registry",
+        include_str!("../migrations/sqlite/0001_registry.sql"),
+    ),
+    (
+        2,
+        "node_tokens",
+        include_str!("../migrations/sqlite/0002_node_tokens.sql"),
+    ),
+];
 
 /// (version, name, SQL) for PostgreSQL: the same history as `SQLITE`.
-const POSTGRES: &[(i64, &str, &str)] = &[(
-    1,
-    "registry",
-    include_str!("../migrations/postgres/0001_registry.sql"),
-)];
+const POSTGRES: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "registry",
+        include_str!("../migrations/postgres/0001_registry.sql"),
+    ),
+    (
+        2,
+        "node_tokens",
+        include_str!("../migrations/postgres/0002_node_tokens.sql"),
+    ),
+];
 
 fn migrator(backend: Backend) -> Migrator {
     let list = match backend {
@@ -45,7 +59,13 @@ fn migrator(backend: Backend) -> Migrator {
 }
 
 /// The schema version this build brings (the last migration's).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// Every migration version this build brings, in order (versions need not
+/// be contiguous).
+pub fn migration_versions() -> Vec<i64> {
+    SQLITE.iter().map(|&(version, _, _)| version).collect()
+}
 
 impl Registry {
     pub(crate) async fn migrate(&self) -> Result<(), RegistryError> {

@@ -19,6 +19,7 @@ suite!(
     bad_input_is_refused_and_writes_nothing,
     pages_walk_every_row_once,
     filtered_lists_use_their_index,
+    node_tokens_are_hashed_granted_replaced_and_revoked,
 );
 
 fn ws(id: &str) -> WorkspaceId {
@@ -79,7 +80,7 @@ async fn count_instances(registry: &Registry) -> usize {
 async fn migrations_are_recorded(registry: &Registry) {
     assert_eq!(
         registry.applied_migrations().await.expect("migrations"),
-        (1..=gm_registry::SCHEMA_VERSION).collect::<Vec<_>>()
+        gm_registry::migration_versions()
     );
 }
 
@@ -763,4 +764,54 @@ fn seeks_by_column_then_id(plan: &str, index: &str) -> bool {
             || line.contains(&format!("USING COVERING INDEX {index} (")))
             && line.contains("=? AND id>?)")
     })
+}
+
+async fn node_tokens_are_hashed_granted_replaced_and_revoked(registry: &Registry) {
+    let first = registry
+        .create_node_token(&node("laptop"), &[ws("w1"), ws("w2")])
+        .await
+        .expect("create");
+    let (named, secret) = gm_registry::parse_node_token(&first.token).expect("token format");
+    assert_eq!(named, node("laptop"));
+    let access = registry.node_access().await.expect("access");
+    assert_eq!(access.len(), 1);
+    assert!(access[0].verify(secret));
+    assert!(!access[0].verify("not-the-secret"));
+    assert_eq!(access[0].workspaces.len(), 2);
+    // Only the hash is stored: the secret appears nowhere in the database.
+    let stored: Vec<String> = registry
+        .node_access()
+        .await
+        .unwrap()
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect();
+    assert!(stored.iter().all(|row| !row.contains(secret)));
+    // A new token replaces the old one and its grants.
+    let second = registry
+        .create_node_token(&node("laptop"), &[ws("w3")])
+        .await
+        .expect("replace");
+    let access = registry.node_access().await.expect("access");
+    assert!(!access[0].verify(secret), "the old token no longer works");
+    let (_, new_secret) = gm_registry::parse_node_token(&second.token).unwrap();
+    assert!(access[0].verify(new_secret));
+    assert_eq!(
+        access[0]
+            .workspaces
+            .iter()
+            .map(|w| w.to_string())
+            .collect::<Vec<_>>(),
+        ["w3"]
+    );
+    registry
+        .revoke_node_token(&node("laptop"))
+        .await
+        .expect("revoke");
+    let access = registry.node_access().await.expect("access");
+    assert!(access[0].revoked && !access[0].verify(new_secret));
+    assert!(matches!(
+        registry.revoke_node_token(&node("nobody")).await,
+        Err(RegistryError::NotFound { .. })
+    ));
 }

@@ -51,7 +51,7 @@ async fn registry_and_store_share_state_db() {
     assert_eq!(registry.active_sessions().await.expect("active").len(), 300);
     assert_eq!(
         registry.applied_migrations().await.expect("migrations"),
-        vec![1]
+        gm_registry::migration_versions()
     );
     let journal_mode: String = {
         use sqlx::Connection;
