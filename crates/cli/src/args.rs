@@ -186,6 +186,20 @@ pub struct HubArgs {
     /// (rootless containers), `off` never changes ownership.
     #[arg(long, env = "GM_CHOWN", default_value = "auto")]
     pub chown: gm_fs::ChownPolicy,
+    /// The hub's TLS certificate chain (PEM); with --tls-key, nodes connect
+    /// with https://.
+    #[arg(long, env = "GM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "GM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "GM_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve plaintext on a non-loopback address (a warning is logged).
+    /// Without TLS the hub otherwise listens on loopback only.
+    #[arg(long, env = "GM_ALLOW_PLAINTEXT")]
+    pub allow_plaintext: bool,
     /// Seconds between orphan purge passes (mirrors whose session is not active).
     #[arg(long, env = "GM_PURGE_INTERVAL", default_value_t = 3600)]
     pub purge_interval: u64,
@@ -243,6 +257,27 @@ impl HubArgs {
                 gm_registry::redact_url(&url)
             ),
         };
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(gm_hub::ServerTls {
+                cert_pem: read_pem(cert, "--tls-cert / GM_TLS_CERT")?,
+                key_pem: read_pem(key, "--tls-key / GM_TLS_KEY")?,
+                client_ca_pem: self
+                    .tls_client_ca
+                    .as_ref()
+                    .map(|ca| read_pem(ca, "--tls-client-ca / GM_TLS_CLIENT_CA"))
+                    .transpose()?,
+            }),
+            _ => None,
+        };
+        if tls.is_none() && !self.listen.ip().is_loopback() {
+            if !self.allow_plaintext {
+                bail!(
+                    "refusing to serve plaintext on {} (not loopback): give --tls-cert/--tls-key (GM_TLS_CERT/GM_TLS_KEY), or --allow-plaintext (GM_ALLOW_PLAINTEXT) to accept the risk",
+                    self.listen
+                );
+            }
+            tracing::warn!(listen = %self.listen, "serving plaintext gRPC on a non-loopback address: tokens and content cross the network unencrypted");
+        }
         let config = gm_hub::HubConfig {
             data_dir,
             token,
@@ -254,12 +289,57 @@ impl HubArgs {
             staging_ttl: Duration::from_secs(self.staging_ttl.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
             ownership: std::sync::Arc::new(gm_fs::Ownership::new(self.chown)),
+            tls,
             purge_interval: Duration::from_secs(self.purge_interval.max(1)),
             purge_grace: Duration::from_secs(self.purge_grace),
             trash_retention: Duration::from_secs(self.trash_retention),
             database_url,
         };
         Ok((config, self.listen, self.admin_listen))
+    }
+}
+
+/// Reads a PEM file named by `what` (the flag and its variable).
+pub fn read_pem(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("{what}: read {}", path.display()))?;
+    if !pem.windows(11).any(|w| w == b"-----BEGIN ") {
+        bail!("{what}: {} is not PEM", path.display());
+    }
+    Ok(pem)
+}
+
+/// TLS settings of a client of the hub (node, status, admin commands).
+#[derive(Args, Clone, Default)]
+pub struct TlsClientArgs {
+    /// CA certificate (PEM) that signed the hub's certificate; needed for an https:// hub.
+    #[arg(long, env = "GM_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a hub that requires mutual TLS.
+    #[arg(long, env = "GM_TLS_CLIENT_CERT", global = true)]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Key of --tls-client-cert (PEM).
+    #[arg(long, env = "GM_TLS_CLIENT_KEY", global = true)]
+    pub tls_client_key: Option<PathBuf>,
+}
+
+impl TlsClientArgs {
+    pub fn load(&self) -> anyhow::Result<Option<gm_node::ClientTls>> {
+        let identity = match (&self.tls_client_cert, &self.tls_client_key) {
+            (Some(cert), Some(key)) => Some((
+                read_pem(cert, "--tls-client-cert / GM_TLS_CLIENT_CERT")?,
+                read_pem(key, "--tls-client-key / GM_TLS_CLIENT_KEY")?,
+            )),
+            (None, None) => None,
+            _ => bail!("--tls-client-cert and --tls-client-key go together"),
+        };
+        match &self.tls_ca {
+            Some(ca) => Ok(Some(gm_node::ClientTls {
+                ca_pem: read_pem(ca, "--tls-ca / GM_TLS_CA")?,
+                identity,
+            })),
+            None if identity.is_some() => bail!("--tls-client-cert needs --tls-ca (the hub's CA)"),
+            None => Ok(None),
+        }
     }
 }
 
@@ -334,6 +414,8 @@ pub struct NodeArgs {
     pub hub: String,
     #[command(flatten)]
     pub token: TokenArgs,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// This node's name (appears in conflict-copy names; default: host name).
     #[arg(long, env = "GM_NODE_ID")]
     pub node_id: Option<String>,
@@ -437,6 +519,7 @@ impl NodeArgs {
             batch_bytes: self.batch_bytes,
             once_timeout: Duration::from_secs(self.once_timeout),
             delete_delay: Duration::from_millis(self.delete_delay_ms),
+            tls: self.tls.load()?,
         })
     }
 }
@@ -448,6 +531,8 @@ pub struct StatusArgs {
     pub hub: String,
     #[command(flatten)]
     pub token: TokenArgs,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// Print JSON instead of a table.
     #[arg(long, env = "GM_JSON")]
     pub json: bool,
@@ -460,6 +545,8 @@ pub struct PurgeArgs {
     pub hub: String,
     #[command(flatten)]
     pub token: TokenArgs,
+    #[command(flatten)]
+    pub tls: TlsClientArgs,
     /// Say what would be purged, change nothing.
     #[arg(long)]
     pub dry_run: bool,

@@ -4,7 +4,7 @@
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::args::TokenArgs;
+use crate::args::{TlsClientArgs, TokenArgs};
 
 /// Puts the token on every call.
 #[derive(Clone)]
@@ -24,12 +24,18 @@ impl tonic::service::Interceptor for Auth {
 
 pub type AuthedChannel = InterceptedService<Channel, Auth>;
 
-/// Connects to `hub` with the token from `token`.
-pub async fn connect(hub: &str, token: &TokenArgs) -> anyhow::Result<AuthedChannel> {
+/// Connects to `hub` with the token from `token`, over TLS when the URL is
+/// https://.
+pub async fn connect(
+    hub: &str,
+    token: &TokenArgs,
+    tls: &TlsClientArgs,
+) -> anyhow::Result<AuthedChannel> {
     let token = token.resolve()?;
-    let channel = Endpoint::from_shared(hub.to_string())
+    let endpoint = Endpoint::from_shared(hub.to_string())
         .map_err(|e| anyhow::anyhow!("hub address {hub:?} is not a valid URL: {e}"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect_timeout(std::time::Duration::from_secs(5));
+    let channel = gm_node::with_tls(endpoint, hub, tls.load()?.as_ref())?
         .connect()
         .await
         .map_err(|e| anyhow::anyhow!("hub unreachable at {hub}: {e}"))?;

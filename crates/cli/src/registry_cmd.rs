@@ -33,6 +33,8 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, env = "GM_JSON", global = true)]
     pub json: bool,
+    #[command(flatten)]
+    pub tls: crate::args::TlsClientArgs,
 }
 
 #[derive(Args, Clone)]
@@ -183,7 +185,7 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
         token_file: args.token_file.clone(),
     };
     Ok(RegistryClient::new(
-        crate::client::connect(&args.hub, &token).await?,
+        crate::client::connect(&args.hub, &token, &args.tls).await?,
     ))
 }
 

@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::args::StatusArgs;
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let channel = crate::client::connect(&args.hub, &args.token).await?;
+    let channel = crate::client::connect(&args.hub, &args.token, &args.tls).await?;
     let mut client = pb::sync_client::SyncClient::new(channel);
     let status = client
         .status(pb::StatusRequest {})
@@ -127,7 +127,7 @@ fn print_table(status: &pb::StatusResponse) {
 
 /// `ghostmirror purge`: runs the hub's orphan purge now (or a dry run).
 pub async fn purge(args: crate::args::PurgeArgs) -> anyhow::Result<()> {
-    let channel = crate::client::connect(&args.hub, &args.token).await?;
+    let channel = crate::client::connect(&args.hub, &args.token, &args.tls).await?;
     let mut client = pb::sync_client::SyncClient::new(channel);
     let report = client
         .purge(pb::PurgeRequest {

@@ -57,6 +57,9 @@ pub struct HubConfig {
     pub shutdown_timeout: Duration,
     /// Who owns what the hub writes into mirrors (`GM_CHOWN`).
     pub ownership: Arc<gm_fs::Ownership>,
+    /// TLS for the gRPC port; `None` serves plaintext (the CLI allows that on
+    /// loopback, or anywhere with `--allow-plaintext` and a warning).
+    pub tls: Option<ServerTls>,
     /// How often the orphan purge runs.
     pub purge_interval: Duration,
     /// Mirrors changed more recently than this are never purged.
@@ -67,6 +70,15 @@ pub struct HubConfig {
     /// share it). `None`: in SQLite, in `DATA_DIR/state.db`. The hash
     /// cache and journal stay in `state.db` either way.
     pub database_url: Option<String>,
+}
+
+/// The hub's TLS identity (PEM), and the CA whose client certificates it
+/// requires (mutual TLS) when set.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    pub client_ca_pem: Option<Vec<u8>>,
 }
 
 /// Runs the hub until `shutdown` is cancelled.

@@ -43,7 +43,19 @@ pub async fn serve(
     })
     .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &counted.config.tls {
+        let mut config = tonic::transport::ServerTlsConfig::new().identity(
+            tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
+        );
+        if let Some(ca) = &tls.client_ca_pem {
+            config = config.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        builder = builder
+            .tls_config(config)
+            .map_err(|e| anyhow::anyhow!("TLS setup: {e}"))?;
+    }
+    builder
         .add_service(identify(service, counted.clone(), false))
         .add_service(identify(registry, counted, true))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())

@@ -375,7 +375,7 @@ impl Hub {
     pub fn write_endpoints(&self, grpc: SocketAddr, admin: SocketAddr) -> anyhow::Result<()> {
         let path = self.config.data_dir.join("hub.json");
         let body = serde_json::json!({
-            "grpc": format!("http://{grpc}"),
+            "grpc": format!("{}://{grpc}", if self.config.tls.is_some() { "https" } else { "http" }),
             "admin": format!("http://{admin}"),
             "pid": std::process::id(),
         });

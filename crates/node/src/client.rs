@@ -29,13 +29,14 @@ impl Interceptor for TokenInterceptor {
 pub type Client = SyncClient<InterceptedService<Channel, TokenInterceptor>>;
 
 pub fn connect(config: &NodeConfig) -> anyhow::Result<Client> {
-    let endpoint = Endpoint::from_shared(config.hub_url.clone())
+    let mut endpoint = Endpoint::from_shared(config.hub_url.clone())
         .map_err(|e| anyhow::anyhow!("hub address {:?} is not a valid URL: {e}", config.hub_url))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
+    endpoint = with_tls(endpoint, &config.hub_url, config.tls.as_ref())?;
     let channel = endpoint.connect_lazy();
     let header = format!("Bearer {}", config.token).parse().map_err(|_| {
         anyhow::anyhow!("the token contains characters that cannot travel in a header")
@@ -106,5 +107,34 @@ impl From<gm_fs::FsError> for SyncError {
 impl From<tokio::task::JoinError> for SyncError {
     fn from(err: tokio::task::JoinError) -> Self {
         SyncError::Fatal(err.into())
+    }
+}
+
+/// Applies TLS to an endpoint: an `https://` hub needs a CA to check it
+/// against; plain `http://` takes none.
+pub fn with_tls(
+    endpoint: Endpoint,
+    url: &str,
+    tls: Option<&crate::ClientTls>,
+) -> anyhow::Result<Endpoint> {
+    let https = url.starts_with("https://");
+    match (https, tls) {
+        (false, None) => Ok(endpoint),
+        (false, Some(_)) => {
+            anyhow::bail!("TLS settings were given but the hub URL {url} is not https://")
+        }
+        (true, None) => anyhow::bail!(
+            "the hub URL {url} is https://: give the CA that signed its certificate (--tls-ca / GM_TLS_CA)"
+        ),
+        (true, Some(tls)) => {
+            let mut config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            endpoint
+                .tls_config(config)
+                .map_err(|e| anyhow::anyhow!("TLS setup for {url}: {e}"))
+        }
     }
 }

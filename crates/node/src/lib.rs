@@ -25,7 +25,7 @@ use gm_fs::{DirLock, ScanConfig};
 use gm_store::NodeDb;
 use tokio_util::sync::CancellationToken;
 
-pub use client::SyncError;
+pub use client::{SyncError, with_tls};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -92,9 +92,19 @@ pub struct NodeConfig {
     pub batch_bytes: u64,
     /// With `once`: how long to keep retrying an unreachable hub.
     pub once_timeout: Duration,
+    /// TLS to the hub (required for an `https://` hub URL).
+    pub tls: Option<ClientTls>,
     /// Local deletions are proposed once no new deletion has been seen for
     /// this long, so an emptying root is caught whole by the safety brake.
     pub delete_delay: Duration,
+}
+
+/// How a client checks the hub's certificate (PEM CA) and, for mutual TLS,
+/// the client identity it presents (PEM certificate and key).
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca_pem: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Runs every bound workspace until `shutdown` (or, with `once`, until each
