@@ -165,3 +165,74 @@ fn node_tokens_reach_only_their_workspaces_and_can_be_revoked() {
         "{status}"
     );
 }
+
+/// Deterministic incompressible bytes.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+fn outside_is_empty(outside: &std::path::Path) -> bool {
+    std::fs::read_dir(outside)
+        .map(|d| d.count() == 0)
+        .unwrap_or(true)
+}
+
+/// While a large file is on its way into `d/`, `d` is swapped for a symlink
+/// to a directory outside the root (on the hub, or on the receiving node):
+/// not one byte may land outside, and the hub keeps serving.
+fn swap_during_transfer(on_hub: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let mut a = Node::new(dir.path(), &hub, "node-a", "ws");
+    let mut b = Node::new(dir.path(), &hub, "node-b", "ws");
+    write(&a.path("d/seed.txt"), "seed");
+    a.start();
+    b.start();
+    wait_until("d everywhere", || {
+        b.path("d/seed.txt").exists() && hub.mirror("ws").join("d/seed.txt").exists()
+    });
+
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let target_root = if on_hub {
+        hub.mirror("ws")
+    } else {
+        b.root.clone()
+    };
+    let staging = target_root.join(".ghostmirror/staging");
+    std::fs::write(a.path("d/big.bin"), noise(96 << 20, 3)).unwrap();
+    wait_until("the transfer is staged", || {
+        std::fs::read_dir(&staging)
+            .map(|d| d.count() > 0)
+            .unwrap_or(false)
+    });
+    std::fs::rename(target_root.join("d"), target_root.join("d-swapped-away")).unwrap();
+    std::os::unix::fs::symlink(&outside, target_root.join("d")).unwrap();
+    // Let whatever was in flight finish or fail.
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert!(outside_is_empty(&outside), "bytes landed outside the root");
+    // The hub keeps serving an honest change.
+    write(&a.path("after.txt"), "still syncing");
+    wait_until("an honest change after the attack", || {
+        hub.mirror("ws").join("after.txt").exists()
+    });
+    assert!(outside_is_empty(&outside), "bytes landed outside the root");
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_on_the_hub_during_a_transfer_leaks_nothing() {
+    swap_during_transfer(true);
+}
+
+#[test]
+fn a_directory_swapped_for_a_symlink_on_a_node_during_a_transfer_leaks_nothing() {
+    swap_during_transfer(false);
+}

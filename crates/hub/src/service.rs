@@ -26,6 +26,9 @@ use crate::state::{Counters, Hub, Workspace};
 const DOWNLOAD_CHUNK: usize = 256 * 1024;
 const MAX_OPS_PER_COMMIT: usize = 50_000;
 const MAX_DOWNLOAD_ITEMS: usize = 50_000;
+/// Concurrent calls one connection may have open (a node holds one
+/// subscription per bound workspace, plus its transfers).
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 
 pub async fn serve(
     hub: Arc<Hub>,
@@ -43,7 +46,11 @@ pub async fn serve(
     })
     .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
-    let mut builder = tonic::transport::Server::builder();
+    // A node gets at most this many concurrent streams per connection: a
+    // client that opens more waits for one to finish (HTTP/2 flow control).
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize);
     if let Some(tls) = &counted.config.tls {
         let mut config = tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
