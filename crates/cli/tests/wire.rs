@@ -118,6 +118,10 @@ async fn hostile_requests_are_refused_and_change_nothing() {
     let hub = Hub::start(dir.path());
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
+    // An honest node syncs its own workspace all through the barrage.
+    let mut honest = Node::new(dir.path(), &hub, "honest", "h");
+    honest.start();
+    write(&honest.path("before.txt"), "before");
     let mut client = SyncClient::connect(hub.url.clone()).await.expect("connect");
 
     // No token, a wrong token.
@@ -172,6 +176,20 @@ async fn hostile_requests_are_refused_and_change_nothing() {
         (".ghostmirror", "internal"),
         ("", "empty"),
         ("escape/pwned", "not a directory"),
+        ("escape/deeper/pwned", "not a directory"),
+        ("..", "'..'"),
+        ("a/..", "'..'"),
+        ("./x", "'.'"),
+        ("x/", "empty component"),
+        ("/", "absolute"),
+        ("//server/share/x", "absolute"),
+        ("a/b/../../../x", "'..'"),
+        ("..\\x", "backslash"),
+        ("C:\\Windows\\x", "backslash"),
+        ("\\\\server\\share", "backslash"),
+        ("x/\0/y", "NUL"),
+        (".ghostmirror/node.db", "internal"),
+        (".ghostmirror/../x", "internal"),
     ];
     for (path, expect) in vectors {
         let result = commit_one(&mut client, path, b"pwned").await;
@@ -179,12 +197,35 @@ async fn hostile_requests_are_refused_and_change_nothing() {
             refused(&result).unwrap_or_else(|| panic!("{path:?} was not refused: {result:?}"));
         assert!(reason.contains(expect), "{path:?}: {reason}");
     }
-    let long = "x/".repeat(300) + "y";
-    let result = commit_one(&mut client, &long, b"pwned").await;
-    assert!(
-        refused(&result).is_some_and(|r| r.contains("deeper")),
-        "{result:?}"
-    );
+    let overlong: &[(String, &str)] = &[
+        ("x/".repeat(300) + "y", "deeper"),
+        ("n".repeat(256), "name longer"),
+        ("d/".repeat(2100) + "y", "longer than the limit"),
+    ];
+    for (path, expect) in overlong {
+        let result = commit_one(&mut client, path, b"pwned").await;
+        assert!(
+            refused(&result).is_some_and(|r| r.contains(expect)),
+            "{} bytes: {result:?}",
+            path.len()
+        );
+    }
+    // Percent-encoded and look-alike separators are names, not separators:
+    // each lands as one literal file inside the root.
+    let literal = [
+        "..%2Fx",
+        "%2e%2e%2fpwned",
+        "%c0%ae%c0%ae",
+        "\u{ff0e}\u{ff0e}\u{2215}x",
+    ];
+    for name in literal {
+        let result = commit_one(&mut client, name, b"literal").await;
+        assert!(
+            matches!(result.outcome, Some(pb::op_result::Outcome::Committed(_))),
+            "{name:?}: {result:?}"
+        );
+        assert_eq!(std::fs::read(mirror.join(name)).unwrap(), b"literal");
+    }
 
     // Inline content that does not match its hash.
     let request = pb::CommitRequest {
@@ -314,9 +355,12 @@ async fn hostile_requests_are_refused_and_change_nothing() {
         "nothing written outside the root"
     );
     let tree = tree(&mirror);
+    let mut expected: Vec<String> = literal.iter().map(|name| name.to_string()).collect();
+    expected.push("escape".to_string());
+    expected.sort();
     assert_eq!(
         tree.keys().cloned().collect::<Vec<_>>(),
-        vec!["escape".to_string()],
+        expected,
         "{tree:?}"
     );
     let staging: Vec<_> = std::fs::read_dir(mirror.join(".ghostmirror/staging"))
@@ -336,4 +380,21 @@ async fn hostile_requests_are_refused_and_change_nothing() {
         "{ok:?}"
     );
     assert_eq!(std::fs::read(mirror.join("honest.txt")).unwrap(), b"fine");
+
+    // The honest node was served all along: both directions still flow.
+    write(&honest.path("after.txt"), "after");
+    std::fs::write(hub.mirror("h").join("from-hub.txt"), "hub").unwrap();
+    let honest_root = honest.path("");
+    let hub_h = hub.mirror("h");
+    tokio::task::spawn_blocking(move || {
+        wait_converged("honest node and hub", &[&honest_root, &hub_h]);
+    })
+    .await
+    .unwrap();
+    for name in ["before.txt", "after.txt", "from-hub.txt"] {
+        assert!(
+            honest.path(name).exists() && hub.mirror("h").join(name).exists(),
+            "{name}"
+        );
+    }
 }
