@@ -293,13 +293,16 @@ impl Report {
                 },
             });
         }
+        let big = self
+            .median("overwrite.file_bytes")
+            .map_or_else(|| "large".to_string(), |b| Unit::Bytes.format(b));
         if let (Some(g), Some(r)) = (
             self.median("overwrite.gm.wire_bytes"),
             self.median("overwrite.rsync.wire_bytes"),
         ) {
             let limit = 2.0 * 1024.0 * 1024.0;
             rows.push(Row {
-                scenario: "1 MiB overwritten in a 512 MiB file: bytes".into(),
+                scenario: format!("1 MiB overwritten in the middle of a {big} file: bytes"),
                 ghostmirror: Unit::Bytes.format(g),
                 reference: format!("{} (rsync delta)", Unit::Bytes.format(r)),
                 fsync: "—".into(),
@@ -310,7 +313,7 @@ impl Report {
         }
         ratio_row(
             &mut rows,
-            "1 MiB overwritten in a 512 MiB file: wall",
+            &format!("1 MiB overwritten in the middle of a {big} file: wall"),
             "overwrite.gm.wall_s",
             "overwrite.rsync.wall_s",
             "rsync delta",

@@ -631,7 +631,8 @@ pub fn overwrite(ctx: &mut Ctx) -> anyhow::Result<()> {
             .arg(&file),
     )?;
     let size = std::fs::metadata(&file)?.len();
-    ctx.report.detail("overwrite.file_bytes", json!(size));
+    ctx.report
+        .add("overwrite.file_bytes", Unit::Bytes, size as f64);
     std::thread::sleep(RACY_PAUSE);
 
     let state = base.join("node-state");
