@@ -225,10 +225,9 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         selected.join(",")
     ));
     let mut timings = serde_json::Map::new();
-    let nproc = std::thread::available_parallelism().map_or(1, usize::from);
     for name in &selected {
         let scenario_started = Instant::now();
-        let (busy0, own0) = (proc::machine_busy_secs(), proc::own_cpu_secs());
+        let noise = proc::Noise::start();
         crate::note(format_args!("== {name}"));
         let result = match name.as_str() {
             "limits" => scenarios::limits(&mut ctx, args.quick),
@@ -245,8 +244,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         let elapsed = scenario_started.elapsed().as_secs_f64();
         // CPU the rest of the machine used meanwhile: other tenants' noise.
-        let foreign = (proc::machine_busy_secs() - busy0) - (proc::own_cpu_secs() - own0);
-        let share = foreign.max(0.0) / (elapsed * nproc as f64);
+        let (foreign, share) = (noise.foreign_secs(), noise.share());
         crate::note(format_args!(
             "== {name} took {elapsed:.1} s (other processes used {:.0} % of the CPUs meanwhile)",
             share * 100.0

@@ -32,6 +32,9 @@ pub struct Timed {
     pub sys_s: f64,
     /// Largest VmHWM of the child and its descendants, when sampled.
     pub peak_kib: Option<u64>,
+    /// Share of the CPUs that processes outside gm-bench's tree used
+    /// meanwhile: how noisy this run's machine was.
+    pub foreign_share: f64,
 }
 
 impl Timed {
@@ -46,6 +49,7 @@ impl Timed {
             "user_s": self.user_s,
             "sys_s": self.sys_s,
             "peak_kib": self.peak_kib,
+            "foreign_cpu_share": self.foreign_share,
         })
     }
 }
@@ -80,6 +84,7 @@ fn run_timed_inner(
     cmd.stdin(Stdio::null())
         .stdout(out)
         .stderr(open_append(stderr)?);
+    let noise = Noise::start();
     let started = Instant::now();
     let child = cmd.spawn().with_context(|| format!("spawn {cmd:?}"))?;
     let pid = child.id() as libc::pid_t;
@@ -114,6 +119,7 @@ fn run_timed_inner(
         user_s: secs(usage.ru_utime),
         sys_s: secs(usage.ru_stime),
         peak_kib,
+        foreign_share: noise.share(),
     })
 }
 
@@ -575,8 +581,27 @@ pub fn machine_busy_secs() -> f64 {
     busy / ticks
 }
 
-/// CPU seconds used by gm-bench and every child it has reaped.
+/// CPU seconds used so far by gm-bench's whole process tree: itself, the
+/// children it reaped, and every live descendant with what it reaped in
+/// turn (rsync's daemon reaps its forked receivers).
 pub fn own_cpu_secs() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let live: f64 = descendants(std::process::id())
+        .into_iter()
+        .filter_map(stat_fields)
+        .map(|f| {
+            // utime, stime, cutime, cstime
+            (11..=14)
+                .filter_map(|i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+                .sum::<f64>()
+        })
+        .sum();
+    reaped_cpu_secs() + live / ticks
+}
+
+/// CPU seconds used by gm-bench and every child it has reaped.
+fn reaped_cpu_secs() -> f64 {
     let mut total = 0.0;
     for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
         // SAFETY: rusage is plain data filled by getrusage.
@@ -590,14 +615,42 @@ pub fn own_cpu_secs() -> f64 {
     total
 }
 
-/// Share of all CPUs that processes other than gm-bench and its reaped
-/// children used during the next `window`.
+/// Measures the CPU used by processes outside gm-bench's tree over an
+/// interval: other tenants of a shared machine.
+pub struct Noise {
+    busy: f64,
+    own: f64,
+    at: Instant,
+}
+
+impl Noise {
+    pub fn start() -> Noise {
+        Noise {
+            busy: machine_busy_secs(),
+            own: own_cpu_secs(),
+            at: Instant::now(),
+        }
+    }
+
+    /// Foreign CPU seconds since `start`.
+    pub fn foreign_secs(&self) -> f64 {
+        ((machine_busy_secs() - self.busy) - (own_cpu_secs() - self.own)).max(0.0)
+    }
+
+    /// Foreign CPU as a share of all CPUs since `start`.
+    pub fn share(&self) -> f64 {
+        let nproc = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+        let elapsed = self.at.elapsed().as_secs_f64().max(1e-3);
+        self.foreign_secs() / (elapsed * nproc)
+    }
+}
+
+/// Share of all CPUs that processes outside gm-bench's tree used during
+/// the next `window`.
 pub fn foreign_cpu_share(window: Duration) -> f64 {
-    let nproc = std::thread::available_parallelism().map_or(1, usize::from) as f64;
-    let (busy0, own0) = (machine_busy_secs(), own_cpu_secs());
+    let noise = Noise::start();
     std::thread::sleep(window);
-    let foreign = (machine_busy_secs() - busy0) - (own_cpu_secs() - own0);
-    (foreign / (window.as_secs_f64() * nproc)).max(0.0)
+    noise.share()
 }
 
 /// Waits (up to `give_up`) until other processes use at most `max_share`

@@ -19,8 +19,8 @@ use serde_json::json;
 use crate::dataset::{self, Rng, Shape, Spec, Summary, remove_tree};
 use crate::limits;
 use crate::proc::{
-    Daemon, Engine, Hub, Rsyncd, Timed, TreeHwm, cpu_secs, memory_kib, read_text, run_checked,
-    run_timed, run_timed_peak, settle_caches, wait_for, wait_until_quiet,
+    Daemon, Engine, Hub, Noise, Rsyncd, Timed, TreeHwm, cpu_secs, memory_kib, read_text,
+    run_checked, run_timed, run_timed_peak, settle_caches, wait_for, wait_until_quiet,
 };
 use crate::proxy::Proxy;
 use crate::report::{Report, Unit};
@@ -565,7 +565,9 @@ pub fn hub_restart(ctx: &mut Ctx) -> anyhow::Result<()> {
             } else {
                 ctx.quiet();
             }
+            let noise = Noise::start();
             let (mut hub, ready) = ctx.start_hub(&hub_dir, &tag)?;
+            let noise = noise.share();
             let counters = hub.counters()?;
             let (hwm, _) = memory_kib(hub.daemon.pid)?;
             hub.stop()?;
@@ -592,6 +594,7 @@ pub fn hub_restart(ctx: &mut Ctx) -> anyhow::Result<()> {
             ctx.report.push_detail(
                 "hubrestart.runs",
                 json!({"run": r, "cache": cache, "spawn_to_ready_s": secs(ready), "counters": counters,
+                       "foreign_cpu_share": noise,
                        "hub_hwm_kib": hwm, "stat_walk_s": secs(walk), "stat_walk_entries": entries}),
             );
         }
@@ -880,6 +883,7 @@ pub fn live(ctx: &mut Ctx) -> anyhow::Result<()> {
     let mut missed = 0;
     let timeout = Duration::from_secs(10);
     ctx.quiet();
+    let noise = Noise::start();
     crate::note(format_args!("live, {} edits", ctx.sizes.edits));
     for n in 0..ctx.sizes.edits {
         let rel = format!("edit/f{:02}.txt", n % FILES);
@@ -905,7 +909,8 @@ pub fn live(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.add_all("live.latency_s", Unit::Secs, &latencies);
     ctx.report.detail(
         "live.summary",
-        json!({"edits": ctx.sizes.edits, "missed_after_10s": missed, "poll_interval_ms": 0.5}),
+        json!({"edits": ctx.sizes.edits, "missed_after_10s": missed, "poll_interval_ms": 0.5,
+               "foreign_cpu_share": noise.share()}),
     );
     node.stop(Duration::from_secs(60))?;
     hub.stop()?;
@@ -936,6 +941,7 @@ pub fn rss(ctx: &mut Ctx) -> anyhow::Result<()> {
         remove_tree(&state)?;
         let (mut hub, _) = ctx.start_hub(&hub_dir, &tag)?;
         ctx.quiet();
+        let noise = Noise::start();
         let started = Instant::now();
         let mut node = ctx.start_node(&hub.url, &state, &ws, &tag)?;
         hub.wait_settled(WS, SETTLE_TIMEOUT, |w| {
@@ -956,7 +962,7 @@ pub fn rss(ctx: &mut Ctx) -> anyhow::Result<()> {
         ctx.report.add("rss.gm.sync_s", Unit::Secs, secs(synced));
         ctx.report.push_detail(
             "rss.runs",
-            json!({"run": r, "sync_s": secs(synced), "hub": {"hwm_kib": hub_hwm, "rss_kib": hub_rss, "cpu_s": hub_cpu},
+            json!({"run": r, "sync_s": secs(synced), "foreign_cpu_share": noise.share(), "hub": {"hwm_kib": hub_hwm, "rss_kib": hub_rss, "cpu_s": hub_cpu},
                    "node": {"hwm_kib": node_hwm, "rss_kib": node_rss, "cpu_s": node_cpu}}),
         );
         node.stop(Duration::from_secs(60))?;
