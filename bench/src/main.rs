@@ -181,7 +181,11 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
     let fsync = rsync_help.contains("--fsync");
     let cold = !args.warm && proc::can_drop_caches();
     let work = args.work_dir.clone();
-    let data = work.join("data");
+    // Quick and full datasets share names, not sizes: keep them apart so
+    // switching modes does not regenerate either.
+    let data = work
+        .join("data")
+        .join(if args.quick { "quick" } else { "full" });
     let run_dir = work.join("run");
     let logs = work.join("logs");
     dataset::remove_tree(&run_dir)?;
