@@ -228,6 +228,29 @@ impl Root {
         Ok(current)
     }
 
+    /// The deepest existing directory on the way to `path`'s parent (the
+    /// parent itself when it exists). A directory created later on that way
+    /// takes this one's owner, so a file bound for it can be owned now.
+    fn nearest_dir(&self, path: &RelPath) -> Result<Parent<'_>, FsError> {
+        let Some(parent) = path.parent() else {
+            return Ok(Parent::Root(self.dir.as_fd()));
+        };
+        let mut current = Parent::Root(self.dir.as_fd());
+        let mut walked = String::new();
+        for component in parent.components() {
+            if !walked.is_empty() {
+                walked.push('/');
+            }
+            walked.push_str(component);
+            match rustix::fs::openat(&current, component, dir_flags(), Mode::empty()) {
+                Ok(fd) => current = Parent::Owned(fd),
+                Err(Errno::NOENT) => break,
+                Err(e) => return Err(self.walk_error(&walked, e)),
+            }
+        }
+        Ok(current)
+    }
+
     fn walk_error(&self, walked: &str, errno: Errno) -> FsError {
         let shown = format!("{}/{walked}", self.path.display());
         match errno {
@@ -492,6 +515,17 @@ impl Root {
 
     /// Creates a directory (parents too). An existing directory is fine.
     pub fn make_dir(&self, path: &RelPath) -> Result<Stat, FsError> {
+        self.make_dir_with(path, true)
+    }
+
+    /// `make_dir` without the directory fsync, for a group commit whose
+    /// caller makes everything durable with one `sync_filesystem` before
+    /// recording it.
+    pub fn make_dir_unsynced(&self, path: &RelPath) -> Result<Stat, FsError> {
+        self.make_dir_with(path, false)
+    }
+
+    fn make_dir_with(&self, path: &RelPath, sync_dir: bool) -> Result<Stat, FsError> {
         let parent = self.parent(path, true)?;
         match self.stat_at(&parent, path)? {
             Some(stat) if stat.kind == Kind::Dir => return Ok(stat),
@@ -503,8 +537,10 @@ impl Root {
             None => {}
         }
         self.create_dir_in(&parent, path.file_name(), &self.shown(path))?;
-        rustix::fs::fsync(&parent)
-            .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        if sync_dir {
+            rustix::fs::fsync(&parent)
+                .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        }
         match self.stat_at(&parent, path)? {
             Some(stat) if stat.kind == Kind::Dir => Ok(stat),
             _ => Err(FsError::TargetChanged {
@@ -975,9 +1011,14 @@ impl StagedFile {
         };
         rustix::fs::fchmod(file, Mode::from_raw_mode(file_mode(executable)))
             .map_err(|e| FsError::io("chmod staging file", &self.name, e))?;
-        // Parents are not created here: a group member whose directory does
-        // not exist yet takes the one-by-one path.
-        root.own_file(file, path, false)?;
+        // Parents are not created here (the commit journals them when it
+        // lands the file); a missing one will take the owner of its nearest
+        // existing ancestor, so the file takes that owner too.
+        if root.ownership.active() {
+            let parent = root.nearest_dir(path)?;
+            root.ownership
+                .apply(&parent, Target::Open(file.as_fd()), &root.shown(path))?;
+        }
         self.prepared = true;
         Ok(())
     }

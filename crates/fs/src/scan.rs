@@ -412,9 +412,25 @@ fn hash_many(
     if indices.is_empty() {
         return Vec::new();
     }
+    let hash_one = |index: usize| {
+        let path = &walked[index].path;
+        let permit = io.acquire();
+        let mut result = root.hash_file_gated(path, io);
+        // A file that changed while being read gets one more try.
+        if matches!(result, Err(FsError::TargetChanged { .. })) {
+            result = root.hash_file_gated(path, io);
+        }
+        drop(permit);
+        (index, result)
+    };
+    let workers = workers.min(indices.len());
+    if workers <= 1 {
+        // One file (a live edit, a racy re-check) or one worker: no thread
+        // to spawn and join.
+        return indices.iter().map(|&index| hash_one(index)).collect();
+    }
     let next = AtomicUsize::new(0);
     let results = Mutex::new(Vec::with_capacity(indices.len()));
-    let workers = workers.min(indices.len());
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
@@ -422,15 +438,7 @@ fn hash_many(
                 loop {
                     let at = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&index) = indices.get(at) else { break };
-                    let path = &walked[index].path;
-                    let permit = io.acquire();
-                    let mut result = root.hash_file_gated(path, io);
-                    // A file that changed while being read gets one more try.
-                    if matches!(result, Err(FsError::TargetChanged { .. })) {
-                        result = root.hash_file_gated(path, io);
-                    }
-                    drop(permit);
-                    local.push((index, result));
+                    local.push(hash_one(index));
                 }
                 if let Ok(mut all) = results.lock() {
                     all.extend(local);

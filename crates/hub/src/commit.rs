@@ -560,7 +560,14 @@ impl Ctx<'_> {
                     ));
                 }
                 None => {
-                    self.root.make_dir(&ancestor)?;
+                    if self.prestaged.is_empty() {
+                        self.root.make_dir(&ancestor)?;
+                    } else {
+                        // A group commit: the flush's filesystem sync makes
+                        // the directory durable before it is journaled.
+                        self.root.make_dir_unsynced(&ancestor)?;
+                        self.needs_sync = true;
+                    }
                     self.push_change(&ancestor, Some(Entry::Dir));
                 }
             }

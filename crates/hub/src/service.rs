@@ -13,8 +13,9 @@ use gm_core::{ContentHash, Hasher, NodeId, Seq, WorkspaceId};
 use gm_proto::pb::{self, sync_server::Sync};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Principal, principal};
@@ -45,12 +46,20 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     })
     .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
+    .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
+    // Commit batches and journal events are paths and hashes: zstd on the
+    // calls where the node asks for it (it does not for chunk streams,
+    // which are compressed per chunk already).
+    .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+    .send_compressed(tonic::codec::CompressionEncoding::Zstd);
     // A node gets at most this many concurrent streams per connection: a
     // client that opens more waits for one to finish (HTTP/2 flow control).
     let mut builder = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
-        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize);
+        .concurrency_limit_per_connection(MAX_STREAMS_PER_CONNECTION as usize)
+        .initial_stream_window_size(gm_proto::STREAM_WINDOW)
+        .initial_connection_window_size(gm_proto::CONNECTION_WINDOW)
+        .max_frame_size(gm_proto::MAX_FRAME);
     if let Some(tls) = &counted.config.tls {
         let mut config = tonic::transport::ServerTlsConfig::new().identity(
             tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem),
@@ -65,7 +74,10 @@ pub async fn serve(
     builder
         .add_service(identify(service, counted.clone(), false))
         .add_service(identify(registry, counted, true))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown.cancelled_owned(),
+        )
         .await?;
     Ok(())
 }

@@ -28,11 +28,23 @@ impl Interceptor for TokenInterceptor {
 
 pub type Client = SyncClient<InterceptedService<Channel, TokenInterceptor>>;
 
+/// The client for metadata calls (commit batches, the journal stream):
+/// zstd both ways. Chunk transfers keep the plain client, their chunks are
+/// compressed one by one where it pays.
+pub fn compressed(client: &Client) -> Client {
+    client
+        .clone()
+        .send_compressed(tonic::codec::CompressionEncoding::Zstd)
+        .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+}
+
 pub fn connect(config: &NodeConfig) -> anyhow::Result<Client> {
     let mut endpoint = Endpoint::from_shared(config.hub_url.clone())
         .map_err(|e| anyhow::anyhow!("hub address {:?} is not a valid URL: {e}", config.hub_url))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
+        .initial_stream_window_size(gm_proto::STREAM_WINDOW)
+        .initial_connection_window_size(gm_proto::CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);

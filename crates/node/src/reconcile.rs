@@ -36,6 +36,11 @@ use crate::client::{Client, SyncError};
 use crate::transfer::{self, DownloadFailure, DownloadItem};
 use crate::{NodeConfig, Progress};
 
+/// Large files uploaded at once, one stream each. Two keep both ends busy
+/// (one file being read and hashed while another is written) without
+/// multiplying memory: each stream holds at most a few chunks.
+const UPLOADS_IN_FLIGHT: usize = 2;
+
 pub use gm_core::Scope;
 
 /// What a round did.
@@ -704,7 +709,7 @@ impl Replica {
                 };
                 // Up to two batches in flight: the next one is read and sent
                 // while the hub still commits the previous one.
-                let mut client = self.client.clone();
+                let mut client = crate::client::compressed(&self.client);
                 in_flight.push_back((
                     tokio::spawn(async move { client.commit(request).await }),
                     members,
@@ -739,6 +744,7 @@ impl Replica {
             .await?
             .map_err(|s| SyncError::from_status(s, "commit"))?
             .into_inner();
+        let mut uploads: Vec<ProposeItem> = Vec::new();
         for ((path, base, local, known), result) in members.into_iter().zip(response.results) {
             stats.proposed += 1;
             self.progress.advance(local.as_ref().map(|(e, _)| e));
@@ -764,35 +770,7 @@ impl Replica {
                         Some((Entry::File { size, .. }, _)) if *size <= self.config.inline_max => {
                             next.push((item, true))
                         }
-                        Some((Entry::File { hash, size, .. }, _)) => {
-                            match transfer::upload(
-                                &mut self.client,
-                                &self.db,
-                                &self.id,
-                                &self.root,
-                                &transfer::FileToSend {
-                                    path: item.path.clone(),
-                                    hash: *hash,
-                                    size: *size,
-                                },
-                                self.config.scan.io.clone(),
-                            )
-                            .await
-                            {
-                                Ok(sent) => {
-                                    tracing::debug!(workspace = %self.id, path = %item.path, chunks = sent.chunks, sent_chunks = sent.sent_chunks, sent_bytes = sent.sent_bytes, "uploaded");
-                                    next.push((item, false))
-                                }
-                                Err(SyncError::Fatal(err)) if err.to_string().contains("token") => {
-                                    return Err(SyncError::Fatal(err));
-                                }
-                                Err(err) => {
-                                    tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
-                                    stats.failed += 1;
-                                    self.trees.follow_up.insert(item.path.clone());
-                                }
-                            }
-                        }
+                        Some((Entry::File { .. }, _)) => uploads.push(item),
                         _ => {
                             stats.failed += 1;
                             self.trees.follow_up.insert(item.path.clone());
@@ -808,6 +786,58 @@ impl Replica {
                 None => {
                     stats.failed += 1;
                     self.trees.follow_up.insert(path);
+                }
+            }
+        }
+        self.upload_all(uploads, stats, next).await
+    }
+
+    /// Uploads the large files the hub asked for, `UPLOADS_IN_FLIGHT` at a
+    /// time (one stream each), so reading, the wire and the hub's writing
+    /// and hashing overlap across files. Each uploaded file is proposed
+    /// again; one that did not complete is followed up later.
+    async fn upload_all(
+        &mut self,
+        uploads: Vec<ProposeItem>,
+        stats: &mut RoundStats,
+        next: &mut Vec<(ProposeItem, bool)>,
+    ) -> Result<(), SyncError> {
+        use futures::StreamExt;
+        let sends = uploads.into_iter().filter_map(|item| {
+            let Some((Entry::File { hash, size, .. }, _)) = &item.local else {
+                return None;
+            };
+            let file = transfer::FileToSend {
+                path: item.path.clone(),
+                hash: *hash,
+                size: *size,
+            };
+            let (mut client, db, id, root, io) = (
+                self.client.clone(),
+                self.db.clone(),
+                self.id.clone(),
+                self.root.clone(),
+                self.config.scan.io.clone(),
+            );
+            Some(async move {
+                let sent = transfer::upload(&mut client, &db, &id, &root, &file, io).await;
+                (item, sent)
+            })
+        });
+        let mut done = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
+        while let Some((item, sent)) = done.next().await {
+            match sent {
+                Ok(sent) => {
+                    tracing::debug!(workspace = %self.id, path = %item.path, chunks = sent.chunks, sent_chunks = sent.sent_chunks, sent_bytes = sent.sent_bytes, "uploaded");
+                    next.push((item, false))
+                }
+                Err(SyncError::Fatal(err)) if err.to_string().contains("token") => {
+                    return Err(SyncError::Fatal(err));
+                }
+                Err(err) => {
+                    tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
+                    stats.failed += 1;
+                    self.trees.follow_up.insert(item.path.clone());
                 }
             }
         }

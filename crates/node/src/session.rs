@@ -263,7 +263,7 @@ impl WorkspaceTask {
             }
         };
 
-        let stream = client
+        let stream = crate::client::compressed(&client)
             .subscribe(pb::SubscribeRequest {
                 workspace: self.id.to_string(),
                 epoch: attach.epoch.clone(),

@@ -24,6 +24,16 @@ use gm_core::{ContentHash, Entry, RelPath, Seq, Versioned};
 /// Largest message either side accepts; inline batches stay well under it.
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
+/// HTTP/2 flow control: how much one stream may have in flight before the
+/// receiver acknowledges it. The h2 default (64 KiB) caps a single upload on
+/// loopback at a few tens of MiB/s; this keeps a whole batch of chunks in
+/// flight while still bounding what one stream can make the receiver buffer.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+/// HTTP/2 flow control for the whole connection (all streams of one node).
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+/// Largest HTTP/2 frame the hub accepts (a 256 KiB chunk is one frame, not 16).
+pub const MAX_FRAME: u32 = 1024 * 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("bad path: {0}")]
