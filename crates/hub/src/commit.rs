@@ -109,6 +109,10 @@ struct DiskState {
     stat: Option<Stat>,
 }
 
+/// Most ops staged together for one group commit (each holds an open
+/// staging file until its op lands).
+const PRESTAGE_WINDOW: usize = 1024;
+
 /// Handles one Commit request. Blocking; the caller holds the commit lock.
 pub fn commit_locked(
     hub: &Hub,
@@ -139,12 +143,27 @@ pub fn commit_locked(
     };
     let started = std::time::Instant::now();
     let count = ops.len();
-    ctx.prestage(&ops)?;
-    let prestaged = started.elapsed();
+    // Group commits go by windows of ops, so a batch of many tiny files
+    // never holds more than one window of open staging files.
     let mut results = Vec::with_capacity(ops.len());
-    for op in ops {
-        results.push(ctx.handle(op));
+    let mut prestaging = std::time::Duration::ZERO;
+    let mut ops = ops.into_iter();
+    let mut window: Vec<pb::CommitOp> = Vec::with_capacity(PRESTAGE_WINDOW.min(count));
+    loop {
+        window.extend(ops.by_ref().take(PRESTAGE_WINDOW));
+        if window.is_empty() {
+            break;
+        }
+        let at = std::time::Instant::now();
+        ctx.prestage(&window)?;
+        prestaging += at.elapsed();
+        for op in window.drain(..) {
+            results.push(ctx.handle(op));
+        }
+        // Staged files no op took (refused, or landed another way) go now.
+        ctx.prestaged.clear();
     }
+    let prestaged = prestaging;
     let decided = started.elapsed();
     let flushed = ctx.flush();
     hub.counters.commit_seconds.observe(started.elapsed());
@@ -153,7 +172,7 @@ pub fn commit_locked(
         node = %node,
         ops = count,
         prestage_ms = prestaged.as_millis() as u64,
-        ops_ms = (decided - prestaged).as_millis() as u64,
+        ops_ms = decided.saturating_sub(prestaged).as_millis() as u64,
         flush_ms = (started.elapsed() - decided).as_millis() as u64,
         "commit request"
     );
