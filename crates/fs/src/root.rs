@@ -344,6 +344,36 @@ impl Root {
         self.stat_at(&parent, path)
     }
 
+    /// The entries of the directory at `path`, one level, with their
+    /// `lstat` (nothing is followed), in name order; names that are not
+    /// UTF-8 are left out. An absent directory is empty.
+    pub fn read_dir(&self, path: &RelPath) -> Result<Vec<(String, Stat)>, FsError> {
+        let dir = match self.open_dir(path) {
+            Ok(dir) => dir,
+            Err(err) if err.is_not_found() => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        let shown = self.shown(path);
+        let mut out = Vec::new();
+        for entry in
+            rustix::fs::Dir::read_from(&dir).map_err(|e| FsError::io("read directory", &shown, e))?
+        {
+            let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
+            let raw = entry.file_name();
+            if raw.to_bytes() == b"." || raw.to_bytes() == b".." {
+                continue;
+            }
+            let Ok(name) = raw.to_str() else { continue };
+            match rustix::fs::statat(&dir, raw, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => out.push((name.to_string(), from_raw(&stat))),
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(FsError::io("stat", format!("{shown}/{name}"), e)),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// The target text of a symlink.
     pub fn read_link(&self, path: &RelPath) -> Result<String, FsError> {
         let parent = self.parent(path, false)?;

@@ -2,12 +2,14 @@
 //! place in one step: the atomic write path for directories (skills going
 //! into the registry).
 //!
-//! `Root::stage_tree` makes an empty directory in staging. The caller adds
-//! directories, files (hashed while written, checked against the expected
-//! hash, mode set, fsynced) and symlinks, parents first; `finish` sets the
-//! directories' final mode and fsyncs them bottom-up; `place` renames the
-//! tree onto a path that must not exist (`RENAME_NOREPLACE`: an existing
-//! entry is never overwritten) and fsyncs the parent. A tree dropped before
+//! `Root::stage_tree(target)` makes an empty directory in staging that
+//! will become `target`. The caller adds directories, files (hashed while
+//! written, checked against the expected hash, mode set, fsynced) and
+//! symlinks below `target`, parents first, named by their final paths in
+//! the root; `finish` sets the directories' final mode and fsyncs them
+//! bottom-up; `place` renames the tree onto `target`, which must not exist
+//! (`RENAME_NOREPLACE`: an existing entry is never overwritten), and fsyncs
+//! the parent. A tree dropped before
 //! `place` is deleted; one left by a crash is removed by the next start's
 //! staging reclamation. So the target path holds either nothing or the
 //! whole, durable tree.
@@ -28,6 +30,8 @@ use gm_core::Stat;
 pub struct StagedTree {
     staging: OwnedFd,
     name: String,
+    /// Where the tree goes in its root.
+    target: RelPath,
     top: OwnedFd,
     /// Directories made below the top, in creation order (parents first).
     dirs: Vec<RelPath>,
@@ -41,8 +45,9 @@ fn dir_flags() -> OFlags {
 }
 
 impl Root {
-    /// Starts an empty staged tree in this root's staging area.
-    pub fn stage_tree(&self) -> Result<StagedTree, FsError> {
+    /// Starts an empty staged tree in this root's staging area, to be
+    /// placed at `target`.
+    pub fn stage_tree(&self, target: &RelPath) -> Result<StagedTree, FsError> {
         let (staging, name, owned) = self.staging_entry("tree")?;
         let shown = format!("{}/.ghostmirror/staging/{name}", self.path().display());
         rustix::fs::mkdirat(&staging, name.as_str(), Mode::from_raw_mode(0o700))
@@ -52,6 +57,7 @@ impl Root {
         Ok(StagedTree {
             staging,
             name,
+            target: target.clone(),
             top,
             dirs: Vec::new(),
             shown,
@@ -63,16 +69,23 @@ impl Root {
 
 impl StagedTree {
     fn shown(&self, path: &RelPath) -> String {
-        format!("{}/{path}", self.shown)
+        format!("{} (staged in {})", path, self.shown)
     }
 
-    /// Opens the directory that will hold `path` (its parent must have
-    /// been added already).
+    /// Opens the directory that will hold `path`, a path strictly below
+    /// the target (its parent must have been added already).
     fn parent(&self, path: &RelPath) -> Result<OwnedFd, FsError> {
+        if !self.target.is_ancestor_of(path) {
+            return Err(FsError::Unsupported {
+                path: self.shown(path),
+                what: format!("is not below {}, where this tree goes", self.target),
+            });
+        }
         let mut current = rustix::fs::openat(&self.top, ".", dir_flags(), Mode::empty())
             .map_err(|e| FsError::io("open staged tree", &self.shown, e))?;
         if let Some(parent) = path.parent() {
-            for component in parent.components() {
+            let depth = self.target.components().count();
+            for component in parent.components().skip(depth) {
                 current = rustix::fs::openat(&current, component, dir_flags(), Mode::empty())
                     .map_err(|e| match e {
                         Errno::NOTDIR | Errno::LOOP => FsError::NotADirectory {
@@ -181,11 +194,13 @@ impl StagedTree {
         rustix::fs::fsync(&self.staging).map_err(|e| FsError::io("fsync", &self.shown, e))
     }
 
-    /// Renames the finished tree onto `path` in `root` (the root whose
+    /// Renames the finished tree onto its target in `root` (the root whose
     /// staging holds it), which must not exist: an existing entry there is
     /// never overwritten (`FsError::Exists`). Then gives the top
     /// `dir_mode` and makes the rename durable.
-    pub fn place(mut self, root: &Root, path: &RelPath, dir_mode: u32) -> Result<Stat, FsError> {
+    pub fn place(mut self, root: &Root, dir_mode: u32) -> Result<Stat, FsError> {
+        let path = self.target.clone();
+        let path = &path;
         let parent = root.parent_dir(path)?;
         match rustix::fs::renameat_with(
             &self.staging,
@@ -232,25 +247,30 @@ mod tests {
         RelPath::new(raw).unwrap()
     }
 
-    fn build(root: &Root) -> StagedTree {
-        let mut tree = root.stage_tree().unwrap();
-        tree.make_dir(&rel("docs")).unwrap();
+    fn build(root: &Root, target: &str) -> StagedTree {
+        let mut tree = root.stage_tree(&rel(target)).unwrap();
+        tree.make_dir(&rel(&format!("{target}/docs"))).unwrap();
         let body = b"# skill\n";
         tree.write_file(
-            &rel("SKILL.md"),
+            &rel(&format!("{target}/SKILL.md")),
             &mut &body[..],
             ContentHash::of(body),
             FileMode::read_only(false),
         )
         .unwrap();
         tree.write_file(
-            &rel("docs/run.sh"),
+            &rel(&format!("{target}/docs/run.sh")),
             &mut &b"#!/bin/sh\n"[..],
             ContentHash::of(b"#!/bin/sh\n"),
             FileMode::read_only(true),
         )
         .unwrap();
-        tree.make_symlink(&rel("docs/link"), "../nowhere").unwrap();
+        tree.make_symlink(&rel(&format!("{target}/docs/link")), "../nowhere")
+            .unwrap();
+        assert!(
+            tree.make_dir(&rel("elsewhere/x")).is_err(),
+            "only paths below the target"
+        );
         tree.finish(0o555).unwrap();
         tree
     }
@@ -259,12 +279,12 @@ mod tests {
     fn a_tree_lands_whole_read_only_and_never_over_an_existing_entry() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path(), "t").unwrap();
-        let tree = build(&root);
+        let tree = build(&root, "skill");
         assert!(
             !dir.path().join("skill").exists(),
             "nothing visible before place"
         );
-        let stat = tree.place(&root, &rel("skill"), 0o555).unwrap();
+        let stat = tree.place(&root, 0o555).unwrap();
         assert_eq!(stat.mode & 0o777, 0o555);
         let mode = |p: &str| {
             std::fs::symlink_metadata(dir.path().join(p))
@@ -283,8 +303,8 @@ mod tests {
         assert_eq!(root.staging_entries().unwrap(), 0);
 
         // A second tree onto the same name is refused and removed.
-        let again = build(&root);
-        let err = again.place(&root, &rel("skill"), 0o555).unwrap_err();
+        let again = build(&root, "skill");
+        let err = again.place(&root, 0o555).unwrap_err();
         assert!(matches!(err, FsError::Exists { .. }), "{err}");
         assert_eq!(
             std::fs::read(dir.path().join("skill/SKILL.md")).unwrap(),
@@ -301,10 +321,10 @@ mod tests {
     fn a_wrong_hash_or_a_dropped_tree_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path(), "t").unwrap();
-        let mut tree = root.stage_tree().unwrap();
+        let mut tree = root.stage_tree(&rel("s")).unwrap();
         let err = tree
             .write_file(
-                &rel("SKILL.md"),
+                &rel("s/SKILL.md"),
                 &mut &b"abc"[..],
                 ContentHash::of(b"abd"),
                 FileMode::read_only(false),
@@ -314,7 +334,7 @@ mod tests {
         drop(tree);
         assert_eq!(root.staging_entries().unwrap(), 0);
         // A finished, read-only tree left by a crash is reclaimed whole.
-        let tree = build(&root);
+        let tree = build(&root, "s");
         std::mem::forget(tree);
         assert_eq!(root.staging_entries().unwrap(), 1);
         let reopened = Root::open(dir.path(), "t2").unwrap();
@@ -327,7 +347,7 @@ mod tests {
     fn remove_tree_takes_a_whole_directory_away() {
         let dir = tempfile::tempdir().unwrap();
         let root = Root::open(dir.path(), "t").unwrap();
-        build(&root).place(&root, &rel("s"), 0o555).unwrap();
+        build(&root, "s").place(&root, 0o555).unwrap();
         let stat = root.lstat(&rel("s")).unwrap().unwrap();
         root.remove_tree(&rel("s"), stat).unwrap();
         assert!(!dir.path().join("s").exists());

@@ -269,6 +269,15 @@ impl HubDb {
         }
     }
 
+    /// Who journaled the current state of a path: a node id, or "hub" for
+    /// a change found in the mirror. `None` for a path never journaled.
+    pub fn origin(&self, ws: &WorkspaceId, path: &RelPath) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT origin FROM entries WHERE ws = ?1 AND path = ?2")?;
+            stmt.query_row(params![ws.as_str(), path.as_str()], |r| r.get(0)).optional()
+        })
+    }
+
     /// Every journaled path at or under `top` (all paths when `None`),
     /// tombstones included, ordered by path.
     pub fn entries_under(
@@ -514,6 +523,8 @@ mod tests {
         assert!(!db.has_live_children(&ws, &rel("d")).unwrap());
         assert_eq!(db.workspace(&ws).unwrap().unwrap().seq, Seq(3));
         assert_eq!(db.entries_under(&ws, Some(&rel("d"))).unwrap().len(), 2);
+        assert_eq!(db.origin(&ws, &rel("d")).unwrap().as_deref(), Some("node-a"));
+        assert_eq!(db.origin(&ws, &rel("never")).unwrap(), None);
         // Same epoch after reopening; state survives.
         drop(db);
         let db = HubDb::open(&dir.path().join("state.db")).unwrap();
