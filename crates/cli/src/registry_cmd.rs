@@ -189,9 +189,7 @@ pub(crate) async fn channel(args: &ClientArgs) -> anyhow::Result<crate::client::
         token: args.token.clone(),
         token_file: args.token_file.clone(),
     };
-    Ok(RegistryClient::new(
-        crate::client::connect(&args.hub, &token, &args.tls).await?,
-    ))
+    crate::client::connect(&args.hub, &token, &args.tls).await
 }
 
 /// A failed call as the user should read it.

@@ -465,10 +465,11 @@ async fn recover(hub: &Arc<Hub>, record: &Skill) -> anyhow::Result<Option<Known>
     let name = record.name.clone();
     let hub2 = hub.clone();
     let scanned = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Result<SkillTree, String>>> {
-        Ok(match hub2.skills.root.lstat(&name.registry_dir())? {
-            None => None,
-            Some(_) => Some(scan_registry(&hub2, &name)),
-        })
+        Ok(hub2
+            .skills
+            .root
+            .lstat(&name.registry_dir())?
+            .map(|_| scan_registry(&hub2, &name)))
     })
     .await??;
     match scanned {

@@ -1,8 +1,9 @@
 //! The skills' gRPC surface (`ghostmirror.skills.v1.Skills`): checks every
 //! wire value (names, workspace ids, the paths and kinds of files sent by
 //! `skill add`) into core types, calls `skills`, and maps its refusals to
-//! statuses that say why. Served beside the sync and registry services,
-//! behind the same token check.
+//! statuses that say why. Served beside the sync and registry services;
+//! like the registry, admin-only (a node's token is refused with
+//! PERMISSION_DENIED before any handler runs, see `service::identify`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

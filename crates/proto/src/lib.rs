@@ -199,6 +199,7 @@ mod tests {
             path: "../etc".into(),
             seq: 1,
             entry: None,
+            read_only: false,
         })
         .unwrap_err()
         .to_string();
