@@ -51,7 +51,10 @@ mod tests {
         assert_eq!(parse_quiet("off"), Ok(Quiet(None)));
         assert_eq!(parse_quiet("30s"), Ok(Quiet(Some(Duration::from_secs(30)))));
         assert_eq!(parse_quiet("12"), Ok(Quiet(Some(Duration::from_secs(12)))));
-        assert_eq!(parse_quiet("250ms"), Ok(Quiet(Some(Duration::from_millis(250)))));
+        assert_eq!(
+            parse_quiet("250ms"),
+            Ok(Quiet(Some(Duration::from_millis(250))))
+        );
         assert_eq!(parse_quiet("2m"), Ok(Quiet(Some(Duration::from_secs(120)))));
         assert!(parse_quiet("soon").unwrap_err().contains("soon"));
     }

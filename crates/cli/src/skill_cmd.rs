@@ -35,7 +35,10 @@ pub enum SkillCommand {
     Show { name: String },
     /// Register a system skill from a local directory (it must hold a
     /// SKILL.md); refused if the name is taken.
-    Add { name: String, dir: std::path::PathBuf },
+    Add {
+        name: String,
+        dir: std::path::PathBuf,
+    },
     /// Promote `.skills/NAME/` of a workspace into the registry now.
     Promote { workspace: String, name: String },
     /// Remove a skill from the registry and every workspace (its files go
@@ -64,10 +67,7 @@ fn skill_json(s: &pb::Skill) -> Value {
 
 fn origin_text(s: &pb::Skill) -> String {
     if s.origin == "promoted" {
-        format!(
-            "promoted from {} by {}",
-            s.origin_workspace, s.origin_node
-        )
+        format!("promoted from {} by {}", s.origin_workspace, s.origin_node)
     } else {
         s.origin.clone()
     }
@@ -78,7 +78,10 @@ fn print_skill(s: &pb::Skill) {
     println!("state     {}", s.state);
     println!("version   {}", s.version);
     println!("origin    {}", origin_text(s));
-    println!("content   {} ({} files, {} bytes)", s.content_hash, s.files, s.bytes);
+    println!(
+        "content   {} ({} files, {} bytes)",
+        s.content_hash, s.files, s.bytes
+    );
     println!("created   {}", time(s.created_unix_ms));
     println!("updated   {}", time(s.updated_unix_ms));
     if !s.problem.is_empty() {
@@ -90,8 +93,7 @@ fn print_skill(s: &pb::Skill) {
 /// files (content and executable bit) and symlinks (as links). Anything
 /// else, and names that are not UTF-8, stop it with the path named.
 fn read_dir_files(dir: &Path) -> anyhow::Result<Vec<pb::SkillFile>> {
-    let meta = std::fs::metadata(dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
     if !meta.is_dir() {
         anyhow::bail!("{} is not a directory", dir.display());
     }
@@ -126,8 +128,8 @@ fn read_dir_files(dir: &Path) -> anyhow::Result<Vec<pb::SkillFile>> {
                 stack.push((full.clone(), child.clone()));
                 pb::skill_file::Kind::Dir(true)
             } else if meta.is_file() {
-                let data = std::fs::read(&full)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", full.display()))?;
+                let data =
+                    std::fs::read(&full).map_err(|e| anyhow::anyhow!("{}: {e}", full.display()))?;
                 pb::skill_file::Kind::Data(data)
             } else {
                 anyhow::bail!(

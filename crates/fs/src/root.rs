@@ -355,8 +355,8 @@ impl Root {
         };
         let shown = self.shown(path);
         let mut out = Vec::new();
-        for entry in
-            rustix::fs::Dir::read_from(&dir).map_err(|e| FsError::io("read directory", &shown, e))?
+        for entry in rustix::fs::Dir::read_from(&dir)
+            .map_err(|e| FsError::io("read directory", &shown, e))?
         {
             let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
             let raw = entry.file_name();

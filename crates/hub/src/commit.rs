@@ -31,7 +31,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use gm_core::skills::skill_copy_candidates;
+use gm_core::skills::{skill_component, skill_copy_candidates};
 use gm_core::{
     CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, SkillName, Stat,
     Versioned, children_matter, conflict_copy_candidates, decide_commit,
@@ -71,6 +71,14 @@ pub enum Refusal {
     SkillReadOnly,
     /// A directory with a registered skill's name, moved aside by the link pass.
     SkillShadow,
+}
+
+/// Where a refused version under a skill is kept outside `.skills/`.
+enum SkillCopy {
+    /// Not kept yet: write it here.
+    Free(RelPath),
+    /// Already kept here (same content), at this seq.
+    Kept(RelPath, Seq),
 }
 
 impl Refusal {
@@ -434,20 +442,24 @@ impl Ctx<'_> {
         }
         let copy = match ours {
             Some(ours) if !current.entry.as_ref().is_some_and(|c| c.same_content(ours)) => {
-                let copy_path = self.free_skill_copy_name(path, name)?;
-                let absent = DiskState {
-                    entry: None,
-                    stat: None,
-                };
-                let seq = self.apply(&copy_path, Some(ours), &absent, data)?;
-                self.batch.conflicts.push(ConflictRow {
-                    path: path.clone(),
-                    copy_path: copy_path.clone(),
-                    node: self.node.to_string(),
-                    at_unix: self.now_unix,
-                    seq,
-                });
-                Some((copy_path, seq, ours.clone()))
+                match self.skill_copy_place(path, name, ours)? {
+                    SkillCopy::Kept(copy_path, seq) => Some((copy_path, seq, ours.clone())),
+                    SkillCopy::Free(copy_path) => {
+                        let absent = DiskState {
+                            entry: None,
+                            stat: None,
+                        };
+                        let seq = self.apply(&copy_path, Some(ours), &absent, data)?;
+                        self.batch.conflicts.push(ConflictRow {
+                            path: path.clone(),
+                            copy_path: copy_path.clone(),
+                            node: self.node.to_string(),
+                            at_unix: self.now_unix,
+                            seq,
+                        });
+                        Some((copy_path, seq, ours.clone()))
+                    }
+                }
             }
             _ => None,
         };
@@ -479,12 +491,48 @@ impl Ctx<'_> {
         ))
     }
 
-    fn free_skill_copy_name(&mut self, path: &RelPath, name: &SkillName) -> Result<RelPath, OpError> {
+    /// Where the node's version of `path` (under skill `name`) is kept.
+    /// A path below the skill goes into this node's newest copy directory
+    /// of that skill when its place there is free, or is already kept
+    /// there when that place holds the same content: a directory refused
+    /// with its files (one request or several, seconds apart) stays one
+    /// copy. (The node moves its whole refused directory to the copy name
+    /// and proposes its files from there; one of them refused meanwhile
+    /// at its old path is then already kept, not kept twice.)
+    fn skill_copy_place(
+        &mut self,
+        path: &RelPath,
+        name: &SkillName,
+        ours: &Entry,
+    ) -> Result<SkillCopy, OpError> {
+        if let Some(below) = skill_component(path).and_then(|(_, below)| below)
+            && let Some(dir) = self.newest_skill_copy_dir(name)?
+            && let Ok(candidate) = dir.join(below)
+        {
+            let there = self.current(&candidate)?;
+            match &there.entry {
+                Some(entry) if entry.same_content(ours) => {
+                    return Ok(SkillCopy::Kept(candidate, there.seq));
+                }
+                None if self.root.lstat(&candidate)?.is_none() => {
+                    return Ok(SkillCopy::Free(candidate));
+                }
+                _ => {}
+            }
+        }
+        self.free_skill_copy_name(path, name).map(SkillCopy::Free)
+    }
+
+    /// The first free name in `skill_copy_candidates`.
+    fn free_skill_copy_name(
+        &mut self,
+        path: &RelPath,
+        name: &SkillName,
+    ) -> Result<RelPath, OpError> {
         for candidate in skill_copy_candidates(path, name, self.node, self.now_unix) {
-            let candidate = candidate
-                .map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
-            if self.current(&candidate)?.entry.is_none() && self.root.lstat(&candidate)?.is_none()
-            {
+            let candidate =
+                candidate.map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
+            if self.current(&candidate)?.entry.is_none() && self.root.lstat(&candidate)?.is_none() {
                 return Ok(candidate);
             }
         }
@@ -492,6 +540,29 @@ impl Ctx<'_> {
             Refusal::NoConflictName,
             format!("{path}: no free conflict-copy name"),
         ))
+    }
+
+    /// This node's newest live copy directory of skill `name`
+    /// (`skills-conflicts/<name>.conflict-<node>-...`), this batch included.
+    fn newest_skill_copy_dir(&self, name: &SkillName) -> Result<Option<RelPath>, OpError> {
+        let top = RelPath::new(gm_core::SKILLS_CONFLICTS_DIR)
+            .map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
+        let prefix = format!("{}/{name}.conflict-{}-", top, self.node);
+        let is_copy_dir = |path: &RelPath, state: &Versioned| {
+            state.entry == Some(Entry::Dir)
+                && path.parent().as_ref() == Some(&top)
+                && path.as_str().starts_with(&prefix)
+        };
+        let mut newest: Option<(Seq, RelPath)> = None;
+        let journaled = self.hub.db.entries_under(&self.ws.id, Some(&top))?;
+        let pending = self.pending.iter().map(|(p, v)| (p.clone(), v.clone()));
+        for (path, state) in journaled.into_iter().chain(pending) {
+            if is_copy_dir(&path, &state) && newest.as_ref().is_none_or(|(seq, _)| state.seq > *seq)
+            {
+                newest = Some((state.seq, path));
+            }
+        }
+        Ok(newest.map(|(_, path)| path))
     }
 
     /// The journal's state of a path, this batch included.

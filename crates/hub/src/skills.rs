@@ -464,13 +464,15 @@ pub async fn load(hub: &Arc<Hub>) -> anyhow::Result<()> {
 async fn recover(hub: &Arc<Hub>, record: &Skill) -> anyhow::Result<Option<Known>> {
     let name = record.name.clone();
     let hub2 = hub.clone();
-    let scanned = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<Result<SkillTree, String>>> {
-        Ok(hub2
-            .skills
-            .root
-            .lstat(&name.registry_dir())?
-            .map(|_| scan_registry(&hub2, &name)))
-    })
+    let scanned = tokio::task::spawn_blocking(
+        move || -> anyhow::Result<Option<Result<SkillTree, String>>> {
+            Ok(hub2
+                .skills
+                .root
+                .lstat(&name.registry_dir())?
+                .map(|_| scan_registry(&hub2, &name)))
+        },
+    )
     .await??;
     match scanned {
         Some(Ok(tree)) if tree.hash().to_hex() == record.content_hash => {
@@ -489,8 +491,7 @@ async fn recover(hub: &Arc<Hub>, record: &Skill) -> anyhow::Result<Option<Known>
             };
             let hub2 = hub.clone();
             let name = record.name.clone();
-            let trashed =
-                tokio::task::spawn_blocking(move || to_trash(&hub2, &name)).await??;
+            let trashed = tokio::task::spawn_blocking(move || to_trash(&hub2, &name)).await??;
             hub.registry.release_skill(&record.name).await?;
             tracing::error!(skill = %record.name, reason = %why, trash = %trashed.display(), "a half-done skill registration left a directory that is not what was reserved; moved to the trash and rolled back");
             Ok(None)
@@ -737,8 +738,7 @@ fn install(hub: &Hub, tree: &SkillTree, source: &Source) -> Result<(), SkillErro
                         staged.write_file(&registry, &mut &data[..], *hash, mode)?;
                     }
                     Source::Mirror(mirror) => {
-                        let (mut file, _) =
-                            mirror.open_read(path).map_err(|e| changed(path, e))?;
+                        let (mut file, _) = mirror.open_read(path).map_err(|e| changed(path, e))?;
                         staged
                             .write_file(&registry, &mut file, *hash, mode)
                             .map_err(|e| match e {
@@ -844,7 +844,16 @@ async fn promote_inner(
         )));
     }
     let top = entries.iter().find(|(path, _)| *path == name.dir());
-    if !matches!(top, Some((_, Versioned { entry: Some(Entry::Dir), .. }))) {
+    if !matches!(
+        top,
+        Some((
+            _,
+            Versioned {
+                entry: Some(Entry::Dir),
+                ..
+            }
+        ))
+    ) {
         return Err(SkillError::NotFound(format!(
             "workspace {ws_id} has no directory .skills/{name} to promote"
         )));
@@ -902,13 +911,14 @@ pub async fn remove(hub: &Arc<Hub>, name: &SkillName) -> Result<Skill, SkillErro
     hub.skills.write().remove(name);
     link_everywhere(hub).await;
     let (hub2, name2) = (hub.clone(), name.clone());
-    let trashed = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<std::path::PathBuf>> {
-        match hub2.skills.root.lstat(&name2.registry_dir())? {
-            Some(_) => Ok(Some(to_trash(&hub2, &name2)?)),
-            None => Ok(None),
-        }
-    })
-    .await??;
+    let trashed =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<std::path::PathBuf>> {
+            match hub2.skills.root.lstat(&name2.registry_dir())? {
+                Some(_) => Ok(Some(to_trash(&hub2, &name2)?)),
+                None => Ok(None),
+            }
+        })
+        .await??;
     tracing::info!(skill = %name, trash = ?trashed, "skill removed from the registry and every workspace");
     Ok(skill)
 }
@@ -978,7 +988,10 @@ fn free_copy(
             return Ok(candidate);
         }
     }
-    anyhow::bail!("{path}: no free name under {}", gm_core::SKILLS_CONFLICTS_DIR)
+    anyhow::bail!(
+        "{path}: no free name under {}",
+        gm_core::SKILLS_CONFLICTS_DIR
+    )
 }
 
 /// The link pass of one workspace, under its commit lock (`seq`): every
@@ -1167,7 +1180,9 @@ pub async fn promote_quiet(hub: &Arc<Hub>) {
         match promote(hub, &ws, &name).await {
             Ok(_) => {}
             Err(SkillError::NotFound(_)) => hub.skills.forget_candidate(&ws, &name),
-            Err(err) => hub.skills.set_candidate_problem(&ws, &name, err.to_string()),
+            Err(err) => hub
+                .skills
+                .set_candidate_problem(&ws, &name, err.to_string()),
         }
     }
 }
@@ -1176,9 +1191,7 @@ pub async fn promote_quiet(hub: &Arc<Hub>) {
 /// skill: candidates again after a restart.
 pub fn find_candidates(hub: &Hub, ws: &WorkspaceId) -> anyhow::Result<()> {
     for (path, state) in hub.db.entries_under(ws, Some(&skills_dir()))? {
-        if state.entry.as_ref().is_some_and(Entry::is_dir)
-            && path.parent() == Some(skills_dir())
-        {
+        if state.entry.as_ref().is_some_and(Entry::is_dir) && path.parent() == Some(skills_dir()) {
             hub.skills.touch_candidate(ws, &path);
         }
     }

@@ -95,7 +95,8 @@ pub fn tree_from_files(
         if file.path.is_empty() {
             return Err(bad("the path is empty".into()));
         }
-        let path = RelPath::new(&format!("{name}/{}", file.path)).map_err(|e| bad(e.to_string()))?;
+        let path =
+            RelPath::new(&format!("{name}/{}", file.path)).map_err(|e| bad(e.to_string()))?;
         for ancestor in path.ancestors().into_iter().filter(|a| *a != top) {
             match entries.get(&ancestor) {
                 None => {
@@ -169,13 +170,12 @@ impl pb::skills_server::Skills for SkillsService {
             let mut out = Vec::new();
             for ((ws, name), candidate) in hub.skills.candidates() {
                 let manifest = name.dir().join(gm_core::SKILL_MANIFEST).ok();
-                let has_manifest = manifest.is_some_and(|path| {
-                    hub.db
-                        .entry(&ws, &path)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|v| v.entry.as_ref().is_some_and(|e| e.file_hash().is_some()))
-                });
+                let has_manifest =
+                    manifest.is_some_and(|path| {
+                        hub.db.entry(&ws, &path).ok().flatten().is_some_and(|v| {
+                            v.entry.as_ref().is_some_and(|e| e.file_hash().is_some())
+                        })
+                    });
                 let problem = match candidate.problem {
                     Some(problem) => problem,
                     None if !has_manifest => format!(
@@ -351,7 +351,11 @@ mod tests {
         ] {
             let err = tree_from_files(&name, files).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument);
-            assert!(err.message().contains(expect), "{expect}: {}", err.message());
+            assert!(
+                err.message().contains(expect),
+                "{expect}: {}",
+                err.message()
+            );
         }
     }
 }

@@ -316,8 +316,15 @@ impl Replica {
         for (path, state) in plan.adopt {
             // The disk already holds the content; a skill's file that became
             // read-only (a promotion) loses its write bits here.
-            if let (Some((Entry::File { hash, executable, .. }, stat)), true) =
-                (local.get(&path), self.read_only.contains(&path))
+            if let (
+                Some((
+                    Entry::File {
+                        hash, executable, ..
+                    },
+                    stat,
+                )),
+                true,
+            ) = (local.get(&path), self.read_only.contains(&path))
             {
                 let mode = FileMode::read_only(*executable);
                 if !mode.matches(stat.mode) {
@@ -939,6 +946,15 @@ impl Replica {
     /// The hub kept its version at `path`. Ours, if it had content, is on
     /// the hub under the copy name: move the local version there (a rename)
     /// and take the hub's version at `path` in the next round.
+    /// True when `copy` on disk is a file with the same bytes as the local
+    /// file version `entry` (read and hashed: conflicts are rare).
+    fn already_kept(&self, entry: &Entry, copy: &RelPath) -> bool {
+        let Entry::File { hash, .. } = entry else {
+            return false;
+        };
+        matches!(self.root.hash_file(copy), Ok((found, _, _)) if found == *hash)
+    }
+
     fn on_conflict(&mut self, path: &RelPath, local: Local, conflict: pb::Conflict) {
         let current = match conflict.current.as_ref().map(gm_proto::path_state) {
             Some(Ok((_, current))) => {
@@ -971,6 +987,25 @@ impl Replica {
                             self.trees.follow_up.insert(copy_path);
                         }
                         None
+                    }
+                    Err(err) if self.already_kept(entry, &copy_path) => {
+                        // The copy is here already with these bytes (a
+                        // refused directory moved there with its files, and
+                        // a file of it refused again at its old path): the
+                        // local version is kept, this one is a duplicate.
+                        match self.root.remove(path, *stat) {
+                            Ok(()) => {
+                                tracing::info!(workspace = %self.id, path = %path, copy = %copy_path, moved = %err, "conflict: the local version is already kept at its conflict-copy name; duplicate removed");
+                                self.batch.cache_del.push(path.clone());
+                                self.set_synced(&copy_path, copy_state);
+                                None
+                            }
+                            Err(err) => {
+                                tracing::info!(workspace = %self.id, path = %path, error = %err, "conflict copy not moved yet; the local version changed again");
+                                self.trees.follow_up.insert(path.clone());
+                                return;
+                            }
+                        }
                     }
                     Err(err) => {
                         tracing::info!(workspace = %self.id, path = %path, error = %err, "conflict copy not moved yet; the local version changed again");

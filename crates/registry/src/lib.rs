@@ -39,8 +39,8 @@ pub use error::{Backend, RegistryError};
 pub use instances::BulkInstance;
 pub use migrate::{SCHEMA_VERSION, migration_versions};
 pub use sessions::AttachOutcome;
-pub use tokens::{NewNodeToken, NodeAccess, parse_node_token};
 pub use skills::{NewSkill, Skill, SkillOrigin, SkillState};
+pub use tokens::{NewNodeToken, NodeAccess, parse_node_token};
 pub use types::{
     BoundNode, DEFAULT_PAGE, Instance, InstanceFilter, InstanceId, InstanceStatus, JsonObject,
     MAX_PAGE, NewInstance, NewTemplate, Node, Page, Paged, Session, SessionState, Template,

@@ -145,7 +145,10 @@ mod tests {
                     })
                     .collect(),
             );
-            older.run(&pool).await.expect("migrate to the older version");
+            older
+                .run(&pool)
+                .await
+                .expect("migrate to the older version");
             sqlx::query(
                 "INSERT INTO registry_templates (name, created_ms, updated_ms) VALUES ('t', 1, 1)",
             )
