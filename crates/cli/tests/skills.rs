@@ -602,7 +602,7 @@ fn a_hub_killed_at_each_promotion_step_recovers_consistently() {
     let mut hub = Hub::start_with(base, &[("GM_SKILL_PROMOTE_QUIET", "off")]);
     let mut a = Node::new(base, &hub, "a", "ws1");
     a.start();
-    for (step, complete) in STEPS {
+    for (done, (step, complete)) in STEPS.into_iter().enumerate() {
         let name = format!("crash-{step}");
         let content = format!("# {step}\n");
         write(&a.path(&format!(".skills/{name}/SKILL.md")), &content);
@@ -619,7 +619,10 @@ fn a_hub_killed_at_each_promotion_step_recovers_consistently() {
         let out = cli(&hub, &["skill", "promote", "ws1", &name]);
         assert!(!out.status.success(), "{step}: the hub should have aborted");
         hub.kill();
-        assert!(hub_log(base).contains("GM_TEST_FAULT: aborting the hub at this step"));
+        let aborts = hub_log(base)
+            .matches("GM_TEST_FAULT: aborting the hub at this step")
+            .count();
+        assert_eq!(aborts, done + 1, "{step}: the hub did not abort at its fault point");
         hub.env.retain(|(k, _)| k != "GM_TEST_FAULT");
         hub.spawn();
         a.stop();
