@@ -28,7 +28,7 @@ pub enum SkillCommand {
     /// skills yet (promotion candidates, with why they wait).
     List {
         /// Removed skills too.
-        #[arg(long)]
+        #[arg(long, env = "GM_SKILL_LIST_ALL")]
         all: bool,
     },
     /// Show a skill and its files.

@@ -622,7 +622,11 @@ fn a_hub_killed_at_each_promotion_step_recovers_consistently() {
         let aborts = hub_log(base)
             .matches("GM_TEST_FAULT: aborting the hub at this step")
             .count();
-        assert_eq!(aborts, done + 1, "{step}: the hub did not abort at its fault point");
+        assert_eq!(
+            aborts,
+            done + 1,
+            "{step}: the hub did not abort at its fault point"
+        );
         hub.env.retain(|(k, _)| k != "GM_TEST_FAULT");
         hub.spawn();
         a.stop();
