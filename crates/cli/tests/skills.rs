@@ -587,19 +587,27 @@ fn promotion_onto_an_existing_name_is_refused_and_nothing_is_lost() {
 /// promotion; the restarted hub finishes it (the files were renamed into
 /// place) or rolls it back (they were not), and either way the workspace
 /// and the node end consistent.
+/// (fault point, whether the promotion is complete after the restart)
+const STEPS: [(&str, bool); 5] = [
+    ("after-reserve", false),
+    ("after-copy", false),
+    ("after-rename", true),
+    ("after-record", true),
+    ("after-link", true),
+];
+
 #[test]
 fn a_hub_killed_at_each_promotion_step_recovers_consistently() {
-    // (step, whether the promotion is complete after the restart)
-    const STEPS: [(&str, bool); 5] = [
-        ("after-reserve", false),
-        ("after-copy", false),
-        ("after-rename", true),
-        ("after-record", true),
-        ("after-link", true),
-    ];
     let dir = tempfile::tempdir().expect("tempdir");
-    let base = dir.path();
-    let mut hub = Hub::start_with(base, &[("GM_SKILL_PROMOTE_QUIET", "off")]);
+    kill_at_each_step(dir.path(), &[]);
+}
+
+/// The crash table of ARCHITECTURE.md (Skills): a promotion aborted at
+/// each step, then the hub restarted without the fault.
+fn kill_at_each_step(base: &Path, env: &[(&str, &str)]) {
+    let mut all_env = vec![("GM_SKILL_PROMOTE_QUIET", "off")];
+    all_env.extend_from_slice(env);
+    let mut hub = Hub::start_with(base, &all_env);
     let mut a = Node::new(base, &hub, "a", "ws1");
     a.start();
     for (done, (step, complete)) in STEPS.into_iter().enumerate() {
@@ -774,4 +782,52 @@ fn broken_layouts_are_reported_and_nothing_crashes_or_is_lost() {
         Some(REVIEW)
     );
     assert!(http_get(&format!("{}/healthz", hub.admin)).starts_with("HTTP/1.1 200"));
+}
+
+/// The registry on PostgreSQL (`GM_TEST_POSTGRES_URL`, a fresh schema): the
+/// same crash table, so reservation, release and activation run on that
+/// backend too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_at_each_promotion_step_recovers_on_postgres() {
+    let Ok(url) = std::env::var("GM_TEST_POSTGRES_URL") else {
+        let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(
+            !in_ci,
+            "CI is set but GM_TEST_POSTGRES_URL is not: the PostgreSQL tests must run in CI"
+        );
+        eprintln!("skipping PostgreSQL: GM_TEST_POSTGRES_URL not set");
+        return;
+    };
+    let schema = format!("gm_skills_{:016x}", rand::random::<u64>());
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA \"{schema}\"")))
+        .execute(&mut conn)
+        .await
+        .expect("create schema");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let scoped = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+    tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().expect("tempdir");
+        kill_at_each_step(dir.path(), &[("GM_DATABASE_URL", scoped.as_str())]);
+    })
+    .await
+    .expect("crash table on PostgreSQL");
+    let active: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM \"{schema}\".registry_skills WHERE state = 'active'"
+    )))
+    .fetch_one(&mut conn)
+    .await
+    .expect("count skills");
+    assert_eq!(
+        active,
+        STEPS.len() as i64,
+        "the skills were recorded in PostgreSQL"
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA \"{schema}\" CASCADE"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("drop schema");
 }
