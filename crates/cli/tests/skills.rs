@@ -337,6 +337,19 @@ fn a_system_skill_reaches_every_workspace_read_only_and_node_edits_are_refused_a
         vec!["# review\nmy edit\n"]
     );
     assert!(skill(&skills(&hub), "review").is_none());
+
+    // The registry changes again (the name taken anew, other content):
+    // every node's copy follows, read-only, as the next version.
+    let src2 = skill_source(base, "review-2", &[("SKILL.md", "# review v2\n")]);
+    let again = add(&hub, "review", &src2);
+    assert_eq!(again["version"], 2, "{again}");
+    for node in [&a, &b] {
+        wait_until("the new version on the node", || {
+            read(&node.path(".skills/review/SKILL.md")).as_deref() == Some("# review v2\n")
+                && !node.path(".skills/review/notes").exists()
+        });
+        assert!(read_only(&node.path(".skills/review/SKILL.md")));
+    }
 }
 
 /// Registering a skill while a node creates a directory of the same name:
