@@ -43,7 +43,21 @@ pub enum LogFormat {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_bytes;
+    use super::{Quiet, parse_bytes, parse_quiet};
+    use std::time::Duration;
+
+    #[test]
+    fn quiet_periods() {
+        assert_eq!(parse_quiet("off"), Ok(Quiet(None)));
+        assert_eq!(parse_quiet("30s"), Ok(Quiet(Some(Duration::from_secs(30)))));
+        assert_eq!(parse_quiet("12"), Ok(Quiet(Some(Duration::from_secs(12)))));
+        assert_eq!(
+            parse_quiet("250ms"),
+            Ok(Quiet(Some(Duration::from_millis(250))))
+        );
+        assert_eq!(parse_quiet("2m"), Ok(Quiet(Some(Duration::from_secs(120)))));
+        assert!(parse_quiet("soon").unwrap_err().contains("soon"));
+    }
 
     #[test]
     fn byte_counts() {
@@ -80,6 +94,8 @@ pub enum Command {
     Nodes(crate::registry_cmd::NodesArgs),
     /// Per-node tokens: create (shown once), revoke, list. Needs the admin token.
     Token(crate::registry_cmd::TokenCmdArgs),
+    /// Skills: the global skill registry every workspace sees under `.skills/`.
+    Skill(crate::skill_cmd::SkillArgs),
 }
 
 /// Settings shared by hub and node scanning.
@@ -217,8 +233,42 @@ pub struct HubArgs {
     /// e.g. for several hubs on one database; default: SQLite in DATA_DIR/state.db.
     #[arg(long, env = "GM_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// A new directory under `.skills/` with a SKILL.md, unchanged this
+    /// long, is promoted into the skill registry: `30s`, `500ms`, `2m`, a
+    /// number of seconds, or `off` (only `ghostmirror skill promote`).
+    #[arg(long, env = "GM_SKILL_PROMOTE_QUIET", default_value = "30s", value_parser = parse_quiet)]
+    pub skill_promote_quiet: Quiet,
+    /// Test builds only: abort at a named step (e.g. `promote:after-copy`).
+    /// Release builds ignore it.
+    #[arg(long, env = "GM_TEST_FAULT", hide = true)]
+    pub test_fault: Option<String>,
     #[command(flatten)]
     pub scan: ScanArgs,
+}
+
+/// `GM_SKILL_PROMOTE_QUIET`: a duration, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quiet(pub Option<Duration>);
+
+/// Parses `off`, `500ms`, `30s`, `2m` or a number of seconds.
+pub fn parse_quiet(raw: &str) -> Result<Quiet, String> {
+    let raw = raw.trim();
+    if raw.eq_ignore_ascii_case("off") {
+        return Ok(Quiet(None));
+    }
+    let bad = || format!("{raw:?} is not a duration (e.g. 500ms, 30s, 2m, or off)");
+    let (digits, unit_ms) = if let Some(ms) = raw.strip_suffix("ms") {
+        (ms, 1)
+    } else if let Some(s) = raw.strip_suffix('s') {
+        (s, 1000)
+    } else if let Some(m) = raw.strip_suffix('m') {
+        (m, 60_000)
+    } else {
+        (raw, 1000)
+    };
+    let value: u64 = digits.trim().parse().map_err(|_| bad())?;
+    let ms = value.checked_mul(unit_ms).ok_or_else(bad)?;
+    Ok(Quiet(Some(Duration::from_millis(ms))))
 }
 
 fn default_dir(xdg: &str, fallback: &str, name: &str) -> PathBuf {
@@ -294,6 +344,13 @@ impl HubArgs {
             purge_grace: Duration::from_secs(self.purge_grace),
             trash_retention: Duration::from_secs(self.trash_retention),
             database_url,
+            skill_promote_quiet: self.skill_promote_quiet.0,
+            test_fault: self.test_fault.clone().filter(|_| {
+                if !cfg!(debug_assertions) {
+                    tracing::warn!("GM_TEST_FAULT is ignored by release builds");
+                }
+                cfg!(debug_assertions)
+            }),
         };
         Ok((config, self.listen, self.admin_listen))
     }

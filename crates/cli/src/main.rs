@@ -6,6 +6,7 @@ mod args;
 mod client;
 mod progress;
 mod registry_cmd;
+mod skill_cmd;
 mod status;
 
 use std::process::ExitCode;
@@ -93,6 +94,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Instance(args) => registry_cmd::run_instance(args).await,
         Command::Nodes(args) => registry_cmd::run_nodes(args).await,
         Command::Token(args) => registry_cmd::run_token(args).await,
+        Command::Skill(args) => skill_cmd::run(args).await,
     }
 }
 

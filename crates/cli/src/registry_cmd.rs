@@ -180,17 +180,20 @@ pub struct NodesArgs {
 type Client = RegistryClient<crate::client::AuthedChannel>;
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<Client> {
+    Ok(RegistryClient::new(channel(args).await?))
+}
+
+/// The authenticated channel to the hub named by `args`.
+pub(crate) async fn channel(args: &ClientArgs) -> anyhow::Result<crate::client::AuthedChannel> {
     let token = TokenArgs {
         token: args.token.clone(),
         token_file: args.token_file.clone(),
     };
-    Ok(RegistryClient::new(
-        crate::client::connect(&args.hub, &token, &args.tls).await?,
-    ))
+    crate::client::connect(&args.hub, &token, &args.tls).await
 }
 
 /// A failed call as the user should read it.
-fn refused(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn refused(status: tonic::Status) -> anyhow::Error {
     use tonic::Code;
     let message = status.message();
     match status.code() {
@@ -199,6 +202,7 @@ fn refused(status: tonic::Status) -> anyhow::Error {
         Code::FailedPrecondition => anyhow::anyhow!("refused: {message}"),
         Code::Unauthenticated => anyhow::anyhow!("the hub refused the token: {message}"),
         Code::Unavailable => anyhow::anyhow!("hub or registry database unavailable: {message}"),
+        Code::Aborted => anyhow::anyhow!("interrupted, nothing was changed: {message}"),
         code => anyhow::anyhow!("{code:?}: {message}"),
     }
 }
@@ -214,7 +218,7 @@ fn config_text(raw: &str) -> anyhow::Result<String> {
 
 /// A registry time (ms since the epoch) as UTC to the second, for tables;
 /// JSON output keeps the milliseconds.
-fn time(ms: i64) -> String {
+pub(crate) fn time(ms: i64) -> String {
     let format =
         time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
@@ -236,7 +240,7 @@ fn optional_cursor(cursor: &str) -> Value {
     }
 }
 
-fn print_json(value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &Value) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Pure domain of ghostmirror: what a path, a hash, a tree entry and a
 //! sequence number are, and the decisions taken on them (conflicts, node
-//! reconciliation and the plan of a node's round, conflict-copy names).
+//! reconciliation and the plan of a node's round, conflict-copy names,
+//! skill names and where skill paths and their refused versions go).
 //!
 //! Guarantees: no IO, no clock, no randomness. Everything here is a function
 //! of its arguments, so every replica that asks the same question gets the
@@ -14,6 +15,7 @@ pub mod meta;
 pub mod path;
 pub mod plan;
 pub mod reconcile;
+pub mod skills;
 
 pub use conflict::{
     CommitDecision, MAX_COPY_ATTEMPTS, children_matter, conflict_copy_candidates,
@@ -25,3 +27,4 @@ pub use meta::{CacheRecord, Kind, Stat};
 pub use path::{INTERNAL_DIR, NodeId, PathError, RelPath, WorkspaceId, minimal_tops};
 pub use plan::{Checkpoint, Forced, NodeTrees, Plan, Refused, Scope};
 pub use reconcile::{NodeAction, decide_node};
+pub use skills::{SKILL_MANIFEST, SKILLS_CONFLICTS_DIR, SKILLS_DIR, SkillName, SkillTree};

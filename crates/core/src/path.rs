@@ -48,6 +48,8 @@ pub enum PathError {
     BadWorkspaceId(String),
     #[error("node id {0:?} is invalid: use 1 to 64 of [A-Za-z0-9._-], not starting with '.'")]
     BadNodeId(String),
+    #[error("skill name {0:?} is invalid: use 1 to 64 of [A-Za-z0-9._-], not starting with '.'")]
+    BadSkillName(String),
 }
 
 /// A validated path relative to a workspace root, '/'-separated.
@@ -93,6 +95,13 @@ impl RelPath {
             return Err(PathError::TooDeep(shown()));
         }
         Ok(RelPath(raw.to_string()))
+    }
+
+    /// A path built by this crate from parts that are already checked
+    /// (a validated name under a fixed directory, a suffix of a valid path).
+    pub(crate) fn trusted(raw: String) -> RelPath {
+        debug_assert!(RelPath::new(&raw).is_ok(), "{raw:?}");
+        RelPath(raw)
     }
 
     /// Validates raw bytes (a file name from disk or the wire).
@@ -197,7 +206,7 @@ pub fn minimal_tops(paths: impl IntoIterator<Item = RelPath>) -> Vec<RelPath> {
     tops
 }
 
-fn is_simple_id(raw: &str, max: usize) -> bool {
+pub(crate) fn is_simple_id(raw: &str, max: usize) -> bool {
     !raw.is_empty()
         && raw.len() <= max
         && !raw.starts_with('.')

@@ -21,6 +21,8 @@ pub enum FsError {
     },
     #[error("{path}: changed on disk since it was planned; not overwritten")]
     TargetChanged { path: String },
+    #[error("{path} exists already; it is never overwritten")]
+    Exists { path: String },
     #[error("{path}: directory is not empty")]
     NotEmpty { path: String },
     #[error("{path}: {what}")]

@@ -8,7 +8,9 @@
 //!   symlink or leaves the root, whatever the disk looks like meanwhile.
 //! - `StagedFile`: the one atomic write path (staging file `O_EXCL` 0600,
 //!   hashed while written, mode set on the open file, fsync, target checked,
-//!   rename, fsync of the directory).
+//!   rename, fsync of the directory); `StagedTree`, its counterpart for a
+//!   whole directory (built and fsynced in staging, renamed into place
+//!   without ever replacing what is there).
 //! - `scan`: stat walks and the hash-cache rule (re-hash only what changed,
 //!   plus the racily-clean window).
 //! - `watch`: OS file watching, debounced upstream by the caller.
@@ -25,6 +27,7 @@ pub mod owner;
 pub mod root;
 pub mod scan;
 pub mod stat;
+pub mod tree;
 pub mod watch;
 
 pub use assemble::Piece;
@@ -34,5 +37,6 @@ pub use ignore::IgnoreRules;
 pub use io::IoGate;
 pub use lock::DirLock;
 pub use owner::{ChownPolicy, Ownership};
-pub use root::{Expect, Reclaimed, Root, StagedFile};
+pub use root::{Expect, FileMode, Reclaimed, Root, StagedFile};
 pub use scan::{ScanConfig, ScanOutcome, Scanned, scan_tree};
+pub use tree::StagedTree;

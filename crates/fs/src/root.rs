@@ -61,7 +61,7 @@ pub struct Reclaimed {
 type LiveSet = Arc<Mutex<HashSet<String>>>;
 
 /// Marks a staging name as owned by a live transfer until dropped.
-struct LiveName {
+pub(crate) struct LiveName {
     live: LiveSet,
     name: String,
 }
@@ -88,7 +88,7 @@ pub struct Root {
     ownership: Arc<Ownership>,
 }
 
-enum Parent<'a> {
+pub(crate) enum Parent<'a> {
     Root(BorrowedFd<'a>),
     Owned(OwnedFd),
 }
@@ -113,7 +113,49 @@ fn random_name(tag: &str, kind: &str) -> String {
 /// Mode of a synced regular file: the executable bit is the only mode bit
 /// that syncs.
 pub fn file_mode(executable: bool) -> u32 {
-    if executable { 0o755 } else { 0o644 }
+    FileMode::from(executable).bits()
+}
+
+/// The permissions a file lands with. Only the executable bit syncs;
+/// `read_only` is for copies nobody may edit in place (materialized
+/// skills, the skill registry): no write bit for anyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FileMode {
+    pub executable: bool,
+    pub read_only: bool,
+}
+
+impl FileMode {
+    pub fn read_only(executable: bool) -> FileMode {
+        FileMode {
+            executable,
+            read_only: true,
+        }
+    }
+
+    pub fn bits(self) -> u32 {
+        match (self.executable, self.read_only) {
+            (false, false) => 0o644,
+            (true, false) => 0o755,
+            (false, true) => 0o444,
+            (true, true) => 0o555,
+        }
+    }
+
+    /// True when a file of mode `mode` already has these permissions.
+    pub fn matches(self, mode: u32) -> bool {
+        mode & 0o777 == self.bits()
+    }
+}
+
+impl From<bool> for FileMode {
+    /// An ordinary synced file: writable by its owner, executable or not.
+    fn from(executable: bool) -> FileMode {
+        FileMode {
+            executable,
+            read_only: false,
+        }
+    }
 }
 
 impl Root {
@@ -198,6 +240,29 @@ impl Root {
         format!("{}/{}", self.path.display(), path)
     }
 
+    /// A new staging name of `kind`, owned (kept from reclamation) while
+    /// the returned guard lives, with a handle on the staging directory.
+    pub(crate) fn staging_entry(&self, kind: &str) -> Result<(OwnedFd, String, LiveName), FsError> {
+        let name = random_name(&self.staging_tag, kind);
+        let owned = self.own(&name);
+        let staging = self
+            .staging
+            .try_clone()
+            .map_err(|e| FsError::io("dup staging handle", self.path.display(), e))?;
+        Ok((staging, name, owned))
+    }
+
+    /// The parent directory of `path` (created if missing), for callers
+    /// in this crate that rename into it.
+    pub(crate) fn parent_dir(&self, path: &RelPath) -> Result<Parent<'_>, FsError> {
+        self.parent(path, true)
+    }
+
+    /// `path` as it is shown in errors and logs.
+    pub(crate) fn shown_path(&self, path: &RelPath) -> String {
+        self.shown(path)
+    }
+
     /// Opens the parent directory of `path`, never following a symlink.
     fn parent(&self, path: &RelPath, create: bool) -> Result<Parent<'_>, FsError> {
         let Some(parent) = path.parent() else {
@@ -277,6 +342,36 @@ impl Root {
             Err(err) => return Err(err),
         };
         self.stat_at(&parent, path)
+    }
+
+    /// The entries of the directory at `path`, one level, with their
+    /// `lstat` (nothing is followed), in name order; names that are not
+    /// UTF-8 are left out. An absent directory is empty.
+    pub fn read_dir(&self, path: &RelPath) -> Result<Vec<(String, Stat)>, FsError> {
+        let dir = match self.open_dir(path) {
+            Ok(dir) => dir,
+            Err(err) if err.is_not_found() => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        let shown = self.shown(path);
+        let mut out = Vec::new();
+        for entry in rustix::fs::Dir::read_from(&dir)
+            .map_err(|e| FsError::io("read directory", &shown, e))?
+        {
+            let entry = entry.map_err(|e| FsError::io("read directory", &shown, e))?;
+            let raw = entry.file_name();
+            if raw.to_bytes() == b"." || raw.to_bytes() == b".." {
+                continue;
+            }
+            let Ok(name) = raw.to_str() else { continue };
+            match rustix::fs::statat(&dir, raw, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(stat) => out.push((name.to_string(), from_raw(&stat))),
+                Err(Errno::NOENT) => {}
+                Err(e) => return Err(FsError::io("stat", format!("{shown}/{name}"), e)),
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// The target text of a symlink.
@@ -585,13 +680,18 @@ impl Root {
         executable: bool,
         expect: Stat,
     ) -> Result<Stat, FsError> {
+        self.set_mode(path, FileMode::from(executable), expect)
+    }
+
+    /// Gives a file that is still `expect` the permissions of `mode`.
+    pub fn set_mode(&self, path: &RelPath, mode: FileMode, expect: Stat) -> Result<Stat, FsError> {
         let (file, now) = self.open_read(path)?;
         if !now.unchanged_since(&expect) {
             return Err(FsError::TargetChanged {
                 path: self.shown(path),
             });
         }
-        rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode.bits()))
             .map_err(|e| FsError::io("chmod", self.shown(path), e))?;
         Ok(from_raw(
             &rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?,
@@ -729,6 +829,39 @@ impl Root {
             })
     }
 
+    /// Removes a whole directory tree that is still the directory `expect`
+    /// (same inode): it is moved aside into staging in one rename, so the
+    /// path is never seen half-emptied, then deleted there. Already absent
+    /// is success. The caller must know nothing in it is lost (its content
+    /// exists elsewhere); a crash before the deletion leaves it in staging,
+    /// which the next start removes.
+    pub fn remove_tree(&self, path: &RelPath, expect: Stat) -> Result<(), FsError> {
+        let parent = match self.parent(path, false) {
+            Ok(parent) => parent,
+            Err(err) if err.is_not_found() => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        let Some(current) = self.stat_at(&parent, path)? else {
+            return Ok(());
+        };
+        if current.kind != Kind::Dir || current.ino != expect.ino || expect.kind != Kind::Dir {
+            return Err(FsError::TargetChanged {
+                path: self.shown(path),
+            });
+        }
+        let aside = random_name(&self.staging_tag, "removed");
+        let _owned = self.own(&aside);
+        rustix::fs::renameat(&parent, path.file_name(), &self.staging, aside.as_str())
+            .map_err(|e| FsError::io("move aside for removal", self.shown(path), e))?;
+        rustix::fs::fsync(&parent)
+            .map_err(|e| FsError::io("fsync directory", self.shown(path), e))?;
+        remove_tree_at(
+            &self.staging,
+            &aside,
+            &format!("{}/.ghostmirror/staging/{aside}", self.path.display()),
+        )
+    }
+
     /// Removes every staging entry of this root that no live transfer of
     /// this process owns: at start (everything is left by an earlier
     /// process) or later with `min_age` so only stale entries go.
@@ -772,8 +905,8 @@ impl Root {
                 Ok(()) => {}
                 Err(Errno::NOENT) => continue,
                 Err(Errno::ISDIR) => {
-                    let _ =
-                        rustix::fs::unlinkat(&self.staging, name.as_c_str(), AtFlags::REMOVEDIR);
+                    // A staged tree or a directory moved aside: all of it.
+                    remove_tree_at(&self.staging, &text, &format!("{shown}/{text}"))?;
                 }
                 Err(e) => return Err(FsError::io("remove staging entry", &shown, e)),
             }
@@ -877,6 +1010,51 @@ fn open_or_make_dir(
     })
 }
 
+/// Deletes the directory `name` in `parent` and everything below it,
+/// without following a symlink anywhere. Directories without a write bit
+/// (a finished skill tree) are made writable first. Used only inside
+/// staging, on trees nobody else refers to.
+pub(crate) fn remove_tree_at(parent: impl AsFd, name: &str, shown: &str) -> Result<(), FsError> {
+    let dir = match rustix::fs::openat(&parent, name, dir_flags(), Mode::empty()) {
+        Ok(dir) => dir,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(Errno::NOTDIR | Errno::LOOP) => {
+            return match rustix::fs::unlinkat(&parent, name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(FsError::io("remove", shown, e)),
+            };
+        }
+        Err(e) => return Err(FsError::io("open directory", shown, e)),
+    };
+    rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700))
+        .map_err(|e| FsError::io("chmod directory", shown, e))?;
+    let mut names = Vec::new();
+    for entry in
+        rustix::fs::Dir::read_from(&dir).map_err(|e| FsError::io("read directory", shown, e))?
+    {
+        let entry = entry.map_err(|e| FsError::io("read directory", shown, e))?;
+        let raw = entry.file_name().to_bytes();
+        if raw != b"." && raw != b".." {
+            names.push(entry.file_name().to_owned());
+        }
+    }
+    for child in names {
+        let text = child.to_string_lossy().into_owned();
+        match rustix::fs::unlinkat(&dir, child.as_c_str(), AtFlags::empty()) {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(Errno::ISDIR | Errno::PERM) => {
+                remove_tree_at(&dir, &text, &format!("{shown}/{text}"))?
+            }
+            Err(e) => return Err(FsError::io("remove", format!("{shown}/{text}"), e)),
+        }
+    }
+    drop(dir);
+    match rustix::fs::unlinkat(&parent, name, AtFlags::REMOVEDIR) {
+        Ok(()) | Err(Errno::NOENT) => Ok(()),
+        Err(e) => Err(FsError::io("remove directory", shown, e)),
+    }
+}
+
 pub(crate) fn read_link_at(dir: impl AsFd, name: &str, shown: &str) -> Result<String, FsError> {
     let target = rustix::fs::readlinkat(dir, name, Vec::new())
         .map_err(|e| FsError::io("read symlink", shown, e))?;
@@ -967,9 +1145,10 @@ impl StagedFile {
         root: &Root,
         path: &RelPath,
         expected: ContentHash,
-        executable: bool,
+        mode: impl Into<FileMode>,
         expect: Expect,
     ) -> Result<Stat, FsError> {
+        let mode = mode.into();
         let actual = self.hasher.finalize();
         if actual != expected {
             return Err(FsError::HashMismatch {
@@ -984,7 +1163,7 @@ impl StagedFile {
                 what: "staged file already finished".into(),
             });
         };
-        rustix::fs::fchmod(&file, Mode::from_raw_mode(file_mode(executable)))
+        rustix::fs::fchmod(&file, Mode::from_raw_mode(mode.bits()))
             .map_err(|e| FsError::io("chmod staging file", root.shown(path), e))?;
         root.own_file(&file, path, true)?;
         file.sync_all()
@@ -1001,15 +1180,16 @@ impl StagedFile {
         &mut self,
         root: &Root,
         path: &RelPath,
-        executable: bool,
+        mode: impl Into<FileMode>,
     ) -> Result<(), FsError> {
+        let mode = mode.into();
         let Some(file) = self.file.as_ref() else {
             return Err(FsError::Unsupported {
                 path: self.name.clone(),
                 what: "staged file already finished".into(),
             });
         };
-        rustix::fs::fchmod(file, Mode::from_raw_mode(file_mode(executable)))
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode.bits()))
             .map_err(|e| FsError::io("chmod staging file", &self.name, e))?;
         // Parents are not created here (the commit journals them when it
         // lands the file); a missing one will take the owner of its nearest

@@ -120,7 +120,7 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> String {
     .unwrap_or_default();
     let c = hub.counters.snapshot();
     let mut out = String::new();
-    let counters: [(&str, &str, u64); 13] = [
+    let counters: [(&str, &str, u64); 15] = [
         (
             "files_synced_total{direction=\"from_nodes\"}",
             "Files synced, by direction.",
@@ -174,6 +174,16 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> String {
             c.staging_reclaimed,
         ),
         ("purges_total", "Mirrors purged.", c.purges),
+        (
+            "skill_promotions_total{result=\"done\"}",
+            "Promotions of directories under .skills/ into the skill registry, by result.",
+            c.skill_promotions,
+        ),
+        (
+            "skill_promotions_total{result=\"refused\"}",
+            "",
+            c.skill_promotions_refused,
+        ),
     ];
     let mut declared = std::collections::BTreeSet::new();
     for (name, help, value) in counters {
@@ -274,6 +284,25 @@ async fn metrics(State(hub): State<Arc<Hub>>) -> String {
             escape(ws.id.as_str()),
             u8::from(ws.halted().is_some())
         );
+    }
+    family(
+        &mut out,
+        "skills",
+        "gauge",
+        "Skill names this hub knows, by state (unavailable: active but its files are missing here).",
+    );
+    let mut by_state: std::collections::BTreeMap<&str, u64> =
+        [("active", 0), ("reserved", 0), ("unavailable", 0)].into();
+    for known in hub.skills.snapshot().values() {
+        let state = match known {
+            crate::skills::Known::Active(_) => "active",
+            crate::skills::Known::Reserved => "reserved",
+            crate::skills::Known::Unavailable(_) => "unavailable",
+        };
+        *by_state.entry(state).or_default() += 1;
+    }
+    for (state, count) in by_state {
+        let _ = writeln!(out, "ghostmirror_skills{{state=\"{state}\"}} {count}");
     }
     family(&mut out, "ready", "gauge", "1 while the hub accepts work.");
     let _ = writeln!(

@@ -12,6 +12,16 @@
 //!    a landing that finds a non-directory parent the journal does not know
 //!    of journals the parents first and decides again.
 //!
+//! Skills: a proposal at or under `.skills/<name>` for a taken name
+//! (reserved, active or unavailable) is never applied there (`skill_guard`):
+//! unless it equals what the journal holds, it is refused (metric reason
+//! `skill_read_only`, a WARN line with node, workspace and path) and
+//! answered as a conflict whose copy lies outside `.skills/`
+//! (`skills-conflicts/<name>.conflict-<node>-<utc>/...`, written and
+//! journaled like any conflict copy), so the node moves its version there
+//! and restores the skill's content. This holds whether or not the
+//! workspace's link is in place yet: the name is what counts.
+//!
 //! The journal records of one request are written in one transaction at
 //! the end (or earlier, before a hub-side change must be journaled), so a
 //! burst of small files costs one database commit. A crash between a rename
@@ -21,9 +31,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use gm_core::skills::{skill_component, skill_copy_candidates};
 use gm_core::{
-    CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, Stat, Versioned,
-    children_matter, conflict_copy_candidates, decide_commit,
+    CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, SkillName, Stat,
+    Versioned, children_matter, conflict_copy_candidates, decide_commit,
 };
 use gm_fs::{Expect, FsError, IgnoreRules, Root, StagedFile, scan_tree};
 use gm_proto::pb;
@@ -56,6 +67,18 @@ pub enum Refusal {
     NoConflictName,
     KeepsChanging,
     Internal,
+    /// A node write under a registered skill.
+    SkillReadOnly,
+    /// A directory with a registered skill's name, moved aside by the link pass.
+    SkillShadow,
+}
+
+/// Where a refused version under a skill is kept outside `.skills/`.
+enum SkillCopy {
+    /// Not kept yet: write it here.
+    Free(RelPath),
+    /// Already kept here (same content), at this seq.
+    Kept(RelPath, Seq),
 }
 
 impl Refusal {
@@ -71,6 +94,8 @@ impl Refusal {
             Refusal::NoConflictName => "no_conflict_name",
             Refusal::KeepsChanging => "keeps_changing",
             Refusal::Internal => "internal",
+            Refusal::SkillReadOnly => "skill_read_only",
+            Refusal::SkillShadow => "skill_shadow",
         }
     }
 }
@@ -350,6 +375,9 @@ impl Ctx<'_> {
         ours: Option<&Entry>,
         data: Option<&[u8]>,
     ) -> Result<pb::OpResult, OpError> {
+        if let Some(name) = self.hub.skills.guarded(path) {
+            return self.skill_guard(path, &name, ours, data);
+        }
         let disk = self.sync_disk(path)?;
         let current = self.current(path)?;
         let has_children = if children_matter(&current, ours) {
@@ -365,6 +393,7 @@ impl Ctx<'_> {
             )),
             CommitDecision::Apply => {
                 let seq = self.apply(path, ours, &disk, data)?;
+                self.hub.skills.touch_candidate(&self.ws.id, path);
                 Ok(result(
                     path.as_str(),
                     pb::op_result::Outcome::Committed(pb::Committed { seq: seq.0 }),
@@ -410,6 +439,149 @@ impl Ctx<'_> {
                 ))
             }
         }
+    }
+
+    /// A proposal under a taken skill name: already current, or refused
+    /// with the node's version (when it has content) kept as a conflict
+    /// copy outside `.skills/`. The disk under `.skills/<name>` is never
+    /// read or written here (it is a link into the registry).
+    fn skill_guard(
+        &mut self,
+        path: &RelPath,
+        name: &SkillName,
+        ours: Option<&Entry>,
+        data: Option<&[u8]>,
+    ) -> Result<pb::OpResult, OpError> {
+        let current = self.current(path)?;
+        if ours == current.entry.as_ref() {
+            return Ok(result(
+                path.as_str(),
+                pb::op_result::Outcome::Committed(pb::Committed { seq: current.seq.0 }),
+            ));
+        }
+        let copy = match ours {
+            Some(ours) if !current.entry.as_ref().is_some_and(|c| c.same_content(ours)) => {
+                match self.skill_copy_place(path, name, ours)? {
+                    SkillCopy::Kept(copy_path, seq) => Some((copy_path, seq, ours.clone())),
+                    SkillCopy::Free(copy_path) => {
+                        let absent = DiskState {
+                            entry: None,
+                            stat: None,
+                        };
+                        let seq = self.apply(&copy_path, Some(ours), &absent, data)?;
+                        self.batch.conflicts.push(ConflictRow {
+                            path: path.clone(),
+                            copy_path: copy_path.clone(),
+                            node: self.node.to_string(),
+                            at_unix: self.now_unix,
+                            seq,
+                        });
+                        Some((copy_path, seq, ours.clone()))
+                    }
+                }
+            }
+            _ => None,
+        };
+        self.hub.counters.refuse(Refusal::SkillReadOnly.as_str());
+        tracing::warn!(
+            workspace = %self.ws.id,
+            node = %self.node,
+            path = %path,
+            skill = %name,
+            copy = ?copy.as_ref().map(|(p, _, _)| p.as_str()),
+            "refused operation: skills are read-only to nodes; the skill's content stays and the node's version is kept outside .skills/"
+        );
+        let mut current_wire = gm_proto::path_state_to_wire(path, &current);
+        current_wire.read_only = self.hub.skills.is_read_only(path);
+        Ok(result(
+            path.as_str(),
+            pb::op_result::Outcome::Conflict(pb::Conflict {
+                current: Some(current_wire),
+                copy: copy.map(|(copy_path, seq, entry)| {
+                    gm_proto::path_state_to_wire(
+                        &copy_path,
+                        &Versioned {
+                            entry: Some(entry),
+                            seq,
+                        },
+                    )
+                }),
+            }),
+        ))
+    }
+
+    /// Where the node's version of `path` (under skill `name`) is kept.
+    /// A path below the skill goes into this node's newest copy directory
+    /// of that skill when its place there is free, or is already kept
+    /// there when that place holds the same content: a directory refused
+    /// with its files (one request or several, seconds apart) stays one
+    /// copy. (The node moves its whole refused directory to the copy name
+    /// and proposes its files from there; one of them refused meanwhile
+    /// at its old path is then already kept, not kept twice.)
+    fn skill_copy_place(
+        &mut self,
+        path: &RelPath,
+        name: &SkillName,
+        ours: &Entry,
+    ) -> Result<SkillCopy, OpError> {
+        if let Some(below) = skill_component(path).and_then(|(_, below)| below)
+            && let Some(dir) = self.newest_skill_copy_dir(name)?
+            && let Ok(candidate) = dir.join(below)
+        {
+            let there = self.current(&candidate)?;
+            match &there.entry {
+                Some(entry) if entry.same_content(ours) => {
+                    return Ok(SkillCopy::Kept(candidate, there.seq));
+                }
+                None if self.root.lstat(&candidate)?.is_none() => {
+                    return Ok(SkillCopy::Free(candidate));
+                }
+                _ => {}
+            }
+        }
+        self.free_skill_copy_name(path, name).map(SkillCopy::Free)
+    }
+
+    /// The first free name in `skill_copy_candidates`.
+    fn free_skill_copy_name(
+        &mut self,
+        path: &RelPath,
+        name: &SkillName,
+    ) -> Result<RelPath, OpError> {
+        for candidate in skill_copy_candidates(path, name, self.node, self.now_unix) {
+            let candidate =
+                candidate.map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
+            if self.current(&candidate)?.entry.is_none() && self.root.lstat(&candidate)?.is_none() {
+                return Ok(candidate);
+            }
+        }
+        Err(OpError::Refused(
+            Refusal::NoConflictName,
+            format!("{path}: no free conflict-copy name"),
+        ))
+    }
+
+    /// This node's newest live copy directory of skill `name`
+    /// (`skills-conflicts/<name>.conflict-<node>-...`), this batch included.
+    fn newest_skill_copy_dir(&self, name: &SkillName) -> Result<Option<RelPath>, OpError> {
+        let top = RelPath::new(gm_core::SKILLS_CONFLICTS_DIR)
+            .map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
+        let prefix = format!("{}/{name}.conflict-{}-", top, self.node);
+        let is_copy_dir = |path: &RelPath, state: &Versioned| {
+            state.entry == Some(Entry::Dir)
+                && path.parent().as_ref() == Some(&top)
+                && path.as_str().starts_with(&prefix)
+        };
+        let mut newest: Option<(Seq, RelPath)> = None;
+        let journaled = self.hub.db.entries_under(&self.ws.id, Some(&top))?;
+        let pending = self.pending.iter().map(|(p, v)| (p.clone(), v.clone()));
+        for (path, state) in journaled.into_iter().chain(pending) {
+            if is_copy_dir(&path, &state) && newest.as_ref().is_none_or(|(seq, _)| state.seq > *seq)
+            {
+                newest = Some((state.seq, path));
+            }
+        }
+        Ok(newest.map(|(_, path)| path))
     }
 
     /// The journal's state of a path, this batch included.
@@ -794,8 +966,14 @@ impl Ctx<'_> {
             if &source == path {
                 continue;
             }
+            // A skill's file is read from the registry, never through the link.
+            let (from_root, from) = self
+                .hub
+                .skills
+                .resolve(&source)
+                .unwrap_or_else(|| (self.root.clone(), source.clone()));
             let mut staged = self.root.stage_file()?;
-            if staged.copy_from(&self.root, &source).is_err() || staged.hash() != hash {
+            if staged.copy_from(&from_root, &from).is_err() || staged.hash() != hash {
                 continue;
             }
             let stat = staged.commit(&self.root, path, hash, executable, expect)?;

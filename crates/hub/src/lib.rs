@@ -11,6 +11,9 @@
 //! - `commit`: node proposals -> disk + journal (the conflict rule);
 //! - `service`: the gRPC surface and token check;
 //! - `registry_service`: the registry's gRPC admin API (gm-registry);
+//! - `skills`: the global skill registry (`DATA_DIR/skills/`), its links
+//!   into every mirror, registration, promotion and recovery;
+//! - `skills_service`: the skills' gRPC admin API;
 //! - `admin`: `/healthz` and `/metrics` over HTTP;
 //! - `maintenance`: the watcher, debouncing and periodic work.
 
@@ -22,6 +25,8 @@ mod observe;
 mod purge;
 mod registry_service;
 mod service;
+mod skills;
+mod skills_service;
 mod state;
 mod transfer;
 
@@ -70,6 +75,14 @@ pub struct HubConfig {
     /// share it). `None`: in SQLite, in `DATA_DIR/state.db`. The hash
     /// cache and journal stay in `state.db` either way.
     pub database_url: Option<String>,
+    /// A new directory under `.skills/` with a SKILL.md, unchanged this
+    /// long, is promoted into the skill registry (`GM_SKILL_PROMOTE_QUIET`).
+    /// `None`: only `ghostmirror skill promote` promotes.
+    pub skill_promote_quiet: Option<Duration>,
+    /// Debug builds only: abort the process at a named step
+    /// (`GM_TEST_FAULT=promote:after-copy`), for crash tests. Ignored by
+    /// release builds.
+    pub test_fault: Option<String>,
 }
 
 /// The hub's TLS identity (PEM), and the CA whose client certificates it

@@ -4,7 +4,8 @@
 //!   a watcher overflow triggers a full (cached) rescan of every mirror;
 //! - every tick: racily-clean cache records past their window are
 //!   re-verified, halted workspaces are looked at again, stale uploads are
-//!   dropped, and every `rescan_interval` each mirror gets a full stat walk.
+//!   dropped, skill candidates quiet for `GM_SKILL_PROMOTE_QUIET` are
+//!   promoted, and every `rescan_interval` each mirror gets a full stat walk.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -211,6 +212,7 @@ async fn tick(hub: &Arc<Hub>, timers: &mut Timers) {
             observe_logged(hub, &ws, Scope::Exact(due)).await;
         }
     }
+    crate::skills::promote_quiet(hub).await;
     let mut uploads = hub.uploads.lock().unwrap_or_else(|p| p.into_inner());
     uploads.retain(|_, upload| now.duration_since(upload.at) < UPLOAD_TTL);
 }

@@ -10,6 +10,10 @@
 //!   deliberate or the same directory is back with content.
 //! - Cache records taken within the racily-clean window are re-verified once
 //!   the window has passed (`Scope::Exact`), so a restart trusts them.
+//! - Skills: a scan that touches `.skills` runs the link pass first
+//!   (`skills::link_locked`); a canonical link `.skills/<name>` is never
+//!   journaled as a link, it stands for the registry's tree of that skill
+//!   (`Skills::overlay`), and the scanner never walks through it.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -17,7 +21,8 @@ use gm_core::minimal_tops;
 use std::sync::Arc;
 
 use anyhow::Context;
-use gm_core::{Entry, RelPath, Seq, Versioned};
+use gm_core::skills::skill_component;
+use gm_core::{Entry, RelPath, SKILLS_DIR, Seq, Versioned};
 use gm_fs::{IgnoreRules, Root, scan_tree};
 use gm_store::RecordBatch;
 
@@ -67,9 +72,33 @@ fn unhalt(hub: &Hub, ws: &Workspace) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// True when a scan of `scope` looks at `.skills` or something in it.
+fn touches_skills(scope: &Scope) -> bool {
+    let touches = |path: &RelPath| path.as_str() == SKILLS_DIR || skill_component(path).is_some();
+    match scope {
+        Scope::Full => true,
+        Scope::Subtrees(paths) | Scope::Exact(paths) => paths.iter().any(touches),
+    }
+}
+
 /// The body of an observation; the caller holds the commit lock (`seq`).
-/// `allow_empty` is set when an emptying was confirmed.
+/// `allow_empty` is set when an emptying was confirmed. A scope that
+/// touches `.skills` runs the skills' link pass first.
 pub fn observe_locked(
+    hub: &Hub,
+    ws: &Workspace,
+    seq: &mut Seq,
+    scope: Scope,
+    allow_empty: bool,
+) -> anyhow::Result<usize> {
+    if touches_skills(&scope) && ws.halted().is_none() {
+        crate::skills::link_locked(hub, ws, seq)?;
+    }
+    observe_unlinked(hub, ws, seq, scope, allow_empty)
+}
+
+/// An observation without the link pass (the link pass itself uses it).
+pub fn observe_unlinked(
     hub: &Hub,
     ws: &Workspace,
     seq: &mut Seq,
@@ -106,10 +135,26 @@ fn observe_inner(
         );
         return Ok(0);
     }
+    // Paths inside a linked skill are looked at through the skill's top.
     let (tops, recursive): (Vec<Option<RelPath>>, bool) = match scope {
         Scope::Full => (vec![None], true),
-        Scope::Subtrees(paths) => (minimal_tops(paths).into_iter().map(Some).collect(), true),
-        Scope::Exact(paths) => (paths.into_iter().map(Some).collect(), false),
+        Scope::Subtrees(paths) => (
+            minimal_tops(hub.skills.scan_tops(paths, false))
+                .into_iter()
+                .map(Some)
+                .collect(),
+            true,
+        ),
+        Scope::Exact(paths) => {
+            let kept = hub.skills.scan_tops(paths.clone(), true);
+            if kept.len() != paths.len() {
+                let mut pending = ws.racy.lock().unwrap_or_else(|p| p.into_inner());
+                for path in paths.iter().filter(|p| !kept.contains(p)) {
+                    pending.remove(path);
+                }
+            }
+            (kept.into_iter().map(Some).collect(), false)
+        }
     };
 
     let mut creations: Vec<(RelPath, Entry)> = Vec::new();
@@ -154,11 +199,21 @@ fn observe_inner(
                 .collect(),
             (top, _) => hub.db.entries_under(&ws.id, top.as_ref())?,
         };
+        // A skill's link stands for the skill's tree; an unavailable
+        // skill's paths stay as the journal has them.
+        let (disk, frozen) = hub.skills.overlay(
+            top.as_ref(),
+            scan.entries
+                .iter()
+                .map(|item| (item.path.clone(), item.entry.clone()))
+                .collect(),
+        );
+        let is_frozen = |path: &RelPath| frozen.iter().any(|f| f == path || f.is_ancestor_of(path));
         // Ignored paths are neither journaled nor deleted.
         let live: HashMap<&RelPath, &Entry> = journal
             .iter()
             .filter_map(|(path, v)| v.entry.as_ref().map(|e| (path, e)))
-            .filter(|(path, e)| !rules.is_ignored(path, e.is_dir()))
+            .filter(|(path, e)| !rules.is_ignored(path, e.is_dir()) && !is_frozen(path))
             .collect();
         let unreadable = |path: &RelPath| {
             scan.unreadable
@@ -166,10 +221,10 @@ fn observe_inner(
                 .any(|u| u == path || u.is_ancestor_of(path))
         };
         let mut seen: BTreeSet<&RelPath> = BTreeSet::new();
-        for item in &scan.entries {
-            seen.insert(&item.path);
-            if live.get(&item.path) != Some(&&item.entry) {
-                creations.push((item.path.clone(), item.entry.clone()));
+        for (path, entry) in &disk {
+            seen.insert(path);
+            if live.get(path) != Some(&entry) {
+                creations.push((path.clone(), entry.clone()));
             }
         }
         for path in live.keys() {
@@ -231,6 +286,9 @@ fn observe_inner(
                 seq: next,
             },
         ));
+    }
+    for (path, _) in &batch.changes {
+        hub.skills.touch_candidate(&ws.id, path);
     }
     let changed = batch.changes.len();
     if changed > 0

@@ -41,6 +41,11 @@ pub async fn serve(
         registry: hub.registry.clone(),
         access: hub.access.clone(),
     });
+    let skills = gm_proto::skills_pb::skills_server::SkillsServer::new(
+        crate::skills_service::SkillsService { hub: hub.clone() },
+    )
+    .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES);
     let service = pb::sync_server::SyncServer::new(SyncService {
         hub,
         shutdown: shutdown.clone(),
@@ -72,8 +77,9 @@ pub async fn serve(
             .map_err(|e| anyhow::anyhow!("TLS setup: {e}"))?;
     }
     builder
-        .add_service(identify(service, counted.clone(), false))
-        .add_service(identify(registry, counted, true))
+        .add_service(identify(service, counted.clone(), None))
+        .add_service(identify(registry, counted.clone(), Some("the registry")))
+        .add_service(identify(skills, counted, Some("the skill registry")))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.cancelled_owned(),
@@ -88,15 +94,15 @@ pub async fn serve(
 fn identify<S>(
     service: S,
     hub: Arc<Hub>,
-    admin_only: bool,
+    admin_only: Option<&'static str>,
 ) -> tonic::service::interceptor::InterceptedService<S, impl tonic::service::Interceptor + Clone> {
     tonic::service::interceptor::InterceptedService::new(service, move |mut request: Request<()>| {
         let who = hub
             .access
             .check(&request)
             .inspect_err(|_| hub.counters.refuse("token"))?;
-        if admin_only {
-            who.require_admin("the registry")
+        if let Some(what) = admin_only {
+            who.require_admin(what)
                 .inspect_err(|_| hub.counters.refuse("permission"))?;
         }
         request.extensions_mut().insert(who);
@@ -241,7 +247,11 @@ impl Sync for SyncService {
                     let event = pb::SubscribeEvent {
                         changes: changes
                             .iter()
-                            .map(|(p, v)| gm_proto::path_state_to_wire(p, v))
+                            .map(|(p, v)| {
+                                let mut wire = gm_proto::path_state_to_wire(p, v);
+                                wire.read_only = hub.skills.is_read_only(p);
+                                wire
+                            })
                             .collect(),
                         caught_up_to: None,
                     };
@@ -426,9 +436,13 @@ impl Sync for SyncService {
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
         tokio::task::spawn_blocking(move || {
-            let root = ws.root();
             let mut buffer = vec![0u8; DOWNLOAD_CHUNK];
             for (index, (path, expected)) in items.into_iter().enumerate() {
+                // A skill's files are read from the registry.
+                let (root, path) = hub
+                    .skills
+                    .resolve(&path)
+                    .unwrap_or_else(|| (ws.root(), path));
                 let index = index as u32;
                 let fail = |error: String| pb::DownloadMessage {
                     index,
@@ -594,6 +608,7 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             chunk_bytes_reused: c.chunk_bytes_reused,
             staging_reclaimed: c.staging_reclaimed,
             purges: c.purges,
+            skill_promotions: c.skill_promotions,
         }),
         settings: Some(pb::Settings {
             hash_workers: hub.config.scan.hash_workers as u64,

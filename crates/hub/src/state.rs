@@ -1,5 +1,5 @@
-//! The hub's shared state: the database, the registry, the open mirrors,
-//! the pending uploads and the counters.
+//! The hub's shared state: the database, the registry, the skills, the open
+//! mirrors, the pending uploads and the counters.
 //!
 //! Concurrency: each workspace has one async commit lock (`Workspace::seq`)
 //! that serializes every journal write (node commits and mirror scans);
@@ -87,6 +87,10 @@ pub struct Counters {
     pub chunk_bytes_reused: AtomicU64,
     pub staging_reclaimed: AtomicU64,
     pub purges: AtomicU64,
+    /// Directories promoted into the skill registry.
+    pub skill_promotions: AtomicU64,
+    /// Promotions refused (name taken, no SKILL.md, changed while copied…).
+    pub skill_promotions_refused: AtomicU64,
     /// Refused operations by reason.
     pub refused_by_reason: Mutex<BTreeMap<&'static str, u64>>,
     /// Duration of mirror scans (observations), by scope.
@@ -110,6 +114,8 @@ pub struct CounterSnapshot {
     pub chunk_bytes_reused: u64,
     pub staging_reclaimed: u64,
     pub purges: u64,
+    pub skill_promotions: u64,
+    pub skill_promotions_refused: u64,
 }
 
 impl Counters {
@@ -144,6 +150,8 @@ impl Counters {
             chunk_bytes_reused: get(&self.chunk_bytes_reused),
             staging_reclaimed: get(&self.staging_reclaimed),
             purges: get(&self.purges),
+            skill_promotions: get(&self.skill_promotions),
+            skill_promotions_refused: get(&self.skill_promotions_refused),
         }
     }
 }
@@ -206,10 +214,13 @@ pub struct Upload {
 pub struct Hub {
     pub config: HubConfig,
     pub db: Arc<HubDb>,
-    /// Nodes, sessions, templates, instances (SQLite in state.db, or PostgreSQL).
+    /// Nodes, sessions, templates, instances, skill records (SQLite in
+    /// state.db, or PostgreSQL).
     pub registry: Arc<Registry>,
     /// Who may call: the admin token and the node tokens.
     pub access: Arc<crate::auth::Access>,
+    /// The skill registry's files and what this hub knows of each name.
+    pub skills: crate::skills::Skills,
     pub mirrors: PathBuf,
     pub workspaces: Mutex<BTreeMap<WorkspaceId, Arc<Workspace>>>,
     pub uploads: Mutex<HashMap<(WorkspaceId, ContentHash), Upload>>,
@@ -249,17 +260,25 @@ impl Hub {
             .refresh(&registry)
             .await
             .context("read the node tokens")?;
+        let tag = format!("hub{:08x}", rand::random::<u32>());
+        let skills = crate::skills::Skills::open(
+            &config.data_dir,
+            &tag,
+            config.skill_promote_quiet,
+            config.test_fault.clone(),
+        )?;
         Ok(Hub {
             config,
             db: Arc::new(db),
             registry: Arc::new(registry),
             access: Arc::new(access),
+            skills,
             mirrors,
             workspaces: Mutex::new(BTreeMap::new()),
             uploads: Mutex::new(HashMap::new()),
             counters: Counters::default(),
             started: Instant::now(),
-            tag: format!("hub{:08x}", rand::random::<u32>()),
+            tag,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             next_subscription: AtomicU64::new(1),
@@ -423,6 +442,9 @@ impl Hub {
             .active_sessions()
             .await
             .context("read the active sessions")?;
+        // Skills before any mirror is scanned: half-done registrations are
+        // finished or rolled back, and every scan sees the links.
+        crate::skills::load(self).await?;
         tracing::info!(
             mirrors = ids.len(),
             sessions_created = created,
@@ -443,6 +465,9 @@ impl Hub {
                 crate::observe::observe_workspace(self, &ws, crate::observe::Scope::Full).await
             {
                 tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "startup scan failed");
+            }
+            if let Err(err) = crate::skills::find_candidates(self, &ws.id) {
+                tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "listing skill candidates failed");
             }
         }
         Ok(())

@@ -214,6 +214,19 @@ pub fn manifest(
     path: &RelPath,
     hash: ContentHash,
 ) -> Result<Manifest, Status> {
+    if let Some((registry, inside)) = hub.skills.resolve(path) {
+        // A skill's file: read from the registry, not cached per mirror.
+        let (actual, stat, manifest) = registry
+            .hash_file(&inside)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Counters::add(&hub.counters.files_hashed, 1);
+        if actual != hash {
+            return Err(Status::failed_precondition(format!(
+                "{path} changed on the hub; wait for its journal entry"
+            )));
+        }
+        return Ok(manifest.unwrap_or_else(|| Manifest::single(hash, stat.size)));
+    }
     let record = hub.db.cache_get(&ws.id, path).map_err(internal)?;
     let root = ws.root();
     match record {
@@ -259,7 +272,11 @@ pub fn read_chunks(
     ranges: Vec<pb::ChunkRange>,
     tx: &mpsc::Sender<Result<pb::ChunkData, Status>>,
 ) {
-    let root = ws.root();
+    let (root, path) = hub
+        .skills
+        .resolve(path)
+        .unwrap_or_else(|| (ws.root(), path.clone()));
+    let path = &path;
     let io = &hub.config.scan.io;
     let _permit = io.acquire();
     let file = match root.open_read(path) {

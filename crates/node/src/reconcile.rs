@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use gm_core::{
     CacheRecord, ContentHash, Entry, NodeTrees, RelPath, Seq, Stat, Versioned, WorkspaceId,
 };
-use gm_fs::{Expect, FsError, IgnoreRules, Root, ScanOutcome, scan_tree};
+use gm_fs::{Expect, FileMode, FsError, IgnoreRules, Root, ScanOutcome, scan_tree};
 use gm_proto::pb;
 use gm_store::{NodeBatch, NodeDb};
 
@@ -106,6 +106,9 @@ pub struct Replica {
     /// Cache records still racily clean: path -> when to re-verify.
     pub racy: BTreeMap<RelPath, Instant>,
     batch: NodeBatch,
+    /// Paths the hub last sent flagged read-only (a registered skill's
+    /// files): they land without write permission.
+    read_only: HashSet<RelPath>,
 }
 
 impl Replica {
@@ -132,6 +135,24 @@ impl Replica {
             needs_sync: false,
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
+            read_only: HashSet::new(),
+        }
+    }
+
+    /// The permissions a file lands with at `path`.
+    fn file_mode(&self, path: &RelPath, executable: bool) -> FileMode {
+        FileMode {
+            executable,
+            read_only: self.read_only.contains(path),
+        }
+    }
+
+    /// Remembers whether the hub's latest state of `path` is read-only.
+    fn note_read_only(&mut self, path: &RelPath, read_only: bool) {
+        if read_only {
+            self.read_only.insert(path.clone());
+        } else {
+            self.read_only.remove(path);
         }
     }
 
@@ -145,6 +166,7 @@ impl Replica {
                     continue;
                 }
             };
+            self.note_read_only(&path, wire.read_only);
             self.trees.absorb(path, state);
         }
     }
@@ -292,6 +314,29 @@ impl Replica {
 
         let mut stats = RoundStats::default();
         for (path, state) in plan.adopt {
+            // The disk already holds the content; a skill's file that became
+            // read-only (a promotion) loses its write bits here.
+            if let (
+                Some((
+                    Entry::File {
+                        hash, executable, ..
+                    },
+                    stat,
+                )),
+                true,
+            ) = (local.get(&path), self.read_only.contains(&path))
+            {
+                let mode = FileMode::read_only(*executable);
+                if !mode.matches(stat.mode) {
+                    match self.root.set_mode(&path, mode, *stat) {
+                        Ok(now) => self.put_cache(&path, now, *hash),
+                        Err(err) => {
+                            self.note_failure(&path, &err, &mut stats);
+                            continue;
+                        }
+                    }
+                }
+            }
             self.set_synced(&path, state);
             stats.adopted += 1;
         }
@@ -444,23 +489,22 @@ impl Replica {
                 Entry::File {
                     hash, executable, ..
                 } => {
+                    let mode = self.file_mode(&item.path, *executable);
                     if let (Some((Entry::File { hash: here, .. }, stat)), Expect::Unchanged(_)) =
                         (&item.local, expect)
                         && here == hash
                     {
                         self.root
-                            .set_executable(&item.path, *executable, *stat)
+                            .set_mode(&item.path, mode, *stat)
                             .map(|s| Some((s, *hash)))
-                    } else if let Some(stat) =
-                        self.copy_local(&item.path, *hash, *executable, expect)
-                    {
+                    } else if let Some(stat) = self.copy_local(&item.path, *hash, mode, expect) {
                         Ok(Some((stat, *hash)))
                     } else {
                         downloads.push((
                             DownloadItem {
                                 path: item.path.clone(),
                                 hash: *hash,
-                                executable: *executable,
+                                mode,
                                 expect,
                             },
                             item.target.clone(),
@@ -539,7 +583,7 @@ impl Replica {
                     .map(|&i| DownloadItem {
                         path: chunk[i].0.path.clone(),
                         hash: chunk[i].0.hash,
-                        executable: chunk[i].0.executable,
+                        mode: chunk[i].0.mode,
                         expect: chunk[i].0.expect,
                     })
                     .collect();
@@ -591,7 +635,7 @@ impl Replica {
         &mut self,
         path: &RelPath,
         hash: ContentHash,
-        executable: bool,
+        mode: FileMode,
         expect: Expect,
     ) -> Option<Stat> {
         let mut sources: Vec<RelPath> = self
@@ -617,7 +661,7 @@ impl Replica {
             if staged.copy_from(&self.root, &source).is_err() || staged.hash() != hash {
                 continue;
             }
-            if let Ok(stat) = staged.commit(&self.root, path, hash, executable, expect) {
+            if let Ok(stat) = staged.commit(&self.root, path, hash, mode, expect) {
                 return Some(stat);
             }
         }
@@ -902,9 +946,22 @@ impl Replica {
     /// The hub kept its version at `path`. Ours, if it had content, is on
     /// the hub under the copy name: move the local version there (a rename)
     /// and take the hub's version at `path` in the next round.
+    /// True when `copy` on disk is a file with the same bytes as the local
+    /// file version `entry` (read and hashed: conflicts are rare).
+    fn already_kept(&self, entry: &Entry, copy: &RelPath) -> bool {
+        let Entry::File { hash, .. } = entry else {
+            return false;
+        };
+        matches!(self.root.hash_file(copy), Ok((found, _, _)) if found == *hash)
+    }
+
     fn on_conflict(&mut self, path: &RelPath, local: Local, conflict: pb::Conflict) {
         let current = match conflict.current.as_ref().map(gm_proto::path_state) {
-            Some(Ok((_, current))) => current,
+            Some(Ok((_, current))) => {
+                let read_only = conflict.current.as_ref().is_some_and(|c| c.read_only);
+                self.note_read_only(path, read_only);
+                current
+            }
             _ => {
                 tracing::warn!(workspace = %self.id, path = %path, "conflict answer without a valid current state");
                 self.trees.follow_up.insert(path.clone());
@@ -930,6 +987,25 @@ impl Replica {
                             self.trees.follow_up.insert(copy_path);
                         }
                         None
+                    }
+                    Err(err) if self.already_kept(entry, &copy_path) => {
+                        // The copy is here already with these bytes (a
+                        // refused directory moved there with its files, and
+                        // a file of it refused again at its old path): the
+                        // local version is kept, this one is a duplicate.
+                        match self.root.remove(path, *stat) {
+                            Ok(()) => {
+                                tracing::info!(workspace = %self.id, path = %path, copy = %copy_path, moved = %err, "conflict: the local version is already kept at its conflict-copy name; duplicate removed");
+                                self.batch.cache_del.push(path.clone());
+                                self.set_synced(&copy_path, copy_state);
+                                None
+                            }
+                            Err(err) => {
+                                tracing::info!(workspace = %self.id, path = %path, error = %err, "conflict copy not moved yet; the local version changed again");
+                                self.trees.follow_up.insert(path.clone());
+                                return;
+                            }
+                        }
                     }
                     Err(err) => {
                         tracing::info!(workspace = %self.id, path = %path, error = %err, "conflict copy not moved yet; the local version changed again");

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use gm_chunk::Manifest;
 use gm_core::{ContentHash, RelPath, Stat, WorkspaceId};
 use gm_fs::assemble::{AssembleError, assemble, plan_pieces};
-use gm_fs::{Expect, FsError, Piece, Root, StagedFile};
+use gm_fs::{Expect, FileMode, FsError, Piece, Root, StagedFile};
 use gm_proto::pb;
 use gm_store::NodeDb;
 use tokio::sync::mpsc;
@@ -27,7 +27,8 @@ type Landed = (usize, Result<Stat, FsError>);
 pub struct DownloadItem {
     pub path: RelPath,
     pub hash: ContentHash,
-    pub executable: bool,
+    /// The executable bit, and read-only for a skill's file.
+    pub mode: FileMode,
     pub expect: Expect,
 }
 
@@ -98,7 +99,7 @@ pub async fn download(
         if message.last
             && let Some(mut file) = staged.remove(&index)
         {
-            match file.prepare(root, &item.path, item.executable) {
+            match file.prepare(root, &item.path, item.mode) {
                 Ok(()) => finished.push((index, file)),
                 Err(err) => {
                     outcomes.insert(index, Err(DownloadFailure::Local(err)));
@@ -122,7 +123,7 @@ pub async fn download(
                     let result = if grouped {
                         file.commit_prepared(&root, &item.path, item.hash, item.expect)
                     } else {
-                        file.commit(&root, &item.path, item.hash, item.executable, item.expect)
+                        file.commit(&root, &item.path, item.hash, item.mode, item.expect)
                     };
                     (index, result)
                 })
@@ -400,12 +401,12 @@ pub async fn download_chunked(
             }
         }))
     };
-    let (root, target, expect, hash, executable) = (
+    let (root, target, expect, hash, mode) = (
         root.clone(),
         item.path.clone(),
         item.expect,
         item.hash,
-        item.executable,
+        item.mode,
     );
     let landed =
         tokio::task::spawn_blocking(move || -> Result<(Stat, Manifest), DownloadFailure> {
@@ -429,7 +430,7 @@ pub async fn download_chunked(
                 Err(AssembleError::Fs(err)) => return Err(DownloadFailure::Local(err)),
                 Err(other) => return Err(DownloadFailure::Unavailable(other.to_string())),
             }
-            match staged.commit(&root, &target, hash, executable, expect) {
+            match staged.commit(&root, &target, hash, mode, expect) {
                 Ok(stat) => Ok((stat, manifest)),
                 Err(FsError::HashMismatch { .. }) => Err(DownloadFailure::Corrupt),
                 Err(err) => Err(DownloadFailure::Local(err)),

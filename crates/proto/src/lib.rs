@@ -1,5 +1,6 @@
 //! The wire: generated gRPC code for `proto/ghostmirror.proto` (sync,
-//! `pb`) and `proto/registry.proto` (registry admin, `registry_pb`), and the
+//! `pb`), `proto/registry.proto` (registry admin, `registry_pb`) and
+//! `proto/skills.proto` (skill registry admin, `skills_pb`), and the
 //! conversions between sync messages and `gm_core` types. Registry wire
 //! values are checked by gm-registry's constructors (in gm-hub), so that
 //! this crate, which nodes link, does not depend on the registry.
@@ -17,6 +18,11 @@ pub mod pb {
 #[allow(clippy::all, clippy::pedantic)]
 pub mod registry_pb {
     tonic::include_proto!("ghostmirror.registry.v1");
+}
+
+#[allow(clippy::all, clippy::pedantic)]
+pub mod skills_pb {
+    tonic::include_proto!("ghostmirror.skills.v1");
 }
 
 use gm_core::{ContentHash, Entry, RelPath, Seq, Versioned};
@@ -121,6 +127,7 @@ pub fn path_state_to_wire(path: &RelPath, state: &Versioned) -> pb::PathState {
         path: path.as_str().to_string(),
         seq: state.seq.0,
         entry: state.entry.as_ref().map(entry_to_wire),
+        read_only: false,
     }
 }
 
@@ -192,6 +199,7 @@ mod tests {
             path: "../etc".into(),
             seq: 1,
             entry: None,
+            read_only: false,
         })
         .unwrap_err()
         .to_string();

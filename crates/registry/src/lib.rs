@@ -1,6 +1,6 @@
 //! The registry of the mesh: which nodes exist, which sessions (workspaces)
 //! are active, which agent templates exist and which agent instances run
-//! where. Owns the registry schema, its migrations and every registry query,
+//! where, and which skill names are taken (reserved, active, removed). Owns the registry schema, its migrations and every registry query,
 //! on SQLite or PostgreSQL (sqlx, runtime queries only).
 //!
 //! - `Registry::open_sqlite(path)`: the hub's `DATA_DIR/state.db`, shared
@@ -23,6 +23,7 @@ mod error;
 mod instances;
 mod migrate;
 mod sessions;
+mod skills;
 mod templates;
 mod tokens;
 pub mod types;
@@ -38,6 +39,7 @@ pub use error::{Backend, RegistryError};
 pub use instances::BulkInstance;
 pub use migrate::{SCHEMA_VERSION, migration_versions};
 pub use sessions::AttachOutcome;
+pub use skills::{NewSkill, Skill, SkillOrigin, SkillState};
 pub use tokens::{NewNodeToken, NodeAccess, parse_node_token};
 pub use types::{
     BoundNode, DEFAULT_PAGE, Instance, InstanceFilter, InstanceId, InstanceStatus, JsonObject,

@@ -22,6 +22,11 @@ const SQLITE: &[(i64, &str, &str)] = &[
         "node_tokens",
         include_str!("../migrations/sqlite/0002_node_tokens.sql"),
     ),
+    (
+        3,
+        "skills",
+        include_str!("../migrations/sqlite/0003_skills.sql"),
+    ),
 ];
 
 /// (version, name, SQL) for PostgreSQL: the same history as `SQLITE`.
@@ -35,6 +40,11 @@ const POSTGRES: &[(i64, &str, &str)] = &[
         2,
         "node_tokens",
         include_str!("../migrations/postgres/0002_node_tokens.sql"),
+    ),
+    (
+        3,
+        "skills",
+        include_str!("../migrations/postgres/0003_skills.sql"),
     ),
 ];
 
@@ -59,10 +69,10 @@ fn migrator(backend: Backend) -> Migrator {
 }
 
 /// The schema version this build brings (the last migration's).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
-/// Every migration version this build brings, in order (versions need not
-/// be contiguous).
+/// Every migration version this build brings, in order: 1, 2, … up to
+/// `SCHEMA_VERSION` with no gap (a unit test holds both lists to that).
 pub fn migration_versions() -> Vec<i64> {
     SQLITE.iter().map(|&(version, _, _)| version).collect()
 }
@@ -104,6 +114,68 @@ mod tests {
         let versions: Vec<i64> = SQLITE.iter().map(|(v, _, _)| *v).collect();
         let expected: Vec<i64> = (1..=SCHEMA_VERSION).collect();
         assert_eq!(versions, expected, "versions are 1, 2, 3, … with no gap");
+    }
+
+    /// A database made by a build that knew only the first `known`
+    /// migrations (version 1: templates and all; version 2: node tokens)
+    /// migrates to the current version on open, and keeps its rows.
+    async fn an_older_database_migrates_and_keeps_its_rows(known: usize) {
+        use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.db");
+        {
+            let options = SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            let pool = SqlitePoolOptions::new()
+                .connect_with(options)
+                .await
+                .expect("open");
+            let older = Migrator::with_migrations(
+                SQLITE[..known]
+                    .iter()
+                    .map(|&(version, name, sql)| {
+                        Migration::new(
+                            version,
+                            Cow::Borrowed(name),
+                            MigrationType::Simple,
+                            sql.into_sql_str(),
+                            false,
+                        )
+                    })
+                    .collect(),
+            );
+            older
+                .run(&pool)
+                .await
+                .expect("migrate to the older version");
+            sqlx::query(
+                "INSERT INTO registry_templates (name, created_ms, updated_ms) VALUES ('t', 1, 1)",
+            )
+            .execute(&pool)
+            .await
+            .expect("insert");
+            pool.close().await;
+        }
+        let registry = Registry::open_sqlite(&path).await.expect("reopen");
+        assert_eq!(
+            registry.applied_migrations().await.expect("applied"),
+            (1..=SCHEMA_VERSION).collect::<Vec<_>>()
+        );
+        let template = crate::TemplateName::new("t").expect("name");
+        assert!(registry.template(&template).await.expect("read").is_some());
+        assert!(registry.skills(None).await.expect("skills").is_empty());
+        registry.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_migrates_and_keeps_its_rows() {
+        an_older_database_migrates_and_keeps_its_rows(1).await;
+    }
+
+    #[tokio::test]
+    async fn a_version_2_database_migrates_and_keeps_its_rows() {
+        an_older_database_migrates_and_keeps_its_rows(2).await;
     }
 
     #[test]

@@ -23,6 +23,13 @@ async fn registry_and_store_share_state_db() {
     let store = Arc::new(gm_store::HubDb::open(&path).expect("open store"));
     let registry = Registry::open_sqlite(&path).await.expect("open registry");
 
+    // The store also journals (a transaction that reads the last seq, then
+    // writes): it must wait for the registry's write lock, not fail with
+    // SQLITE_BUSY because the registry committed after its read.
+    let journal = ws("store-journal");
+    store
+        .ensure_workspace(&journal, 0)
+        .expect("journal workspace");
     let writer = {
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
@@ -30,6 +37,18 @@ async fn registry_and_store_share_state_db() {
                 store
                     .ensure_workspace(&ws(&format!("store-{i}")), i)
                     .expect("store write");
+                let batch = gm_store::RecordBatch {
+                    changes: vec![(
+                        gm_core::RelPath::new(&format!("dir-{i}")).expect("path"),
+                        gm_core::Versioned {
+                            entry: Some(gm_core::Entry::Dir),
+                            seq: gm_core::Seq(i as u64 + 1),
+                        },
+                    )],
+                    origin: "hub".into(),
+                    ..Default::default()
+                };
+                store.record(&journal, &batch).expect("journal write");
             }
         })
     };
@@ -47,7 +66,7 @@ async fn registry_and_store_share_state_db() {
     // Reopen in the other order: both histories are intact and not re-run.
     let registry = Registry::open_sqlite(&path).await.expect("reopen registry");
     let store = gm_store::HubDb::open(&path).expect("reopen store");
-    assert_eq!(store.workspaces().expect("workspaces").len(), 300);
+    assert_eq!(store.workspaces().expect("workspaces").len(), 301);
     assert_eq!(registry.active_sessions().await.expect("active").len(), 300);
     assert_eq!(
         registry.applied_migrations().await.expect("migrations"),

@@ -221,7 +221,7 @@ impl HubDb {
     /// again starts a new journal with a new epoch.
     pub fn forget_workspace(&self, ws: &WorkspaceId) -> Result<(), StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for table in ["entries", "hash_cache", "chunks", "conflicts"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE ws = ?1"), [ws.as_str()])?;
             }
@@ -267,6 +267,17 @@ impl HubDb {
                 seq: Seq(seq as u64),
             })),
         }
+    }
+
+    /// Who journaled the current state of a path: a node id, or "hub" for
+    /// a change found in the mirror. `None` for a path never journaled.
+    pub fn origin(&self, ws: &WorkspaceId, path: &RelPath) -> Result<Option<String>, StoreError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT origin FROM entries WHERE ws = ?1 AND path = ?2")?;
+            stmt.query_row(params![ws.as_str(), path.as_str()], |r| r.get(0))
+                .optional()
+        })
     }
 
     /// Every journaled path at or under `top` (all paths when `None`),
@@ -350,10 +361,14 @@ impl HubDb {
         rows.iter().map(|p| self.path_of(p)).collect()
     }
 
-    /// Applies one batch atomically.
+    /// Applies one batch atomically. Like every write transaction here it
+    /// begins IMMEDIATE: it takes the write lock first (waiting on the busy
+    /// timeout), since a deferred one that reads first fails at once with
+    /// SQLITE_BUSY when another connection (the registry, which shares
+    /// `state.db`) committed since its read snapshot.
     pub fn record(&self, ws: &WorkspaceId, batch: &RecordBatch) -> Result<(), StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let mut last: i64 = tx.query_row("SELECT seq FROM workspaces WHERE id = ?1", [ws.as_str()], |r| r.get(0))?;
             {
                 let mut put = tx.prepare_cached(
@@ -405,7 +420,7 @@ impl HubDb {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             cache::put(&tx, ws, put, del, manifests)?;
             tx.commit()
         })
@@ -514,6 +529,11 @@ mod tests {
         assert!(!db.has_live_children(&ws, &rel("d")).unwrap());
         assert_eq!(db.workspace(&ws).unwrap().unwrap().seq, Seq(3));
         assert_eq!(db.entries_under(&ws, Some(&rel("d"))).unwrap().len(), 2);
+        assert_eq!(
+            db.origin(&ws, &rel("d")).unwrap().as_deref(),
+            Some("node-a")
+        );
+        assert_eq!(db.origin(&ws, &rel("never")).unwrap(), None);
         // Same epoch after reopening; state survives.
         drop(db);
         let db = HubDb::open(&dir.path().join("state.db")).unwrap();
