@@ -481,7 +481,12 @@ impl Replica {
                 expect
             };
             let result = match &target_entry {
-                Entry::Dir => self.root.make_dir(&item.path).map(|_| None),
+                Entry::Dir => {
+                    // Made durable by the round's `sync_filesystem` before
+                    // `persist` records it, like the grouped files.
+                    self.needs_sync = true;
+                    self.root.make_dir_unsynced(&item.path).map(|_| None)
+                }
                 Entry::Symlink { target } => self
                     .root
                     .make_symlink(&item.path, target, expect)

@@ -295,7 +295,10 @@ impl WorkspaceTask {
         tracing::info!(workspace = %self.id, ?first, "first reconciliation done");
 
         if self.config.once {
-            return self.finish_once(&mut replica, &mut incoming).await;
+            let verified = first.idle() && first.refused == 0;
+            return self
+                .finish_once(&mut replica, &mut incoming, verified)
+                .await;
         }
         *reached_live = true;
         let _watcher = watcher;
@@ -390,12 +393,14 @@ impl WorkspaceTask {
         }
     }
 
-    /// `--once`: rounds until nothing is left to do, then a final full
-    /// round that must find nothing to do either.
+    /// `--once`: rounds until a full round finds nothing to do (no local
+    /// change, no remote change, nothing refused) with the journal caught
+    /// up. `verified`: the first reconciliation (a full round) already did.
     async fn finish_once(
         &self,
         replica: &mut Replica,
         incoming: &mut mpsc::Receiver<Incoming>,
+        mut verified: bool,
     ) -> Result<(), SyncError> {
         for _ in 0..ONCE_ROUNDS {
             while let Ok(message) = incoming.try_recv() {
@@ -405,20 +410,19 @@ impl WorkspaceTask {
                     Incoming::Ended(status) => return Err(ended(status)),
                 }
             }
-            let stats = if replica.settled() {
+            if verified && replica.settled() && replica.trees.refused.is_empty() {
+                tracing::info!(workspace = %self.id, seq = replica.trees.highest_seen.0, "workspace equals its mirror");
+                return Ok(());
+            }
+            let full = replica.settled();
+            let stats = if full {
                 replica.round(Scope::Full, self.config.once).await?
             } else {
                 // Give the journal a moment to deliver what our commits caused.
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 replica.round(Scope::Subtrees(Vec::new()), true).await?
             };
-            if stats.idle() && replica.settled() && stats.refused == 0 {
-                let final_round = replica.round(Scope::Full, self.config.once).await?;
-                if final_round.idle() && replica.settled() && replica.trees.refused.is_empty() {
-                    tracing::info!(workspace = %self.id, seq = replica.trees.highest_seen.0, "workspace equals its mirror");
-                    return Ok(());
-                }
-            }
+            verified = full && stats.idle() && stats.refused == 0;
         }
         let mut why = Vec::new();
         if !replica.trees.remote.is_empty() {
