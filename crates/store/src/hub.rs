@@ -66,6 +66,8 @@ CREATE INDEX conflicts_by_ws ON conflicts (ws, seq);
         cache::chunks_schema!(),
         "CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);\n"
     ),
+    // 3: chunk rows left without the record they describe.
+    cache::drop_stale_chunks!(),
 ];
 
 pub struct HubDb {
@@ -582,9 +584,17 @@ mod tests {
         let manifest = Manifest {
             chunks: vec![chunk(b"one"), chunk(b"second")],
         };
+        // (A chunk list sums to its file's size.)
+        let large = CacheRecord {
+            stat: Stat {
+                size: 9,
+                ..record.stat
+            },
+            ..record
+        };
         db.update_cache(
             &ws,
-            &[(rel("a/x"), record)],
+            &[(rel("a/x"), large)],
             &[],
             &[(rel("a/x"), manifest.clone())],
         )
@@ -620,6 +630,87 @@ mod tests {
             db.manifest(&ws, &rel("a/x")).unwrap(),
             None,
             "chunks leave with their record"
+        );
+    }
+
+    /// Found by the crash test with real processes (tests/faults.rs): a
+    /// round scanned a large file (queueing its chunk list), then moved it
+    /// to its conflict-copy name (queueing the removal of its record) in
+    /// the same batch. The removal went first and the chunk list was
+    /// written after it: chunk rows for a path with no record, which no
+    /// scan ever cleans up. Every later download of that path planned its
+    /// bytes from a file that was not there, failed, and the node proposed
+    /// a deletion again and again. Likewise a list queued before a write of
+    /// smaller content at the path.
+    #[test]
+    fn chunk_lists_never_outlive_the_record_they_describe() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = HubDb::open(&dir.path().join("state.db")).unwrap();
+        let ws = WorkspaceId::new("w").unwrap();
+        db.ensure_workspace(&ws, 1).unwrap();
+        let chunk = |b: &[u8]| gm_chunk::ChunkRef {
+            len: b.len() as u32,
+            hash: ContentHash::of(b),
+        };
+        let manifest = Manifest {
+            chunks: vec![chunk(b"one"), chunk(b"second")],
+        };
+        let record = |size: u64| CacheRecord {
+            stat: Stat {
+                kind: Kind::File,
+                size,
+                mtime_ns: 5,
+                ctime_ns: 6,
+                ino: 7,
+                dev: 8,
+                mode: 0o644,
+            },
+            hash: ContentHash::of(b"whole"),
+            recorded_ns: 9,
+        };
+        let second = ContentHash::of(b"second");
+        // Removed in the same batch.
+        db.update_cache(&ws, &[], &[rel("gone")], &[(rel("gone"), manifest.clone())])
+            .unwrap();
+        // Replaced by a smaller file in the same batch.
+        db.update_cache(
+            &ws,
+            &[(rel("small"), record(2))],
+            &[],
+            &[(rel("small"), manifest.clone())],
+        )
+        .unwrap();
+        assert_eq!(db.manifest(&ws, &rel("gone")).unwrap(), None);
+        assert_eq!(db.manifest(&ws, &rel("small")).unwrap(), None);
+        assert!(db.locate_chunks(&ws, &[second]).unwrap().is_empty());
+        // The list of the record's own content stays.
+        db.update_cache(
+            &ws,
+            &[(rel("large"), record(9))],
+            &[],
+            &[(rel("large"), manifest.clone())],
+        )
+        .unwrap();
+        assert_eq!(
+            db.locate_chunks(&ws, &[second]).unwrap()[&second].path,
+            rel("large")
+        );
+
+        // Rows left by earlier versions go when the database is opened.
+        drop(db);
+        let raw = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+        raw.execute(
+            "INSERT INTO chunks (ws, path, idx, offset, len, hash) VALUES ('w', 'orphan', 0, 0, 6, ?1)",
+            [ContentHash::of(b"orphan").as_bytes().as_slice()],
+        )
+        .unwrap();
+        raw.pragma_update(None, "user_version", 2).unwrap();
+        drop(raw);
+        let db = HubDb::open(&dir.path().join("state.db")).unwrap();
+        assert_eq!(db.manifest(&ws, &rel("orphan")).unwrap(), None);
+        assert_eq!(
+            db.locate_chunks(&ws, &[second]).unwrap()[&second].path,
+            rel("large")
         );
     }
 }

@@ -53,6 +53,8 @@ CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);
 "#,
     // 2: chunk index of large files.
     cache::chunks_schema!(),
+    // 3: chunk rows left without the record they describe.
+    cache::drop_stale_chunks!(),
 ];
 
 pub struct NodeDb {
