@@ -109,6 +109,20 @@ pub struct Replica {
     /// Paths the hub last sent flagged read-only (a registered skill's
     /// files): they land without write permission.
     read_only: HashSet<RelPath>,
+    /// Where `trees.in_doubt` goes when this session ends.
+    in_doubt_carry: Option<Arc<std::sync::Mutex<InDoubt>>>,
+}
+
+/// Proposals sent without an answer, by path (`NodeTrees::in_doubt`).
+pub type InDoubt = BTreeMap<RelPath, Vec<Option<Entry>>>;
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(carry) = self.in_doubt_carry.take() {
+            let mut slot = carry.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = std::mem::take(&mut self.trees.in_doubt);
+        }
+    }
 }
 
 impl Replica {
@@ -135,6 +149,7 @@ impl Replica {
             needs_sync: false,
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
+            in_doubt_carry: None,
             read_only: HashSet::new(),
         }
     }
@@ -154,6 +169,13 @@ impl Replica {
         } else {
             self.read_only.remove(path);
         }
+    }
+
+    /// Takes the proposals a previous session left in doubt, and hands
+    /// this session's back to `carry` when it ends.
+    pub fn carry_in_doubt(&mut self, carry: Arc<std::sync::Mutex<InDoubt>>) {
+        self.trees.in_doubt = std::mem::take(&mut *carry.lock().unwrap_or_else(|p| p.into_inner()));
+        self.in_doubt_carry = Some(carry);
     }
 
     /// Takes journal changes from the subscription.
@@ -245,7 +267,27 @@ impl Replica {
 
     /// One round over `scope`. Local deletions are only proposed when
     /// `release_deletes` is set; otherwise they wait in `deferred`.
+    ///
+    /// A round that fails part way (a call cut off, the hub gone) still
+    /// persists what it did: files it landed, conflict copies it moved. They
+    /// are on disk; without their synced records the next session would
+    /// take them for local changes and turn the hub's next version of those
+    /// paths into conflict copies (found by the network-fault test).
     pub async fn round(
+        &mut self,
+        scope: Scope,
+        release_deletes: bool,
+    ) -> Result<RoundStats, SyncError> {
+        let result = self.round_steps(scope, release_deletes).await;
+        if result.is_err()
+            && let Err(err) = self.persist().await
+        {
+            tracing::warn!(workspace = %self.id, error = %err, "cannot record what the failed round did; the next session looks at those paths again");
+        }
+        result
+    }
+
+    async fn round_steps(
         &mut self,
         scope: Scope,
         release_deletes: bool,
@@ -737,6 +779,8 @@ impl Replica {
                     bytes += op.data.as_ref().map_or(0, |d| d.len() as u64);
                     ops.push(op);
                     let known = self.trees.known_seq(&item.path);
+                    self.trees
+                        .sent(&item.path, item_local.as_ref().map(|(e, _)| e.clone()));
                     members.push((item.path.clone(), item.base, item_local, known));
                     if bytes >= self.config.batch_bytes {
                         break;
@@ -791,6 +835,7 @@ impl Replica {
         let mut uploads: Vec<ProposeItem> = Vec::new();
         for ((path, base, local, known), result) in members.into_iter().zip(response.results) {
             stats.proposed += 1;
+            self.trees.answered(&path);
             self.progress.advance(local.as_ref().map(|(e, _)| e));
             match result.outcome {
                 Some(pb::op_result::Outcome::Committed(done)) => {

@@ -145,6 +145,9 @@ pub struct SimNode {
     pub db_synced: BTreeMap<RelPath, Versioned>,
     pub db_last_seq: Seq,
     pub session: Option<Session>,
+    /// Proposals a lost connection left unanswered, carried to the next
+    /// session (`NodeTrees::in_doubt`; a crash loses them).
+    in_doubt: BTreeMap<RelPath, Vec<Option<Entry>>>,
     /// Watcher paths not yet part of a round.
     pub dirty: BTreeSet<RelPath>,
     /// Staging files on disk.
@@ -168,6 +171,7 @@ impl SimNode {
             db_synced: BTreeMap::new(),
             db_last_seq: Seq::ZERO,
             session: None,
+            in_doubt: BTreeMap::new(),
             dirty: BTreeSet::new(),
             staging: 0,
             next_call: 0,
@@ -189,11 +193,13 @@ impl SimNode {
         self.staging = 0;
         self.dirty.clear();
         self.disk.touched.clear();
+        let mut trees = NodeTrees::new(self.db_synced.clone(), self.db_last_seq);
+        trees.in_doubt = std::mem::take(&mut self.in_doubt);
         self.session = Some(Session {
             conn,
             caught_up: false,
             first_round_done: false,
-            trees: NodeTrees::new(self.db_synced.clone(), self.db_last_seq),
+            trees,
             inbox: VecDeque::new(),
             round: None,
             answers: BTreeMap::new(),
@@ -207,11 +213,22 @@ impl SimNode {
         });
     }
 
-    /// The session ends (connection lost): in-memory state is dropped;
-    /// downloads in progress drop their staging files. With `crash`, the
-    /// process died: staging stays on disk until the next start.
-    pub fn end_session(&mut self, crash: bool) {
+    /// The session ends (connection lost): what the round did so far is
+    /// persisted (`Replica::round` on an error), proposals without an
+    /// answer stay in doubt for the next session, the rest of the
+    /// in-memory state is dropped; downloads in progress drop their
+    /// staging files. With `crash`, the process died: nothing more is
+    /// persisted and staging stays on disk until the next start.
+    pub fn end_session(&mut self, crash: bool, trace: &mut Trace) {
+        if !crash && self.session.is_some() {
+            self.persist(trace);
+        }
         if let Some(session) = self.session.take() {
+            if !crash {
+                self.in_doubt = session.trees.in_doubt.clone();
+            } else {
+                self.in_doubt.clear();
+            }
             self.check_resumable(&session);
             if !crash {
                 self.staging -= session.staged;
@@ -834,6 +851,9 @@ impl SimNode {
                 if let Some((op, local)) = self.make_op(&item, force_inline, &p.hub_has) {
                     ops.push(op);
                     let known = self.session().trees.known_seq(&item.path);
+                    self.session()
+                        .trees
+                        .sent(&item.path, local.as_ref().map(|(e, _)| e.clone()));
                     members.push((item.path.clone(), item.base, local, known));
                 }
             }
@@ -929,6 +949,7 @@ impl SimNode {
         trace: &mut Trace,
     ) {
         for ((path, base, local, known), result) in members.into_iter().zip(results) {
+            self.session().trees.answered(&path);
             match result {
                 OpResult::Committed(seq) => {
                     let entry = local.as_ref().map(|(e, _)| e.clone());
