@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::{FaultProxy, Faults};
+use common::proxy::{FaultProxy, Faults, Trip};
 use common::*;
 use gm_core::ContentHash;
 use rand::rngs::StdRng;
@@ -1312,8 +1312,7 @@ impl OwnWorkload {
                 let mode = if executable { 0o644 } else { 0o755 };
                 std::fs::set_permissions(root.join(&path), std::fs::Permissions::from_mode(mode))
                     .expect("chmod");
-                if let Some(Item::File { executable, .. }) =
-                    self.sides[index].model.get_mut(&path)
+                if let Some(Item::File { executable, .. }) = self.sides[index].model.get_mut(&path)
                 {
                     *executable = !*executable;
                 }
@@ -1335,8 +1334,14 @@ impl OwnWorkload {
 
 fn assert_tree_is(what: &str, actual: &BTreeMap<String, Item>, expected: &BTreeMap<String, Item>) {
     if actual != expected {
-        let missing: Vec<&String> = expected.keys().filter(|k| !actual.contains_key(*k)).collect();
-        let extra: Vec<&String> = actual.keys().filter(|k| !expected.contains_key(*k)).collect();
+        let missing: Vec<&String> = expected
+            .keys()
+            .filter(|k| !actual.contains_key(*k))
+            .collect();
+        let extra: Vec<&String> = actual
+            .keys()
+            .filter(|k| !expected.contains_key(*k))
+            .collect();
         let different: Vec<&String> = expected
             .iter()
             .filter(|(k, v)| actual.get(*k).is_some_and(|a| a != *v))
@@ -1403,7 +1408,11 @@ fn network_faults_lose_and_duplicate_nothing() {
     let workload_secs = started.elapsed().as_secs_f64();
     let faulty = proxy.stats();
     proxy.set_faults(None);
-    let tree = wait_agreement("every replica to agree after the network faults", &c.hub, &[&c.a, &c.b]);
+    let tree = wait_agreement(
+        "every replica to agree after the network faults",
+        &c.hub,
+        &[&c.a, &c.b],
+    );
     let mut expected = workload.expected();
     expected.insert("keep".into(), file("never touched"));
     assert_tree_is("the tree after network faults", &tree, &expected);
@@ -1430,7 +1439,10 @@ fn network_faults_lose_and_duplicate_nothing() {
 /// what was written, with no conflict copy.
 #[test]
 fn node_killed_while_offline_changes_pile_up_converges() {
-    let seed = seed("GM_OFFLINE_SEED", "node_killed_while_offline_changes_pile_up_converges");
+    let seed = seed(
+        "GM_OFFLINE_SEED",
+        "node_killed_while_offline_changes_pile_up_converges",
+    );
     let started = Instant::now();
     let mut c = cluster(&[]);
     c.seed_keep();
@@ -1460,7 +1472,11 @@ fn node_killed_while_offline_changes_pile_up_converges() {
     c.a.start();
     ops += run(&mut workload, 40);
     c.b.start();
-    let tree = wait_agreement("every replica to agree after the restarts", &c.hub, &[&c.a, &c.b]);
+    let tree = wait_agreement(
+        "every replica to agree after the restarts",
+        &c.hub,
+        &[&c.a, &c.b],
+    );
     let mut expected = workload.expected();
     expected.insert("keep".into(), file("never touched"));
     assert_tree_is("the tree after the restarts", &tree, &expected);
@@ -1471,4 +1487,109 @@ fn node_killed_while_offline_changes_pile_up_converges() {
         tree.len(),
         started.elapsed().as_secs_f64()
     );
+}
+
+// ---------------------------------------------------------------------
+// Deterministic regressions for what the network-fault test found
+
+/// A hub and node a, which reaches the hub through a proxy; `keep` synced.
+fn one_node_behind_proxy(seed: u64) -> (Cluster, FaultProxy) {
+    let mut c = cluster(&[]);
+    let proxy = FaultProxy::start(hub_addr(&c.hub), seed);
+    c.a.set_hub_url(&proxy.url());
+    write(&c.a.path("keep"), "never touched");
+    c.a.start();
+    wait_until("keep on the hub", || c.hub.mirror(WS).join("keep").exists());
+    (c, proxy)
+}
+
+fn no_conflict_copies(tree: &BTreeMap<String, Item>) -> Vec<String> {
+    tree.keys()
+        .filter(|k| k.contains(".conflict-"))
+        .cloned()
+        .collect()
+}
+
+/// The hub commits a node's proposals but the answer never reaches the
+/// node (the connection dies after the call got through); meanwhile the
+/// user edits one file again and deletes the other. Once reconnected the
+/// node must see the journal's versions as its own: the edit is proposed
+/// on top (no conflict copy) and the deletion is proposed (the file is
+/// not brought back). Before the fix: a conflict copy, and the deleted
+/// file resurrected on every replica.
+#[test]
+fn a_commit_whose_answer_is_lost_is_recognised_as_own() {
+    let (mut c, proxy) = one_node_behind_proxy(1);
+    let marker = b"lost-answer-marker-7f3a";
+    proxy.trip_on(marker, Trip::MuteReplies);
+    let mut first = marker.to_vec();
+    first.extend_from_slice(b" version 1");
+    std::fs::write(c.a.path("edited.txt"), &first).expect("write");
+    write(&c.a.path("deleted.txt"), "made, then deleted");
+    wait_until("the hub committed both files", || {
+        std::fs::read(c.hub.mirror(WS).join("edited.txt")).is_ok_and(|b| b == first)
+            && c.hub.mirror(WS).join("deleted.txt").exists()
+    });
+    assert!(proxy.tripped(), "the commit did not go through the proxy");
+    // The node still waits for the answers; the user goes on.
+    write(&c.a.path("edited.txt"), "version 2");
+    std::fs::remove_file(c.a.path("deleted.txt")).expect("delete");
+    proxy.cut_all(false);
+    let tree = wait_agreement("agreement after the lost answers", &c.hub, &[&c.a]);
+    assert_eq!(tree.get("edited.txt"), Some(&file("version 2")));
+    assert!(
+        !tree.contains_key("deleted.txt"),
+        "the deleted file came back"
+    );
+    assert_eq!(no_conflict_copies(&tree), Vec::<String>::new());
+    c.a.stop();
+}
+
+/// A round lands the hub's new files, then its own commit call is cut
+/// off and the hub stays unreachable; the hub changes those files again
+/// meanwhile. The landed files must have been recorded as synced (the
+/// failed round persists what it did), so the node takes the hub's next
+/// versions instead of proposing its copies as conflicts.
+#[test]
+fn files_landed_by_a_round_that_fails_later_are_recorded() {
+    let (mut c, proxy) = one_node_behind_proxy(2);
+    c.a.stop();
+    let names: Vec<String> = (0..5).map(|i| format!("hub{i}.txt")).collect();
+    for name in &names {
+        write(&c.hub.mirror(WS).join(name), &format!("{name} version 1"));
+    }
+    wait_until("the hub journaled its files", || {
+        journal(&c.hub.data_dir).is_ok_and(|(rows, _)| names.iter().all(|n| rows.contains_key(n)))
+    });
+    let marker = b"failed-round-marker-91c2";
+    proxy.trip_on(marker, Trip::CutAndRefuse);
+    std::fs::write(c.a.path("local.txt"), marker).expect("write");
+    c.a.start();
+    wait_until("the node's commit was cut off", || proxy.tripped());
+    for name in &names {
+        assert_eq!(
+            std::fs::read_to_string(c.a.path(name)).ok(),
+            Some(format!("{name} version 1")),
+            "{name} was not landed before the commit"
+        );
+    }
+    for name in &names {
+        write(&c.hub.mirror(WS).join(name), &format!("{name} version 2"));
+    }
+    wait_until("the hub journaled version 2", || {
+        let expected = rows_of_tree(&BTreeMap::from_iter(
+            names
+                .iter()
+                .map(|n| (n.clone(), file(&format!("{n} version 2")))),
+        ));
+        journal(&c.hub.data_dir)
+            .is_ok_and(|(rows, _)| expected.iter().all(|(n, row)| rows.get(n) == Some(row)))
+    });
+    proxy.set_refusing(false);
+    let tree = wait_agreement("agreement after the failed round", &c.hub, &[&c.a]);
+    for name in &names {
+        assert_eq!(tree.get(name), Some(&file(&format!("{name} version 2"))));
+    }
+    assert_eq!(no_conflict_copies(&tree), Vec::<String>::new());
+    c.a.stop();
 }

@@ -6,6 +6,13 @@
 //! so a seed fixes which connections are cut after how many bytes (thread
 //! timing still varies between runs).
 //!
+//! A trip (`trip_on`) acts once on the first connection whose client sends
+//! a marker (e.g. a file's bytes inside a commit call): it cuts that
+//! connection before the marker reaches the hub, or lets the call through
+//! and swallows every reply on that connection, so the hub acts on a call
+//! whose answer the node never gets. `set_refusing` closes new connections
+//! at once (the hub looks unreachable).
+//!
 //! The upstream can change (`set_upstream`): a hub restarted on a new port
 //! stays reachable at the proxy's address, so nodes need no restart.
 //! What it does not do: reorder or corrupt bytes (TCP would not either), or
@@ -38,6 +45,16 @@ pub struct Faults {
     pub reset_chance: f64,
 }
 
+/// What a trip does to the connection that sent its marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trip {
+    /// Close it before forwarding the bytes that hold the marker, and
+    /// refuse new connections until `set_refusing(false)`.
+    CutAndRefuse,
+    /// Forward the marker, then drop every byte the hub sends back on it.
+    MuteReplies,
+}
+
 /// What the proxy did so far.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyStats {
@@ -61,6 +78,9 @@ struct Shared {
     rng: Mutex<StdRng>,
     live: Mutex<Vec<Weak<Conn>>>,
     stop: AtomicBool,
+    trip: Mutex<Option<(Vec<u8>, Trip)>>,
+    tripped: AtomicBool,
+    refusing: AtomicBool,
     connections: AtomicU64,
     cuts: AtomicU64,
     resets: AtomicU64,
@@ -77,6 +97,8 @@ struct Conn {
     cut_after: Option<u64>,
     reset: bool,
     killed: AtomicBool,
+    /// Replies are dropped (a `Trip::MuteReplies`).
+    muted: AtomicBool,
     rng: Mutex<StdRng>,
 }
 
@@ -147,6 +169,9 @@ impl FaultProxy {
             rng: Mutex::new(StdRng::seed_from_u64(seed)),
             live: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            trip: Mutex::new(None),
+            tripped: AtomicBool::new(false),
+            refusing: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
             resets: AtomicU64::new(0),
@@ -193,6 +218,22 @@ impl FaultProxy {
         cut
     }
 
+    /// Arms a trip on `marker` (see the module doc).
+    pub fn trip_on(&self, marker: &[u8], trip: Trip) {
+        self.shared.tripped.store(false, Ordering::SeqCst);
+        *lock(&self.shared.trip) = Some((marker.to_vec(), trip));
+    }
+
+    /// True once the armed trip acted.
+    pub fn tripped(&self) -> bool {
+        self.shared.tripped.load(Ordering::SeqCst)
+    }
+
+    /// While set, new connections are closed at once.
+    pub fn set_refusing(&self, refusing: bool) {
+        self.shared.refusing.store(refusing, Ordering::SeqCst);
+    }
+
     pub fn stats(&self) -> ProxyStats {
         let s = &self.shared;
         ProxyStats {
@@ -220,6 +261,10 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             return;
         }
         let Ok(client) = incoming else { continue };
+        if shared.refusing.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
         shared.connections.fetch_add(1, Ordering::Relaxed);
         let upstream = *lock(&shared.upstream);
         let faults = lock(&shared.faults).clone();
@@ -245,6 +290,7 @@ fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
             cut_after,
             reset,
             killed: AtomicBool::new(false),
+            muted: AtomicBool::new(false),
             rng: Mutex::new(rng),
         });
         {
@@ -267,6 +313,8 @@ fn pump(conn: &Conn, shared: &Shared, upward: bool) {
         (&conn.server, &conn.client)
     };
     let mut buffer = vec![0u8; 16 * 1024];
+    // The end of the previous read, so a marker split between reads is found.
+    let mut tail: Vec<u8> = Vec::new();
     loop {
         let read = match (&*src).read(&mut buffer) {
             Ok(0) => {
@@ -279,6 +327,22 @@ fn pump(conn: &Conn, shared: &Shared, upward: bool) {
             Ok(read) => read,
             Err(_) => break,
         };
+        if upward && let Some(trip) = check_trip(shared, &mut tail, &buffer[..read]) {
+            shared.tripped.store(true, Ordering::SeqCst);
+            match trip {
+                Trip::CutAndRefuse => {
+                    shared.refusing.store(true, Ordering::SeqCst);
+                    if conn.kill(false) {
+                        shared.cuts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Trip::MuteReplies => conn.muted.store(true, Ordering::SeqCst),
+            }
+        }
+        if !upward && conn.muted.load(Ordering::SeqCst) {
+            continue;
+        }
         let faults = lock(&shared.faults).clone();
         let mut forward = read;
         let mut cut = false;
@@ -329,5 +393,24 @@ fn pump(conn: &Conn, shared: &Shared, upward: bool) {
     if !conn.killed.load(Ordering::SeqCst) {
         let _ = conn.client.shutdown(Shutdown::Both);
         let _ = conn.server.shutdown(Shutdown::Both);
+    }
+}
+
+/// The armed trip, disarmed, if `data` (after `tail`, the end of the
+/// previous read) holds its marker.
+fn check_trip(shared: &Shared, tail: &mut Vec<u8>, data: &[u8]) -> Option<Trip> {
+    let mut armed = lock(&shared.trip);
+    let (marker, trip) = armed.as_ref()?;
+    let mut window = std::mem::take(tail);
+    window.extend_from_slice(data);
+    let found = window.windows(marker.len()).any(|w| w == marker.as_slice());
+    let trip = *trip;
+    let keep = marker.len().saturating_sub(1).min(window.len());
+    *tail = window[window.len() - keep..].to_vec();
+    if found {
+        *armed = None;
+        Some(trip)
+    } else {
+        None
     }
 }
