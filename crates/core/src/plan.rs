@@ -134,6 +134,13 @@ pub struct NodeTrees {
     /// made a later local edit a conflict copy, and brought back a path
     /// deleted meanwhile; found by the network-fault test).
     pub in_doubt: BTreeMap<RelPath, Vec<Option<Entry>>>,
+    /// Remote versions an earlier run was writing to disk when it died,
+    /// before it persisted them (the node's landing intents). Where the
+    /// disk holds one of them, it is the synced base: otherwise the next
+    /// round took it for a local change, proposed it against the hub's
+    /// newer version (a conflict copy) or over the hub's deletion (the
+    /// path came back). Found by the crash and offline tests.
+    pub landed: BTreeMap<RelPath, Versioned>,
 }
 
 /// In-doubt versions kept per path (the newest).
@@ -405,6 +412,14 @@ impl NodeTrees {
                     })
                     .cloned()
             };
+            // Or the disk holds what an earlier run landed without
+            // recording it.
+            let own = own.or_else(|| {
+                let base_seq = self.synced.get(&path).map_or(Seq::ZERO, |b| b.seq);
+                self.landed
+                    .remove(&path)
+                    .filter(|l| l.seq > base_seq && l.entry.as_ref() == here)
+            });
             if let Some(own) = &own {
                 self.in_doubt.remove(&path);
                 plan.adopt.push((path.clone(), own.clone()));
@@ -617,6 +632,38 @@ mod tests {
         trees.absorb(p("c"), at(None, 7));
         let plan = plan_full(&mut trees, &[("c", file("3"))], true);
         assert_eq!(plan.propose_writes, vec![(p("c"), Seq(7))]);
+    }
+
+    /// A run died after landing remote versions and before recording
+    /// them; the hub then changed one and deleted another. Where the disk
+    /// holds the landed version it is the base: the hub's change applies,
+    /// the deletion applies. Where the disk holds something else, that is
+    /// a local change as before.
+    #[test]
+    fn versions_landed_by_a_dead_run_are_the_base() {
+        let mut trees = make(
+            &[],
+            &[
+                ("a", Some(file("2")), 8),
+                ("b", None, 9),
+                ("c", Some(file("2")), 10),
+            ],
+        );
+        trees.landed = BTreeMap::from([
+            (p("a"), at(Some(file("1")), 4)),
+            (p("b"), at(Some(file("1")), 5)),
+            (p("c"), at(Some(file("1")), 6)),
+        ]);
+        let plan = plan_full(
+            &mut trees,
+            &[("a", file("1")), ("b", file("1")), ("c", file("mine"))],
+            true,
+        );
+        assert_eq!(names(&plan.adopt), vec!["a", "b"]);
+        assert_eq!(names(&plan.apply_writes), vec!["a"]);
+        assert_eq!(names(&plan.apply_deletes), vec!["b"]);
+        assert_eq!(plan.propose_writes, vec![(p("c"), Seq::ZERO)]);
+        assert!(trees.landed.is_empty());
     }
 
     /// In doubt is no licence: a version the node never sent, or one

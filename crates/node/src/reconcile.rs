@@ -109,6 +109,12 @@ pub struct Replica {
     /// Paths the hub last sent flagged read-only (a registered skill's
     /// files): they land without write permission.
     read_only: HashSet<RelPath>,
+    /// Landing intents exist in `node.db` that the next persist clears:
+    /// recorded by this round, or loaded at start and used by a plan.
+    landings_recorded: bool,
+    /// Proposals in doubt were recorded in `node.db` (or loaded from it):
+    /// the next persist replaces them by those still in doubt.
+    proposals_recorded: bool,
     /// Where `trees.in_doubt` goes when this session ends.
     in_doubt_carry: Option<Arc<std::sync::Mutex<InDoubt>>>,
 }
@@ -150,6 +156,8 @@ impl Replica {
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
             in_doubt_carry: None,
+            landings_recorded: false,
+            proposals_recorded: false,
             read_only: HashSet::new(),
         }
     }
@@ -169,6 +177,18 @@ impl Replica {
         } else {
             self.read_only.remove(path);
         }
+    }
+
+    /// Takes what a previous run left in `node.db`: landing intents and
+    /// proposals whose answer it never persisted.
+    pub fn load_intents(&mut self) -> Result<(), SyncError> {
+        self.trees.landed = self.db.landings(&self.id)?.into_iter().collect();
+        let proposals = self.db.proposals(&self.id)?;
+        self.proposals_recorded = !proposals.is_empty();
+        for (path, entry) in proposals {
+            self.trees.sent(&path, entry);
+        }
+        Ok(())
     }
 
     /// Takes the proposals a previous session left in doubt, and hands
@@ -244,6 +264,16 @@ impl Replica {
         }
         let checkpoint = self.trees.checkpoint();
         let mut batch = std::mem::take(&mut self.batch);
+        batch.clear_landings = std::mem::take(&mut self.landings_recorded);
+        if std::mem::take(&mut self.proposals_recorded) {
+            batch.proposals = Some(
+                self.trees
+                    .in_doubt
+                    .iter()
+                    .filter_map(|(path, sent)| sent.last().map(|e| (path.clone(), e.clone())))
+                    .collect(),
+            );
+        }
         batch.last_seq = Some(checkpoint.last_seq);
         batch.synced_del.extend(checkpoint.dropped_tombstones);
         let db = self.db.clone();
@@ -300,6 +330,8 @@ impl Replica {
                 self.id
             )));
         }
+        let scope_was_full_with_landings =
+            matches!(scope, Scope::Full) && !self.trees.landed.is_empty();
         let tops: Option<Vec<RelPath>> = self.trees.tops(scope);
         let rules = Arc::new(IgnoreRules::load(&self.root));
         if rules.problems != self.ignore_problems {
@@ -350,6 +382,11 @@ impl Replica {
             |path| local.get(path).map(|(entry, _)| entry),
             release_deletes,
         );
+        if scope_was_full_with_landings {
+            // A dead run's intents served this (full) round's plan.
+            self.trees.landed.clear();
+            self.landings_recorded = true;
+        }
         if plan.deferred_more {
             self.last_deletion = Some(Instant::now());
         }
@@ -489,6 +526,18 @@ impl Replica {
         stats: &mut RoundStats,
     ) -> Result<(), SyncError> {
         items.sort_by(|a, b| a.path.cmp(&b.path));
+        // Durably announce what is about to land, so a run killed before
+        // this round persists can still tell these files are the hub's.
+        let intents: Vec<(RelPath, Versioned)> = items
+            .iter()
+            .filter(|item| item.target.entry.is_some())
+            .map(|item| (item.path.clone(), item.target.clone()))
+            .collect();
+        if !intents.is_empty() {
+            let (db, id) = (self.db.clone(), self.id.clone());
+            tokio::task::spawn_blocking(move || db.record_landings(&id, &intents)).await??;
+            self.landings_recorded = true;
+        }
         let mut downloads: Vec<(DownloadItem, Versioned)> = Vec::new();
         for item in items {
             let Some(target_entry) = item.target.entry.clone() else {
@@ -752,6 +801,20 @@ impl Replica {
         if items.is_empty() {
             return Ok(());
         }
+        // Durably, before anything is sent: the hub may commit these and
+        // the answer be lost, even to a kill.
+        let sending: Vec<(RelPath, Option<Entry>)> = items
+            .iter()
+            .map(|item| {
+                (
+                    item.path.clone(),
+                    item.local.as_ref().map(|(e, _)| e.clone()),
+                )
+            })
+            .collect();
+        let (db, id) = (self.db.clone(), self.id.clone());
+        tokio::task::spawn_blocking(move || db.record_proposals(&id, &sending)).await??;
+        self.proposals_recorded = true;
         let hub_has: HashSet<ContentHash> = self
             .trees
             .synced

@@ -249,6 +249,7 @@ impl WorkspaceTask {
             row.last_seq,
         );
         replica.carry_in_doubt(self.in_doubt.clone());
+        replica.load_intents()?;
         replica.emptying_confirmed = allow_empty;
         replica.progress = self.progress.clone();
 

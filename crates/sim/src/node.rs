@@ -134,6 +134,10 @@ pub struct Session {
     last_streamed: Seq,
     /// Staging files of this session's downloads.
     staged: usize,
+    /// Persisted landing intents the next persist clears.
+    landings_recorded: bool,
+    /// Persisted proposals the next persist replaces.
+    proposals_recorded: bool,
 }
 
 #[derive(Debug)]
@@ -144,6 +148,10 @@ pub struct SimNode {
     /// Persisted (`node.db`).
     pub db_synced: BTreeMap<RelPath, Versioned>,
     pub db_last_seq: Seq,
+    /// Persisted landing intents (`NodeDb::record_landings`).
+    db_landing: BTreeMap<RelPath, Versioned>,
+    /// Persisted proposals in doubt (`NodeDb::record_proposals`).
+    db_proposals: BTreeMap<RelPath, Option<Entry>>,
     pub session: Option<Session>,
     /// Proposals a lost connection left unanswered, carried to the next
     /// session (`NodeTrees::in_doubt`; a crash loses them).
@@ -170,6 +178,8 @@ impl SimNode {
             disk: Disk::default(),
             db_synced: BTreeMap::new(),
             db_last_seq: Seq::ZERO,
+            db_landing: BTreeMap::new(),
+            db_proposals: BTreeMap::new(),
             session: None,
             in_doubt: BTreeMap::new(),
             dirty: BTreeSet::new(),
@@ -195,6 +205,10 @@ impl SimNode {
         self.disk.touched.clear();
         let mut trees = NodeTrees::new(self.db_synced.clone(), self.db_last_seq);
         trees.in_doubt = std::mem::take(&mut self.in_doubt);
+        trees.landed = self.db_landing.clone();
+        for (path, entry) in &self.db_proposals {
+            trees.sent(path, entry.clone());
+        }
         self.session = Some(Session {
             conn,
             caught_up: false,
@@ -207,6 +221,8 @@ impl SimNode {
             unpersisted: Vec::new(),
             last_streamed: self.db_last_seq,
             staged: 0,
+            landings_recorded: false,
+            proposals_recorded: !self.db_proposals.is_empty(),
         });
         out.push(ToHub::Subscribe {
             since: self.db_last_seq,
@@ -400,6 +416,7 @@ impl SimNode {
             ),
             Trigger::Rescan => (Scope::Full, false),
         };
+        let full_with_landings = scope == Scope::Full && !session.trees.landed.is_empty();
         let tops = session.trees.tops(scope.clone());
         // The scan: everything on disk under the tops.
         let local: BTreeMap<RelPath, (Entry, Seen)> = self
@@ -419,6 +436,15 @@ impl SimNode {
         );
         if plan.deferred_more {
             session.last_deletion = Some(now);
+        }
+        if full_with_landings {
+            session.trees.landed.clear();
+            session.landings_recorded = true;
+        }
+        // `Replica::apply_writes`: intents are durable before anything lands.
+        for (path, target) in &plan.apply_writes {
+            self.db_landing.insert(path.clone(), target.clone());
+            session.landings_recorded = true;
         }
         trace.line(format!(
             "{} round {trigger:?} {}: adopt {} apply {}+{} propose {}+{}+{} deferred {}",
@@ -781,7 +807,17 @@ impl SimNode {
             Stage::ProposeWrites => std::mem::take(&mut round.propose_writes),
             _ => std::mem::take(&mut round.propose_deletes),
         };
-        let session = self.session.as_ref().expect("a round runs in a session");
+        // `Replica::propose`: recorded before anything is sent.
+        let session = self.session.as_mut().expect("a round runs in a session");
+        for item in &items {
+            self.db_proposals.insert(
+                item.path.clone(),
+                item.local.as_ref().map(|(e, _)| e.clone()),
+            );
+        }
+        if !items.is_empty() {
+            session.proposals_recorded = true;
+        }
         let hub_has: BTreeSet<ContentHash> = session
             .trees
             .synced
@@ -1029,6 +1065,17 @@ impl SimNode {
             return;
         };
         let checkpoint = session.trees.checkpoint();
+        if std::mem::take(&mut session.landings_recorded) {
+            self.db_landing.clear();
+        }
+        if std::mem::take(&mut session.proposals_recorded) {
+            self.db_proposals = session
+                .trees
+                .in_doubt
+                .iter()
+                .filter_map(|(path, sent)| sent.last().map(|e| (path.clone(), e.clone())))
+                .collect();
+        }
         for (path, state) in session.unpersisted.drain(..) {
             self.db_synced.insert(path, state);
         }
