@@ -543,6 +543,59 @@ mod tests {
         assert_eq!(db.counts(&ws).unwrap().dirs, 1);
     }
 
+    /// Another connection to `state.db` (the registry's, through sqlx)
+    /// writes all the time. A journal write must wait for it (busy
+    /// timeout), never fail: a deferred transaction that read first got
+    /// SQLITE_BUSY at once when it tried to write on a snapshot the other
+    /// writer had made stale (seen as "scanning the mirror failed: database
+    /// is locked" in the offline test, and the hub-side changes of that
+    /// scan were not journaled until the next rescan).
+    #[test]
+    fn journal_writes_wait_for_another_writer_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let db = HubDb::open(&path).unwrap();
+        let ws = WorkspaceId::new("w").unwrap();
+        db.ensure_workspace(&ws, 1).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let conn = rusqlite::Connection::open(&path).unwrap();
+                conn.busy_timeout(std::time::Duration::from_secs(10))
+                    .unwrap();
+                conn.execute("CREATE TABLE IF NOT EXISTS other (n INTEGER)", [])
+                    .unwrap();
+                let mut writes = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    conn.execute("INSERT INTO other (n) VALUES (1)", [])
+                        .unwrap();
+                    writes += 1;
+                }
+                writes
+            })
+        };
+        for seq in 1..=400u64 {
+            let batch = RecordBatch {
+                changes: vec![(
+                    rel(&format!("f{}", seq % 50)),
+                    Versioned {
+                        entry: Some(file(&seq.to_le_bytes())),
+                        seq: Seq(seq),
+                    },
+                )],
+                origin: "hub".into(),
+                ..Default::default()
+            };
+            if let Err(err) = db.record(&ws, &batch) {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                panic!("journal write {seq} failed: {err}");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(other.join().unwrap() > 0, "the other writer never wrote");
+    }
+
     #[test]
     fn cache_round_trip_and_subtree_bounds() {
         let dir = tempfile::tempdir().unwrap();

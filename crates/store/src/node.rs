@@ -184,7 +184,7 @@ impl NodeDb {
     /// is forgotten (files on disk stay and are merged like a first sync).
     pub fn reset_epoch(&self, ws: &WorkspaceId, epoch: &str) -> Result<(), StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = crate::write_tx(c)?;
             tx.execute("DELETE FROM synced WHERE ws = ?1", [ws.as_str()])?;
             tx.execute("DELETE FROM landing WHERE ws = ?1", [ws.as_str()])?;
             tx.execute("DELETE FROM proposal WHERE ws = ?1", [ws.as_str()])?;
@@ -259,7 +259,7 @@ impl NodeDb {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = crate::write_tx(c)?;
             {
                 let mut put = tx.prepare_cached(
                     "INSERT OR REPLACE INTO synced (ws, path, seq, kind, hash, size, executable, target)
@@ -305,7 +305,7 @@ impl NodeDb {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = crate::write_tx(c)?;
             {
                 let mut put = tx.prepare_cached(
                     "INSERT OR REPLACE INTO landing (ws, path, seq, kind, hash, size, executable, target)
@@ -333,7 +333,7 @@ impl NodeDb {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = crate::write_tx(c)?;
             put_proposals(&tx, ws, items)?;
             tx.commit()
         })
