@@ -490,7 +490,11 @@ impl Drop for Cluster {
 }
 
 fn cluster(env: &[(&str, &str)]) -> Cluster {
-    let dir = tempfile::tempdir().expect("tempdir");
+    cluster_in(tempfile::tempdir().expect("tempdir"), env)
+}
+
+/// `cluster` in `dir` (which may already hold the hub's data dir, `hub/`).
+fn cluster_in(dir: tempfile::TempDir, env: &[(&str, &str)]) -> Cluster {
     let base = dir.path().to_path_buf();
     let hub = Hub::start_with(&base, env);
     let a = Node::new(&base, &hub, "node-a", WS);
@@ -1396,13 +1400,17 @@ fn network_faults_lose_and_duplicate_nothing() {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x6e6574);
     let mut done = 0;
     let mut cut_all = 0;
+    let mut last_cut_all = 0;
     while done < ops {
         let side = rng.random_range(0..3);
         done += workload.step_on(side);
         std::thread::sleep(Duration::from_millis(rng.random_range(0..30)));
-        if rng.random_bool(0.02) {
+        // Every connection is cut now and then, and at least every 60
+        // operations (so every run cuts live streams).
+        if rng.random_bool(0.02) || done >= last_cut_all + 60 {
             proxy.cut_all(rng.random_bool(0.5));
             cut_all += 1;
+            last_cut_all = done;
         }
     }
     let workload_secs = started.elapsed().as_secs_f64();
@@ -1592,4 +1600,310 @@ fn files_landed_by_a_round_that_fails_later_are_recorded() {
     }
     assert_eq!(no_conflict_copies(&tree), Vec::<String>::new());
     c.a.stop();
+}
+
+// ---------------------------------------------------------------------
+// Watcher overflow
+
+/// The inotify queue length of new watchers (`max_queued_events`).
+fn inotify_queue_len() -> u64 {
+    std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|raw| raw.trim().parse().ok())
+        .unwrap_or(16384)
+}
+
+/// How often `needle` occurs in `text`.
+fn occurrences(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+/// More events than the queue holds, while the watching process is
+/// stopped (SIGSTOP) so it cannot drain them: mode flips of two files
+/// (one event each, never merged since they alternate), then the changes
+/// that matter, which the kernel drops. Returns the model of those
+/// changes (path -> expected item, `None` = deleted).
+fn overflow_then_change(
+    root: &Path,
+    prefix: &str,
+    first: usize,
+    events: u64,
+) -> BTreeMap<String, Option<Item>> {
+    let flip = [root.join("pre/f0.txt"), root.join("pre/f1.txt")];
+    for i in 0..events {
+        let path = &flip[(i % 2) as usize];
+        let mode = if (i / 2) % 2 == 0 { 0o755 } else { 0o644 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    let mut changes = BTreeMap::new();
+    for i in 0..20 {
+        let rel = format!("{prefix}/new{i}.txt");
+        let content = format!("{prefix} new file {i}");
+        write(&root.join(&rel), &content);
+        changes.insert(rel, Some(file(&content)));
+    }
+    for i in first..first + 5 {
+        let rel = format!("pre/f{i}.txt");
+        let content = format!("{prefix} changed {i}");
+        write(&root.join(&rel), &content);
+        changes.insert(rel, Some(file(&content)));
+    }
+    for i in first + 5..first + 8 {
+        let rel = format!("pre/f{i}.txt");
+        std::fs::remove_file(root.join(&rel)).expect("delete");
+        changes.insert(rel, None);
+    }
+    changes
+}
+
+fn check_changes(tree: &BTreeMap<String, Item>, changes: &BTreeMap<String, Option<Item>>) {
+    for (path, expected) in changes {
+        assert_eq!(
+            tree.get(path),
+            expected.as_ref(),
+            "{path} after the overflow"
+        );
+    }
+}
+
+/// The watcher's queue overflows on a node and then on the hub: each
+/// falls back to a full rescan and everything converges, although the
+/// periodic rescan is an hour away. The hub's rescan uses the hash
+/// cache: it hashes only what changed, not its 200 unchanged files.
+#[test]
+fn watcher_overflow_on_node_and_hub_falls_back_to_a_cached_rescan() {
+    let started = Instant::now();
+    let env = [("GM_RESCAN_INTERVAL", "3600")];
+    let mut c = cluster(&env);
+    for node in [&mut c.a, &mut c.b] {
+        node.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+    for i in 0..200 {
+        write(&c.a.path(&format!("pre/f{i}.txt")), &format!("file {i}"));
+    }
+    c.a.start();
+    c.b.start();
+    wait_agreement("the first sync", &c.hub, &[&c.a, &c.b]);
+    let events = inotify_queue_len() + 2000;
+    let lost = "watcher lost events; rescanning";
+
+    // Node a.
+    let pid = c.a.pid().expect("node a runs");
+    let before = occurrences(&c.a.log_text(), lost);
+    signal(pid, libc::SIGSTOP);
+    let node_changes = overflow_then_change(&c.a.root, "from-node", 5, events);
+    signal(pid, libc::SIGCONT);
+    wait_until("node a reports the overflow", || {
+        occurrences(&c.a.log_text(), lost) > before
+    });
+    let tree = wait_agreement("agreement after the node's overflow", &c.hub, &[&c.a, &c.b]);
+    check_changes(&tree, &node_changes);
+
+    // The hub.
+    wait_until("no racily clean records on the hub", || {
+        c.hub.workspace_status(WS)["racy_entries"] == 0
+    });
+    let hashed_before = c.hub.status()["counters"]["files_hashed"]
+        .as_u64()
+        .expect("files_hashed");
+    let pid = c.hub.pid().expect("hub runs");
+    let before = occurrences(&c.hub.log_text(), lost);
+    signal(pid, libc::SIGSTOP);
+    let hub_changes = overflow_then_change(&c.hub.mirror(WS), "from-hub", 20, events);
+    signal(pid, libc::SIGCONT);
+    wait_until("the hub reports the overflow", || {
+        occurrences(&c.hub.log_text(), lost) > before
+    });
+    let tree = wait_agreement("agreement after the hub's overflow", &c.hub, &[&c.a, &c.b]);
+    check_changes(&tree, &hub_changes);
+    let hashed = c.hub.status()["counters"]["files_hashed"]
+        .as_u64()
+        .expect("files_hashed")
+        - hashed_before;
+    // 25 new or changed files and the 2 flipped ones, each hashed at most
+    // twice (once more when its racily clean record is verified).
+    assert!(
+        hashed <= 2 * 27,
+        "the hub's rescan hashed {hashed} files: the hash cache was not used"
+    );
+    c.stop_all_and_check_staging();
+    eprintln!(
+        "watcher run: {events} events per overflow, hub hashed {hashed} files for its rescan, total {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------------
+// Disk full
+
+/// A tmpfs mounted for one test; unmounted (lazily) when dropped.
+struct Mount(PathBuf);
+
+impl Mount {
+    /// Mounts a tmpfs of `size` bytes at `at`, or says why it cannot.
+    fn tmpfs(at: &Path, size: u64) -> Result<Mount, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not running as root".into());
+        }
+        std::fs::create_dir_all(at).map_err(|e| e.to_string())?;
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if output.status.success() {
+            Ok(Mount(at.to_path_buf()))
+        } else {
+            Err(format!(
+                "mount failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Bytes free for an unprivileged writer under `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let c = c_path(path);
+    // SAFETY: a valid path and a zeroed statvfs the call fills in.
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut stat) };
+    assert_eq!(rc, 0, "statvfs {}", path.display());
+    stat.f_bavail as u64 * stat.f_frsize as u64
+}
+
+/// Fills the filesystem of `path` until `leave` bytes are free.
+fn fill(path: &Path, leave: u64) {
+    let mut out = std::fs::File::create(path).expect("create filler");
+    let block = vec![0x5au8; 64 << 10];
+    let parent = path.parent().expect("parent");
+    use std::io::Write;
+    while free_bytes(parent) > leave + block.len() as u64 {
+        out.write_all(&block).expect("write filler");
+    }
+    out.sync_all().expect("sync filler");
+}
+
+/// The hub's data dir (journal, mirrors, staging) fills up while node a
+/// sends a chunked file and a burst of small ones. The transfer fails
+/// with an error that says so on both sides, no partial file ever shows
+/// at a final path (a reader polls the mirror), the staging files of the
+/// failed attempts do not pile up, and everything lands once space is
+/// freed. Needs root (a tmpfs is mounted); skipped with a message
+/// otherwise.
+#[test]
+fn disk_full_on_the_hub_fails_cleanly_and_completes_once_freed() {
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("hub");
+    let _mount = match Mount::tmpfs(&data_dir, 48 << 20) {
+        Ok(mount) => mount,
+        Err(why) => {
+            eprintln!(
+                "SKIPPED disk_full_on_the_hub_fails_cleanly_and_completes_once_freed: {why} (needs root to mount a tmpfs)"
+            );
+            return;
+        }
+    };
+    let mut c = cluster_in(dir, &[]);
+    c.seed_keep();
+    let filler = data_dir.join("filler");
+    fill(&filler, 256 << 10);
+
+    let mut rng = StdRng::seed_from_u64(8);
+    let versions: Shared<Versions> = Arc::default();
+    let mut expected = BTreeMap::from([("keep".to_string(), file("never touched"))]);
+    let large = noise(&mut rng, 3 << 20);
+    let mut smalls = Vec::new();
+    for i in 0..12 {
+        let content = String::from_utf8(
+            noise(&mut rng, 96 << 10)
+                .iter()
+                .map(|b| b'a' + b % 26)
+                .collect(),
+        )
+        .expect("ascii");
+        smalls.push((format!("burst/s{i}.txt"), content));
+    }
+    {
+        let mut v = lock(&versions);
+        v.files.insert(ContentHash::of(b"never touched"));
+        v.files.insert(ContentHash::of(&large));
+        for (_, content) in &smalls {
+            v.files.insert(ContentHash::of(content.as_bytes()));
+        }
+    }
+    let reader = Reader::start(vec![c.hub.mirror(WS)], versions.clone());
+    std::fs::write(c.a.path("large.bin"), &large).expect("write large");
+    expected.insert(
+        "large.bin".into(),
+        Item::File {
+            content: large.clone(),
+            executable: false,
+        },
+    );
+    for (path, content) in &smalls {
+        write(&c.a.path(path), content);
+        expected.insert(path.clone(), file(content));
+    }
+    expected.insert("burst".into(), Item::Dir);
+
+    // The errors name the cause: the OS's for a staging write, SQLite's
+    // for the journal; the node hears it from the hub.
+    let says_full = |log: &str| {
+        log.contains("No space left on device") || log.contains("database or disk is full")
+    };
+    wait_until("the hub reports the full disk", || {
+        says_full(&c.hub.log_text())
+    });
+    wait_until("node a reports the failed transfer", || {
+        says_full(&c.a.log_text())
+    });
+    // Retries go on while the disk stays full (attach, commit, the hub's
+    // own observations): staging must not pile up, and every database
+    // connection must come out of it usable.
+    wait_until("node a retried three times", || {
+        c.a.log_text()
+            .lines()
+            .filter(|line| line.contains("sync interrupted") && says_full(line))
+            .count()
+            >= 3
+    });
+    let staged = staging_entries(&c.hub.mirror(WS));
+    assert!(
+        staged.len() <= 2,
+        "staging piles up while the disk is full: {staged:?}"
+    );
+    assert!(
+        !c.hub.mirror(WS).join("large.bin").exists(),
+        "large.bin is at its final path although the disk is full"
+    );
+
+    std::fs::remove_file(&filler).expect("free space");
+    let tree = wait_agreement("agreement once space is freed", &c.hub, &[&c.a, &c.b]);
+    assert_tree_is("the tree after the disk was freed", &tree, &expected);
+    let (reads, violations) = reader.finish();
+    assert!(
+        violations.is_empty(),
+        "partial or unknown files were visible in the mirror:\n{}",
+        violations.join("\n")
+    );
+    c.stop_all_and_check_staging();
+    eprintln!(
+        "disk-full run: {reads} reads of the mirror checked, total {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
 }

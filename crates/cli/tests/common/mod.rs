@@ -246,6 +246,8 @@ impl Drop for Hub {
 
 pub struct Node {
     child: Option<Child>,
+    /// Extra environment for every start of this node.
+    pub env: Vec<(String, String)>,
     pub name: String,
     pub root: PathBuf,
     pub state_dir: PathBuf,
@@ -261,6 +263,7 @@ impl Node {
         std::fs::create_dir_all(&root).expect("create node root");
         Node {
             child: None,
+            env: Vec::new(),
             name: name.to_string(),
             root,
             state_dir: base.join(format!("{name}-state")),
@@ -281,6 +284,7 @@ impl Node {
 
     fn base_command(&self) -> Command {
         let mut cmd = command();
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.args([
             "node",
             "--hub",
