@@ -929,8 +929,8 @@ fn crashes_of_hub_and_nodes_lose_nothing_and_converge() {
         "GM_CRASH_SEED",
         "crashes_of_hub_and_nodes_lose_nothing_and_converge",
     );
-    let ops = env_u64("GM_CRASH_OPS", 500);
-    let kills = env_u64("GM_CRASH_KILLS", 8);
+    let ops = env_u64("GM_CRASH_OPS", 1000);
+    let kills = env_u64("GM_CRASH_KILLS", 16);
     let started = Instant::now();
     let mut c = cluster(&[]);
     // Nodes reach the hub through a faithful proxy, so a hub restarted on
@@ -1373,7 +1373,7 @@ fn assert_tree_is(what: &str, actual: &BTreeMap<String, Item>, expected: &BTreeM
 #[test]
 fn network_faults_lose_and_duplicate_nothing() {
     let seed = seed("GM_NET_SEED", "network_faults_lose_and_duplicate_nothing");
-    let ops = env_u64("GM_NET_OPS", 300);
+    let ops = env_u64("GM_NET_OPS", 800);
     let started = Instant::now();
     let mut c = cluster(&[]);
     let proxy = FaultProxy::start(hub_addr(&c.hub), seed);
