@@ -1500,6 +1500,15 @@ fn node_killed_while_offline_changes_pile_up_converges() {
 // ---------------------------------------------------------------------
 // Deterministic regressions for what the network-fault test found
 
+/// A marker and file content that holds it, both random: commit calls are
+/// zstd-compressed, and only incompressible bytes cross the wire as they
+/// are (raw literals), so the proxy can find the marker.
+fn marked_content(seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let content = noise(&mut rng, 8 << 10);
+    (content[4096..4160].to_vec(), content)
+}
+
 /// A hub and node a, which reaches the hub through a proxy; `keep` synced.
 fn one_node_behind_proxy(seed: u64) -> (Cluster, FaultProxy) {
     let mut c = cluster(&[]);
@@ -1528,10 +1537,8 @@ fn no_conflict_copies(tree: &BTreeMap<String, Item>) -> Vec<String> {
 #[test]
 fn a_commit_whose_answer_is_lost_is_recognised_as_own() {
     let (mut c, proxy) = one_node_behind_proxy(1);
-    let marker = b"lost-answer-marker-7f3a";
-    proxy.trip_on(marker, Trip::MuteReplies);
-    let mut first = marker.to_vec();
-    first.extend_from_slice(b" version 1");
+    let (marker, first) = marked_content(1);
+    proxy.trip_on(&marker, Trip::MuteReplies);
     std::fs::write(c.a.path("edited.txt"), &first).expect("write");
     write(&c.a.path("deleted.txt"), "made, then deleted");
     wait_until("the hub committed both files", || {
@@ -1569,9 +1576,9 @@ fn files_landed_by_a_round_that_fails_later_are_recorded() {
     wait_until("the hub journaled its files", || {
         journal(&c.hub.data_dir).is_ok_and(|(rows, _)| names.iter().all(|n| rows.contains_key(n)))
     });
-    let marker = b"failed-round-marker-91c2";
-    proxy.trip_on(marker, Trip::CutAndRefuse);
-    std::fs::write(c.a.path("local.txt"), marker).expect("write");
+    let (marker, content) = marked_content(2);
+    proxy.trip_on(&marker, Trip::CutAndRefuse);
+    std::fs::write(c.a.path("local.txt"), content).expect("write");
     c.a.start();
     wait_until("the node's commit was cut off", || proxy.tripped());
     for name in &names {
