@@ -125,7 +125,29 @@ pub struct NodeTrees {
     /// Local deletions held back until deleting has been quiet for the
     /// node's delete delay (the node keeps the clock).
     pub deferred: BTreeSet<RelPath>,
+    /// Versions proposed whose answer never came (the call was cut off):
+    /// the hub may have committed them. Unlike the rest of the session's
+    /// bookkeeping this outlives a reconnect (the node carries it to the
+    /// next session; a crash loses it). When the journal then shows one of
+    /// them at its path, it is the node's own commit: adopted as the
+    /// synced base instead of being taken for a concurrent change (which
+    /// made a later local edit a conflict copy, and brought back a path
+    /// deleted meanwhile; found by the network-fault test).
+    pub in_doubt: BTreeMap<RelPath, Vec<Option<Entry>>>,
+    /// Remote versions an earlier run was writing to disk when it died,
+    /// before it persisted them (the node's landing intents). Where the
+    /// disk holds one of them, it is the synced base: otherwise the next
+    /// round took it for a local change, proposed it against the hub's
+    /// newer version (a conflict copy) or over the hub's deletion (the
+    /// path came back). Found by the crash and offline tests.
+    pub landed: BTreeMap<RelPath, Versioned>,
 }
+
+/// In-doubt versions kept per path (the newest).
+const IN_DOUBT_PER_PATH: usize = 4;
+/// In-doubt paths kept in all; beyond this the oldest guesses are dropped
+/// (a lost one only costs a conflict copy, as before).
+const IN_DOUBT_PATHS: usize = 100_000;
 
 impl NodeTrees {
     /// The state a session starts from: the persisted synced tree and
@@ -174,6 +196,28 @@ impl NodeTrees {
             self.refused.remove(&refused);
             self.follow_up.insert(refused);
         }
+    }
+
+    /// A proposal of `entry` at `path` is being sent: in doubt until its
+    /// answer comes.
+    pub fn sent(&mut self, path: &RelPath, entry: Option<Entry>) {
+        if self.in_doubt.len() >= IN_DOUBT_PATHS && !self.in_doubt.contains_key(path) {
+            self.in_doubt.clear();
+        }
+        let versions = self.in_doubt.entry(path.clone()).or_default();
+        if !versions.contains(&entry) {
+            if versions.len() >= IN_DOUBT_PER_PATH {
+                versions.remove(0);
+            }
+            versions.push(entry);
+        }
+    }
+
+    /// The hub answered a proposal at `path` (committed, conflict, refused,
+    /// needs content): nothing sent there is in doubt any more; the hub's
+    /// state there is known from the answer or the journal.
+    pub fn answered(&mut self, path: &RelPath) {
+        self.in_doubt.remove(path);
     }
 
     pub fn saw_seq(&mut self, seq: Seq) {
@@ -354,7 +398,33 @@ impl NodeTrees {
                 }
                 continue;
             }
-            let base = self.synced.get(&path);
+            // The journal shows a version this node sent without hearing
+            // the answer: its own commit, the base of what is on disk now.
+            let own = {
+                let base_seq = self.synced.get(&path).map_or(Seq::ZERO, |b| b.seq);
+                self.remote
+                    .get(&path)
+                    .filter(|r| r.seq > base_seq)
+                    .filter(|r| {
+                        self.in_doubt
+                            .get(&path)
+                            .is_some_and(|sent| sent.contains(&r.entry))
+                    })
+                    .cloned()
+            };
+            // Or the disk holds what an earlier run landed without
+            // recording it.
+            let own = own.or_else(|| {
+                let base_seq = self.synced.get(&path).map_or(Seq::ZERO, |b| b.seq);
+                self.landed
+                    .remove(&path)
+                    .filter(|l| l.seq > base_seq && l.entry.as_ref() == here)
+            });
+            if let Some(own) = &own {
+                self.in_doubt.remove(&path);
+                plan.adopt.push((path.clone(), own.clone()));
+            }
+            let base = own.as_ref().or_else(|| self.synced.get(&path));
             let base_entry = base.and_then(|b| b.entry.as_ref());
             let base_seq = base.map_or(Seq::ZERO, |b| b.seq);
             let remote = self.remote.get(&path).filter(|r| r.seq > base_seq).cloned();
@@ -528,6 +598,92 @@ mod tests {
         let plan = plan_full(&mut trees, &[("a", file("1"))], false);
         assert!(plan.is_empty(), "{plan:?}");
         assert!(trees.refused.is_empty());
+    }
+
+    /// A commit the hub applied but whose answer was lost (the connection
+    /// was cut), then the user changed or deleted the file: the journal's
+    /// version is the node's own and becomes the base, so the change is
+    /// proposed against it (no conflict copy) and a deletion is proposed
+    /// (not undone by writing the journal's version back). Found by the
+    /// network-fault test.
+    #[test]
+    fn a_lost_answer_is_no_conflict_and_resurrects_nothing() {
+        // Changed again after the lost answer.
+        let mut trees = make(&[("a", Some(file("0")), 3)], &[]);
+        trees.sent(&p("a"), Some(file("1")));
+        trees.absorb(p("a"), at(Some(file("1")), 9));
+        let plan = plan_full(&mut trees, &[("a", file("2"))], true);
+        assert_eq!(plan.adopt, vec![(p("a"), at(Some(file("1")), 9))]);
+        assert_eq!(plan.propose_writes, vec![(p("a"), Seq(9))]);
+        assert!(trees.in_doubt.is_empty());
+
+        // Created, answer lost, deleted meanwhile.
+        let mut trees = make(&[], &[]);
+        trees.sent(&p("b"), Some(file("1")));
+        trees.absorb(p("b"), at(Some(file("1")), 5));
+        let plan = plan_full(&mut trees, &[], true);
+        assert!(plan.apply_writes.is_empty(), "{plan:?}");
+        assert_eq!(plan.adopt, vec![(p("b"), at(Some(file("1")), 5))]);
+        assert_eq!(plan.propose_deletes, vec![(p("b"), Seq(5))]);
+
+        // A deletion whose answer was lost, then the path made again.
+        let mut trees = make(&[("c", Some(file("0")), 2)], &[]);
+        trees.sent(&p("c"), None);
+        trees.absorb(p("c"), at(None, 7));
+        let plan = plan_full(&mut trees, &[("c", file("3"))], true);
+        assert_eq!(plan.propose_writes, vec![(p("c"), Seq(7))]);
+    }
+
+    /// A run died after landing remote versions and before recording
+    /// them; the hub then changed one and deleted another. Where the disk
+    /// holds the landed version it is the base: the hub's change applies,
+    /// the deletion applies. Where the disk holds something else, that is
+    /// a local change as before.
+    #[test]
+    fn versions_landed_by_a_dead_run_are_the_base() {
+        let mut trees = make(
+            &[],
+            &[
+                ("a", Some(file("2")), 8),
+                ("b", None, 9),
+                ("c", Some(file("2")), 10),
+            ],
+        );
+        trees.landed = BTreeMap::from([
+            (p("a"), at(Some(file("1")), 4)),
+            (p("b"), at(Some(file("1")), 5)),
+            (p("c"), at(Some(file("1")), 6)),
+        ]);
+        let plan = plan_full(
+            &mut trees,
+            &[("a", file("1")), ("b", file("1")), ("c", file("mine"))],
+            true,
+        );
+        assert_eq!(names(&plan.adopt), vec!["a", "b"]);
+        assert_eq!(names(&plan.apply_writes), vec!["a"]);
+        assert_eq!(names(&plan.apply_deletes), vec!["b"]);
+        assert_eq!(plan.propose_writes, vec![(p("c"), Seq::ZERO)]);
+        assert!(trees.landed.is_empty());
+    }
+
+    /// In doubt is no licence: a version the node never sent, or one
+    /// whose answer came, is a concurrent change as before.
+    #[test]
+    fn only_unanswered_versions_count_as_own() {
+        let mut trees = make(&[("a", Some(file("0")), 3)], &[]);
+        trees.sent(&p("a"), Some(file("1")));
+        trees.absorb(p("a"), at(Some(file("other")), 9));
+        let plan = plan_full(&mut trees, &[("a", file("2"))], true);
+        assert!(plan.adopt.is_empty());
+        assert_eq!(plan.propose_writes, vec![(p("a"), Seq(3))], "{plan:?}");
+
+        let mut trees = make(&[("a", Some(file("0")), 3)], &[]);
+        trees.sent(&p("a"), Some(file("1")));
+        trees.answered(&p("a"));
+        trees.absorb(p("a"), at(Some(file("1")), 9));
+        let plan = plan_full(&mut trees, &[("a", file("2"))], true);
+        assert!(plan.adopt.is_empty());
+        assert_eq!(plan.propose_writes, vec![(p("a"), Seq(3))], "{plan:?}");
     }
 
     #[test]

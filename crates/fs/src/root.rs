@@ -517,7 +517,25 @@ impl Root {
         self.place_with(staged_name, path, expect, true)
     }
 
+    /// On failure the staged entry is removed: whatever went wrong (a
+    /// parent that is not a directory, a changed target, an IO error), no
+    /// staging entry outlives the attempt.
     fn place_with(
+        &self,
+        staged_name: &str,
+        path: &RelPath,
+        expect: Expect,
+        sync_dir: bool,
+    ) -> Result<Stat, FsError> {
+        let placed = self.place_unchecked(staged_name, path, expect, sync_dir);
+        if placed.is_err() {
+            // Gone already if the rename happened.
+            let _ = rustix::fs::unlinkat(&self.staging, staged_name, AtFlags::empty());
+        }
+        placed
+    }
+
+    fn place_unchecked(
         &self,
         staged_name: &str,
         path: &RelPath,
@@ -544,15 +562,11 @@ impl Root {
         match result {
             Ok(()) => {}
             Err(Errno::EXIST) => {
-                let _ = rustix::fs::unlinkat(&self.staging, staged_name, AtFlags::empty());
                 return Err(FsError::TargetChanged {
                     path: self.shown(path),
                 });
             }
-            Err(e) => {
-                let _ = rustix::fs::unlinkat(&self.staging, staged_name, AtFlags::empty());
-                return Err(FsError::io("rename into place", self.shown(path), e));
-            }
+            Err(e) => return Err(FsError::io("rename into place", self.shown(path), e)),
         }
         if sync_dir {
             rustix::fs::fsync(&parent)
@@ -660,12 +674,14 @@ impl Root {
         rustix::fs::symlinkat(target, &self.staging, name.as_str())
             .map_err(|e| FsError::io("create symlink", self.shown(path), e))?;
         if self.ownership.active() {
-            let parent = self.parent(path, true)?;
-            if let Err(err) = self.ownership.apply(
-                &parent,
-                Target::Entry(self.staging.as_fd(), name.as_str()),
-                &self.shown(path),
-            ) {
+            let owned = self.parent(path, true).and_then(|parent| {
+                self.ownership.apply(
+                    &parent,
+                    Target::Entry(self.staging.as_fd(), name.as_str()),
+                    &self.shown(path),
+                )
+            });
+            if let Err(err) = owned {
                 let _ = rustix::fs::unlinkat(&self.staging, name.as_str(), AtFlags::empty());
                 return Err(err);
             }
@@ -1262,6 +1278,45 @@ mod tests {
         let mut staged = root.stage_file()?;
         staged.write_all(data)?;
         staged.commit(root, &rel(path), ContentHash::of(data), executable, expect)
+    }
+
+    /// Found by the crash test with real processes (tests/faults.rs): a
+    /// landing whose parent had become a file (another replica replaced the
+    /// directory meanwhile) failed before the rename and left its staged
+    /// file behind, one per file of a downloaded batch, for the rest of the
+    /// session. Every failed landing now removes what it staged.
+    #[test]
+    fn a_landing_that_fails_before_the_rename_leaves_no_staging() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        write(
+            &root,
+            "a",
+            b"a file where a directory was",
+            false,
+            Expect::Absent,
+        )
+        .unwrap();
+        // One by one.
+        let err = write(&root, "a/x", b"x", false, Expect::Absent).unwrap_err();
+        assert!(matches!(err, FsError::NotADirectory { .. }), "{err}");
+        // Group commit.
+        let mut staged = root.stage_file().unwrap();
+        staged.write_all(b"y").unwrap();
+        staged.prepare(&root, &rel("b"), false).unwrap();
+        let err = staged
+            .commit_prepared(&root, &rel("a/y"), ContentHash::of(b"y"), Expect::Absent)
+            .unwrap_err();
+        assert!(matches!(err, FsError::NotADirectory { .. }), "{err}");
+        // A symlink.
+        let err = root
+            .make_symlink(&rel("a/l"), "t", Expect::Absent)
+            .unwrap_err();
+        assert!(matches!(err, FsError::NotADirectory { .. }), "{err}");
+        // A target that changed.
+        let err = write(&root, "a", b"other", false, Expect::Absent).unwrap_err();
+        assert!(matches!(err, FsError::TargetChanged { .. }), "{err}");
+        assert_eq!(root.staging_entries().unwrap(), 0);
     }
 
     #[test]

@@ -105,18 +105,32 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
                 first_event = None;
                 let paths = std::mem::take(&mut dirty);
                 let whole = std::mem::take(&mut dirty_all);
+                let mut failed = Vec::new();
                 for (id, set) in paths {
                     if whole.contains(&id) {
                         continue;
                     }
-                    if let Some(ws) = hub.workspace(&id) {
-                        observe_logged(&hub, &ws, Scope::Subtrees(set.into_iter().collect())).await;
+                    if let Some(ws) = hub.workspace(&id)
+                        && !observe_logged(&hub, &ws, Scope::Subtrees(set.into_iter().collect())).await
+                    {
+                        failed.push(id);
                     }
                 }
                 for id in whole {
-                    if let Some(ws) = hub.workspace(&id) {
-                        observe_logged(&hub, &ws, Scope::Full).await;
+                    if let Some(ws) = hub.workspace(&id)
+                        && !observe_logged(&hub, &ws, Scope::Full).await
+                    {
+                        failed.push(id);
                     }
+                }
+                // What a failed observation was about is still unjournaled:
+                // the whole mirror is observed again in a second (not at
+                // the next periodic rescan).
+                if !failed.is_empty() {
+                    dirty_all.extend(failed);
+                    let now = Instant::now();
+                    first_event = Some(now);
+                    last_event = now + hub.config.debounce_max;
                 }
             }
             _ = ticker.tick() => {
@@ -126,9 +140,14 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
     }
 }
 
-async fn observe_logged(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) {
-    if let Err(err) = observe_workspace(hub, ws, scope).await {
-        tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "scanning the mirror failed");
+/// False (after logging why) when the observation failed.
+async fn observe_logged(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) -> bool {
+    match observe_workspace(hub, ws, scope).await {
+        Ok(_) => true,
+        Err(err) => {
+            tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "scanning the mirror failed; trying again");
+            false
+        }
     }
 }
 

@@ -109,6 +109,26 @@ pub struct Replica {
     /// Paths the hub last sent flagged read-only (a registered skill's
     /// files): they land without write permission.
     read_only: HashSet<RelPath>,
+    /// Landing intents exist in `node.db` that the next persist clears:
+    /// recorded by this round, or loaded at start and used by a plan.
+    landings_recorded: bool,
+    /// Proposals in doubt were recorded in `node.db` (or loaded from it):
+    /// the next persist replaces them by those still in doubt.
+    proposals_recorded: bool,
+    /// Where `trees.in_doubt` goes when this session ends.
+    in_doubt_carry: Option<Arc<std::sync::Mutex<InDoubt>>>,
+}
+
+/// Proposals sent without an answer, by path (`NodeTrees::in_doubt`).
+pub type InDoubt = BTreeMap<RelPath, Vec<Option<Entry>>>;
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(carry) = self.in_doubt_carry.take() {
+            let mut slot = carry.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = std::mem::take(&mut self.trees.in_doubt);
+        }
+    }
 }
 
 impl Replica {
@@ -135,6 +155,9 @@ impl Replica {
             needs_sync: false,
             racy: BTreeMap::new(),
             batch: NodeBatch::default(),
+            in_doubt_carry: None,
+            landings_recorded: false,
+            proposals_recorded: false,
             read_only: HashSet::new(),
         }
     }
@@ -154,6 +177,25 @@ impl Replica {
         } else {
             self.read_only.remove(path);
         }
+    }
+
+    /// Takes what a previous run left in `node.db`: landing intents and
+    /// proposals whose answer it never persisted.
+    pub fn load_intents(&mut self) -> Result<(), SyncError> {
+        self.trees.landed = self.db.landings(&self.id)?.into_iter().collect();
+        let proposals = self.db.proposals(&self.id)?;
+        self.proposals_recorded = !proposals.is_empty();
+        for (path, entry) in proposals {
+            self.trees.sent(&path, entry);
+        }
+        Ok(())
+    }
+
+    /// Takes the proposals a previous session left in doubt, and hands
+    /// this session's back to `carry` when it ends.
+    pub fn carry_in_doubt(&mut self, carry: Arc<std::sync::Mutex<InDoubt>>) {
+        self.trees.in_doubt = std::mem::take(&mut *carry.lock().unwrap_or_else(|p| p.into_inner()));
+        self.in_doubt_carry = Some(carry);
     }
 
     /// Takes journal changes from the subscription.
@@ -222,6 +264,16 @@ impl Replica {
         }
         let checkpoint = self.trees.checkpoint();
         let mut batch = std::mem::take(&mut self.batch);
+        batch.clear_landings = std::mem::take(&mut self.landings_recorded);
+        if std::mem::take(&mut self.proposals_recorded) {
+            batch.proposals = Some(
+                self.trees
+                    .in_doubt
+                    .iter()
+                    .filter_map(|(path, sent)| sent.last().map(|e| (path.clone(), e.clone())))
+                    .collect(),
+            );
+        }
         batch.last_seq = Some(checkpoint.last_seq);
         batch.synced_del.extend(checkpoint.dropped_tombstones);
         let db = self.db.clone();
@@ -245,7 +297,27 @@ impl Replica {
 
     /// One round over `scope`. Local deletions are only proposed when
     /// `release_deletes` is set; otherwise they wait in `deferred`.
+    ///
+    /// A round that fails part way (a call cut off, the hub gone) still
+    /// persists what it did: files it landed, conflict copies it moved. They
+    /// are on disk; without their synced records the next session would
+    /// take them for local changes and turn the hub's next version of those
+    /// paths into conflict copies (found by the network-fault test).
     pub async fn round(
+        &mut self,
+        scope: Scope,
+        release_deletes: bool,
+    ) -> Result<RoundStats, SyncError> {
+        let result = self.round_steps(scope, release_deletes).await;
+        if result.is_err()
+            && let Err(err) = self.persist().await
+        {
+            tracing::warn!(workspace = %self.id, error = %err, "cannot record what the failed round did; the next session looks at those paths again");
+        }
+        result
+    }
+
+    async fn round_steps(
         &mut self,
         scope: Scope,
         release_deletes: bool,
@@ -258,6 +330,8 @@ impl Replica {
                 self.id
             )));
         }
+        let scope_was_full_with_landings =
+            matches!(scope, Scope::Full) && !self.trees.landed.is_empty();
         let tops: Option<Vec<RelPath>> = self.trees.tops(scope);
         let rules = Arc::new(IgnoreRules::load(&self.root));
         if rules.problems != self.ignore_problems {
@@ -308,6 +382,11 @@ impl Replica {
             |path| local.get(path).map(|(entry, _)| entry),
             release_deletes,
         );
+        if scope_was_full_with_landings {
+            // A dead run's intents served this (full) round's plan.
+            self.trees.landed.clear();
+            self.landings_recorded = true;
+        }
         if plan.deferred_more {
             self.last_deletion = Some(Instant::now());
         }
@@ -447,6 +526,18 @@ impl Replica {
         stats: &mut RoundStats,
     ) -> Result<(), SyncError> {
         items.sort_by(|a, b| a.path.cmp(&b.path));
+        // Durably announce what is about to land, so a run killed before
+        // this round persists can still tell these files are the hub's.
+        let intents: Vec<(RelPath, Versioned)> = items
+            .iter()
+            .filter(|item| item.target.entry.is_some())
+            .map(|item| (item.path.clone(), item.target.clone()))
+            .collect();
+        if !intents.is_empty() {
+            let (db, id) = (self.db.clone(), self.id.clone());
+            tokio::task::spawn_blocking(move || db.record_landings(&id, &intents)).await??;
+            self.landings_recorded = true;
+        }
         let mut downloads: Vec<(DownloadItem, Versioned)> = Vec::new();
         for item in items {
             let Some(target_entry) = item.target.entry.clone() else {
@@ -715,6 +806,20 @@ impl Replica {
         if items.is_empty() {
             return Ok(());
         }
+        // Durably, before anything is sent: the hub may commit these and
+        // the answer be lost, even to a kill.
+        let sending: Vec<(RelPath, Option<Entry>)> = items
+            .iter()
+            .map(|item| {
+                (
+                    item.path.clone(),
+                    item.local.as_ref().map(|(e, _)| e.clone()),
+                )
+            })
+            .collect();
+        let (db, id) = (self.db.clone(), self.id.clone());
+        tokio::task::spawn_blocking(move || db.record_proposals(&id, &sending)).await??;
+        self.proposals_recorded = true;
         let hub_has: HashSet<ContentHash> = self
             .trees
             .synced
@@ -742,6 +847,8 @@ impl Replica {
                     bytes += op.data.as_ref().map_or(0, |d| d.len() as u64);
                     ops.push(op);
                     let known = self.trees.known_seq(&item.path);
+                    self.trees
+                        .sent(&item.path, item_local.as_ref().map(|(e, _)| e.clone()));
                     members.push((item.path.clone(), item.base, item_local, known));
                     if bytes >= self.config.batch_bytes {
                         break;
@@ -796,6 +903,7 @@ impl Replica {
         let mut uploads: Vec<ProposeItem> = Vec::new();
         for ((path, base, local, known), result) in members.into_iter().zip(response.results) {
             stats.proposed += 1;
+            self.trees.answered(&path);
             self.progress.advance(local.as_ref().map(|(e, _)| e));
             match result.outcome {
                 Some(pb::op_result::Outcome::Committed(done)) => {

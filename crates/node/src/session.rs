@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::NodeConfig;
 use crate::client::{Client, SyncError};
-use crate::reconcile::{Replica, Scope};
+use crate::reconcile::{InDoubt, Replica, Scope};
 
 const TICK: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -41,6 +41,9 @@ pub struct WorkspaceTask {
     shutdown: CancellationToken,
     tag: String,
     progress: Arc<crate::Progress>,
+    /// Proposals whose answer a lost connection swallowed, carried from one
+    /// session to the next (`NodeTrees::in_doubt`).
+    in_doubt: Arc<std::sync::Mutex<InDoubt>>,
 }
 
 enum Incoming {
@@ -69,6 +72,7 @@ impl WorkspaceTask {
             shutdown,
             tag,
             progress,
+            in_doubt: Arc::default(),
         }
     }
 
@@ -244,6 +248,8 @@ impl WorkspaceTask {
             synced,
             row.last_seq,
         );
+        replica.carry_in_doubt(self.in_doubt.clone());
+        replica.load_intents()?;
         replica.emptying_confirmed = allow_empty;
         replica.progress = self.progress.clone();
 

@@ -352,6 +352,45 @@ pub async fn download_chunked(
     if let Err(err) = manifest.check(size) {
         return Ok(Err(DownloadFailure::Unavailable(err.to_string())));
     }
+    // A local source the index names may no longer hold those bytes (the
+    // index lags the disk until the next scan of that path): the assembly
+    // is then planned again without it, fetching what it held.
+    let mut excluded: Vec<RelPath> = Vec::new();
+    loop {
+        match download_pieces(client, db, workspace, root, item, &manifest, &excluded).await? {
+            Err(Stale::Source(path)) if excluded.len() < 4 => {
+                tracing::debug!(workspace = %workspace, path = %item.path, source = %path, "a local chunk source changed; planning without it");
+                excluded.push(path);
+            }
+            Err(Stale::Source(path)) => {
+                return Ok(Err(DownloadFailure::Unavailable(format!(
+                    "{path}: changed since it was planned as a chunk source"
+                ))));
+            }
+            Err(Stale::Failed(failure)) => return Ok(Err(failure)),
+            Ok(stat) => return Ok(Ok((stat, manifest))),
+        }
+    }
+}
+
+/// Why one assembly attempt did not land.
+enum Stale {
+    /// This local source no longer holds the planned bytes.
+    Source(RelPath),
+    Failed(DownloadFailure),
+}
+
+/// One attempt at `download_chunked`: plans which chunks come from local
+/// files (none from `excluded`), fetches the others, assembles, lands.
+async fn download_pieces(
+    client: &mut Client,
+    db: &Arc<NodeDb>,
+    workspace: &WorkspaceId,
+    root: &Arc<Root>,
+    item: &DownloadItem,
+    manifest: &Manifest,
+    excluded: &[RelPath],
+) -> Result<Result<Stat, Stale>, SyncError> {
     let located = {
         let (db, workspace) = (db.clone(), workspace.clone());
         let hashes: Vec<ContentHash> = manifest.chunks.iter().map(|c| c.hash).collect();
@@ -359,9 +398,10 @@ pub async fn download_chunked(
     };
     let locate: HashMap<ContentHash, (RelPath, u64)> = located
         .into_iter()
+        .filter(|(_, l)| !excluded.contains(&l.path))
         .map(|(h, l)| (h, (l.path, l.offset)))
         .collect();
-    let pieces = plan_pieces(&manifest, &locate);
+    let pieces = plan_pieces(manifest, &locate);
     let offsets = manifest.offsets();
     let ranges: Vec<pb::ChunkRange> = pieces
         .iter()
@@ -401,42 +441,48 @@ pub async fn download_chunked(
             }
         }))
     };
-    let (root, target, expect, hash, mode) = (
+    let (root, target, expect, hash, mode, manifest) = (
         root.clone(),
         item.path.clone(),
         item.expect,
         item.hash,
         item.mode,
+        manifest.clone(),
     );
-    let landed =
-        tokio::task::spawn_blocking(move || -> Result<(Stat, Manifest), DownloadFailure> {
-            let mut staged = root.stage_file().map_err(DownloadFailure::Local)?;
-            let lens: Vec<u32> = manifest.chunks.iter().map(|c| c.len).collect();
-            let mut position = 0u32;
-            let result = assemble(&root, &mut staged, &manifest, &pieces, |index| {
-                let message = chunk_rx
-                    .blocking_recv()
-                    .ok_or("the hub ended the chunk stream early")??;
-                if message.index != position {
-                    return Err(format!("expected chunk {position}, got {}", message.index));
-                }
-                position += 1;
-                gm_chunk::decode(message.data, message.zstd, lens[index] as usize)
-                    .map_err(|e| e.to_string())
-            });
-            match result {
-                Ok(_) => {}
-                Err(AssembleError::Chunk(_)) => return Err(DownloadFailure::Corrupt),
-                Err(AssembleError::Fs(err)) => return Err(DownloadFailure::Local(err)),
-                Err(other) => return Err(DownloadFailure::Unavailable(other.to_string())),
+    let landed = tokio::task::spawn_blocking(move || -> Result<Stat, Stale> {
+        let failed = Stale::Failed;
+        let mut staged = root
+            .stage_file()
+            .map_err(|e| failed(DownloadFailure::Local(e)))?;
+        let lens: Vec<u32> = manifest.chunks.iter().map(|c| c.len).collect();
+        let mut position = 0u32;
+        let result = assemble(&root, &mut staged, &manifest, &pieces, |index| {
+            let message = chunk_rx
+                .blocking_recv()
+                .ok_or("the hub ended the chunk stream early")??;
+            if message.index != position {
+                return Err(format!("expected chunk {position}, got {}", message.index));
             }
-            match staged.commit(&root, &target, hash, mode, expect) {
-                Ok(stat) => Ok((stat, manifest)),
-                Err(FsError::HashMismatch { .. }) => Err(DownloadFailure::Corrupt),
-                Err(err) => Err(DownloadFailure::Local(err)),
+            position += 1;
+            gm_chunk::decode(message.data, message.zstd, lens[index] as usize)
+                .map_err(|e| e.to_string())
+        });
+        match result {
+            Ok(_) => {}
+            Err(AssembleError::Chunk(_)) => return Err(failed(DownloadFailure::Corrupt)),
+            Err(AssembleError::Fs(err)) => return Err(failed(DownloadFailure::Local(err))),
+            Err(AssembleError::SourceChanged { path }) => return Err(Stale::Source(path)),
+            Err(other) => {
+                return Err(failed(DownloadFailure::Unavailable(other.to_string())));
             }
-        })
-        .await?;
+        }
+        match staged.commit(&root, &target, hash, mode, expect) {
+            Ok(stat) => Ok(stat),
+            Err(FsError::HashMismatch { .. }) => Err(failed(DownloadFailure::Corrupt)),
+            Err(err) => Err(failed(DownloadFailure::Local(err))),
+        }
+    })
+    .await?;
     if let Some(forwarder) = forwarder {
         forwarder.abort();
     }

@@ -99,6 +99,23 @@ impl Registry {
             .pragma("mmap_size", SQLITE_MMAP_BYTES);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
+            // A failed write can leave a connection out of step with its
+            // transaction: on SQLITE_FULL or an IO error SQLite rolls the
+            // transaction back by itself, sqlx's ROLLBACK then fails and
+            // it still counts one transaction open, so the next `begin`
+            // opens a SAVEPOINT whose rollback never ends it, and that
+            // connection holds the write lock for ever (every other writer
+            // of `state.db` then got "database is locked"; found by the
+            // disk-full test). Such a connection is closed, not reused.
+            .before_acquire(|conn, _meta| {
+                Box::pin(async move {
+                    let sane = !sqlx::Connection::is_in_transaction(conn);
+                    if !sane {
+                        tracing::warn!("closing a registry connection left inside a transaction");
+                    }
+                    Ok(sane)
+                })
+            })
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
@@ -223,6 +240,75 @@ pub(crate) fn violates(err: &sqlx::Error, kind: sqlx::error::ErrorKind) -> bool 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write that fails with SQLITE_FULL inside a transaction (here
+    /// through `max_page_count`; on the hub, a full data dir): SQLite rolls
+    /// the transaction back itself and sqlx still counts it open. The
+    /// connection must not be reused: its next transaction would be a
+    /// SAVEPOINT whose rollback keeps the write lock, and the journal
+    /// (gm-store, same `state.db`) could never write again.
+    #[tokio::test]
+    async fn a_connection_out_of_step_after_a_full_disk_is_not_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let registry = Registry::open_sqlite(&path).await.unwrap();
+        let Pool::Sqlite(pool) = &registry.pool else {
+            unreachable!("a SQLite registry");
+        };
+        sqlx::query("CREATE TABLE scratch (b BLOB)")
+            .execute(pool)
+            .await
+            .unwrap();
+        {
+            let mut tx = pool.begin().await.unwrap();
+            let pages: i64 = sqlx::query_scalar("PRAGMA page_count")
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "PRAGMA max_page_count = {}",
+                pages + 2
+            )))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            let full = sqlx::query("INSERT INTO scratch VALUES (zeroblob(20000))")
+                .execute(&mut *tx)
+                .await;
+            assert!(full.is_err(), "the insert should not fit");
+            // SQLite rolled the transaction back; the COMMIT fails, as one
+            // that hit a full disk itself does (WAL pages are written at
+            // commit), and sqlx still counts the transaction open.
+            assert!(tx.commit().await.is_err());
+        }
+        // Every connection of the pool (it holds 4), the stranded one too.
+        let mut conns = Vec::new();
+        for _ in 0..4 {
+            conns.push(pool.acquire().await.unwrap());
+        }
+        for (i, conn) in conns.iter_mut().enumerate() {
+            sqlx::query("PRAGMA max_page_count = 1073741823")
+                .execute(&mut **conn)
+                .await
+                .unwrap();
+            let mut tx = sqlx::Connection::begin(&mut **conn).await.unwrap();
+            sqlx::query(
+                "INSERT INTO registry_nodes (id, name, created_ms, last_seen_ms) \
+                 VALUES ($1, $1, 0, 0)",
+            )
+            .bind(format!("n{i}"))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            // An error path: rolled back.
+            tx.rollback().await.unwrap();
+        }
+        drop(conns);
+        let journal = gm_store::HubDb::open(&path).unwrap();
+        journal
+            .ensure_workspace(&gm_core::WorkspaceId::new("w").unwrap(), 1)
+            .expect("the journal can write after the registry's failed write");
+    }
 
     #[test]
     fn urls_are_redacted() {

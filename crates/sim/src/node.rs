@@ -134,6 +134,10 @@ pub struct Session {
     last_streamed: Seq,
     /// Staging files of this session's downloads.
     staged: usize,
+    /// Persisted landing intents the next persist clears.
+    landings_recorded: bool,
+    /// Persisted proposals the next persist replaces.
+    proposals_recorded: bool,
 }
 
 #[derive(Debug)]
@@ -144,7 +148,14 @@ pub struct SimNode {
     /// Persisted (`node.db`).
     pub db_synced: BTreeMap<RelPath, Versioned>,
     pub db_last_seq: Seq,
+    /// Persisted landing intents (`NodeDb::record_landings`).
+    db_landing: BTreeMap<RelPath, Versioned>,
+    /// Persisted proposals in doubt (`NodeDb::record_proposals`).
+    db_proposals: BTreeMap<RelPath, Option<Entry>>,
     pub session: Option<Session>,
+    /// Proposals a lost connection left unanswered, carried to the next
+    /// session (`NodeTrees::in_doubt`; a crash loses them).
+    in_doubt: BTreeMap<RelPath, Vec<Option<Entry>>>,
     /// Watcher paths not yet part of a round.
     pub dirty: BTreeSet<RelPath>,
     /// Staging files on disk.
@@ -167,7 +178,10 @@ impl SimNode {
             disk: Disk::default(),
             db_synced: BTreeMap::new(),
             db_last_seq: Seq::ZERO,
+            db_landing: BTreeMap::new(),
+            db_proposals: BTreeMap::new(),
             session: None,
+            in_doubt: BTreeMap::new(),
             dirty: BTreeSet::new(),
             staging: 0,
             next_call: 0,
@@ -189,11 +203,17 @@ impl SimNode {
         self.staging = 0;
         self.dirty.clear();
         self.disk.touched.clear();
+        let mut trees = NodeTrees::new(self.db_synced.clone(), self.db_last_seq);
+        trees.in_doubt = std::mem::take(&mut self.in_doubt);
+        trees.landed = self.db_landing.clone();
+        for (path, entry) in &self.db_proposals {
+            trees.sent(path, entry.clone());
+        }
         self.session = Some(Session {
             conn,
             caught_up: false,
             first_round_done: false,
-            trees: NodeTrees::new(self.db_synced.clone(), self.db_last_seq),
+            trees,
             inbox: VecDeque::new(),
             round: None,
             answers: BTreeMap::new(),
@@ -201,17 +221,30 @@ impl SimNode {
             unpersisted: Vec::new(),
             last_streamed: self.db_last_seq,
             staged: 0,
+            landings_recorded: false,
+            proposals_recorded: !self.db_proposals.is_empty(),
         });
         out.push(ToHub::Subscribe {
             since: self.db_last_seq,
         });
     }
 
-    /// The session ends (connection lost): in-memory state is dropped;
-    /// downloads in progress drop their staging files. With `crash`, the
-    /// process died: staging stays on disk until the next start.
-    pub fn end_session(&mut self, crash: bool) {
+    /// The session ends (connection lost): what the round did so far is
+    /// persisted (`Replica::round` on an error), proposals without an
+    /// answer stay in doubt for the next session, the rest of the
+    /// in-memory state is dropped; downloads in progress drop their
+    /// staging files. With `crash`, the process died: nothing more is
+    /// persisted and staging stays on disk until the next start.
+    pub fn end_session(&mut self, crash: bool, trace: &mut Trace) {
+        if !crash && self.session.is_some() {
+            self.persist(trace);
+        }
         if let Some(session) = self.session.take() {
+            if !crash {
+                self.in_doubt = session.trees.in_doubt.clone();
+            } else {
+                self.in_doubt.clear();
+            }
             self.check_resumable(&session);
             if !crash {
                 self.staging -= session.staged;
@@ -383,6 +416,7 @@ impl SimNode {
             ),
             Trigger::Rescan => (Scope::Full, false),
         };
+        let full_with_landings = scope == Scope::Full && !session.trees.landed.is_empty();
         let tops = session.trees.tops(scope.clone());
         // The scan: everything on disk under the tops.
         let local: BTreeMap<RelPath, (Entry, Seen)> = self
@@ -402,6 +436,15 @@ impl SimNode {
         );
         if plan.deferred_more {
             session.last_deletion = Some(now);
+        }
+        if full_with_landings {
+            session.trees.landed.clear();
+            session.landings_recorded = true;
+        }
+        // `Replica::apply_writes`: intents are durable before anything lands.
+        for (path, target) in &plan.apply_writes {
+            self.db_landing.insert(path.clone(), target.clone());
+            session.landings_recorded = true;
         }
         trace.line(format!(
             "{} round {trigger:?} {}: adopt {} apply {}+{} propose {}+{}+{} deferred {}",
@@ -764,7 +807,17 @@ impl SimNode {
             Stage::ProposeWrites => std::mem::take(&mut round.propose_writes),
             _ => std::mem::take(&mut round.propose_deletes),
         };
-        let session = self.session.as_ref().expect("a round runs in a session");
+        // `Replica::propose`: recorded before anything is sent.
+        let session = self.session.as_mut().expect("a round runs in a session");
+        for item in &items {
+            self.db_proposals.insert(
+                item.path.clone(),
+                item.local.as_ref().map(|(e, _)| e.clone()),
+            );
+        }
+        if !items.is_empty() {
+            session.proposals_recorded = true;
+        }
         let hub_has: BTreeSet<ContentHash> = session
             .trees
             .synced
@@ -834,6 +887,9 @@ impl SimNode {
                 if let Some((op, local)) = self.make_op(&item, force_inline, &p.hub_has) {
                     ops.push(op);
                     let known = self.session().trees.known_seq(&item.path);
+                    self.session()
+                        .trees
+                        .sent(&item.path, local.as_ref().map(|(e, _)| e.clone()));
                     members.push((item.path.clone(), item.base, local, known));
                 }
             }
@@ -929,6 +985,7 @@ impl SimNode {
         trace: &mut Trace,
     ) {
         for ((path, base, local, known), result) in members.into_iter().zip(results) {
+            self.session().trees.answered(&path);
             match result {
                 OpResult::Committed(seq) => {
                     let entry = local.as_ref().map(|(e, _)| e.clone());
@@ -1008,6 +1065,17 @@ impl SimNode {
             return;
         };
         let checkpoint = session.trees.checkpoint();
+        if std::mem::take(&mut session.landings_recorded) {
+            self.db_landing.clear();
+        }
+        if std::mem::take(&mut session.proposals_recorded) {
+            self.db_proposals = session
+                .trees
+                .in_doubt
+                .iter()
+                .filter_map(|(path, sent)| sent.last().map(|e| (path.clone(), e.clone())))
+                .collect();
+        }
         for (path, state) in session.unpersisted.drain(..) {
             self.db_synced.insert(path, state);
         }

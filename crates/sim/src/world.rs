@@ -543,7 +543,7 @@ impl World {
 
     fn disconnect(&mut self, index: usize, crash: bool) {
         self.links[index].drop_connection();
-        self.nodes[index].end_session(crash);
+        self.nodes[index].end_session(crash, &mut self.trace);
         self.hub.subscriptions.remove(&index);
     }
 

@@ -3,7 +3,8 @@
 //! stat it was hashed at and its content hash; `chunks` holds the chunk
 //! list of large files, indexed by chunk hash so a receiver finds any chunk
 //! it already has anywhere in the workspace with one lookup. A path's
-//! chunk rows are replaced or removed whenever its cache record is.
+//! chunk rows are replaced or removed whenever its cache record is, and
+//! exist only next to a record of the same size.
 
 use std::collections::HashMap;
 
@@ -31,6 +32,22 @@ CREATE INDEX chunks_by_hash ON chunks (ws, hash);
     };
 }
 pub(crate) use chunks_schema;
+
+/// Migration shared by both databases (their third): removes chunk rows
+/// that have no cache record of their list's size, left by batches that
+/// removed or replaced a record after queueing its chunk list (see `put`).
+macro_rules! drop_stale_chunks {
+    () => {
+        r#"
+DELETE FROM chunks WHERE NOT EXISTS (
+    SELECT 1 FROM hash_cache h
+    WHERE h.ws = chunks.ws AND h.path = chunks.path
+      AND h.size = (SELECT SUM(c.len) FROM chunks c WHERE c.ws = chunks.ws AND c.path = chunks.path)
+);
+"#
+    };
+}
+pub(crate) use drop_stale_chunks;
 
 const COLUMNS: &str = "path, kind, size, mtime_ns, ctime_ns, ino, dev, mode, hash, recorded_ns";
 
@@ -83,6 +100,24 @@ pub fn put(
                 c.hash.as_bytes().as_slice()
             ])?;
             offset += i64::from(c.len);
+        }
+    }
+    // A chunk list describes the content of its path's cache record. One
+    // queued for content that the same batch then replaced or removed (a
+    // scan's list, then a write or a deletion of that path) must not
+    // outlive it: chunk rows stay only where the path has a record of the
+    // list's size. Rows without a record would never be cleaned up (a
+    // scan only drops what has a record) and would be offered as a local
+    // source of bytes the disk no longer holds.
+    let mut size_of =
+        tx.prepare_cached("SELECT size FROM hash_cache WHERE ws = ?1 AND path = ?2")?;
+    for (path, manifest) in manifests {
+        let total: i64 = manifest.chunks.iter().map(|c| i64::from(c.len)).sum();
+        let size: Option<i64> = size_of
+            .query_row(params![ws.as_str(), path.as_str()], |r| r.get(0))
+            .optional()?;
+        if size != Some(total) {
+            drop_chunks.execute(params![ws.as_str(), path.as_str()])?;
         }
     }
     Ok(())

@@ -66,6 +66,8 @@ CREATE INDEX conflicts_by_ws ON conflicts (ws, seq);
         cache::chunks_schema!(),
         "CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);\n"
     ),
+    // 3: chunk rows left without the record they describe.
+    cache::drop_stale_chunks!(),
 ];
 
 pub struct HubDb {
@@ -541,6 +543,59 @@ mod tests {
         assert_eq!(db.counts(&ws).unwrap().dirs, 1);
     }
 
+    /// Another connection to `state.db` (the registry's, through sqlx)
+    /// writes all the time. A journal write must wait for it (busy
+    /// timeout), never fail: a deferred transaction that read first got
+    /// SQLITE_BUSY at once when it tried to write on a snapshot the other
+    /// writer had made stale (seen as "scanning the mirror failed: database
+    /// is locked" in the offline test, and the hub-side changes of that
+    /// scan were not journaled until the next rescan).
+    #[test]
+    fn journal_writes_wait_for_another_writer_instead_of_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let db = HubDb::open(&path).unwrap();
+        let ws = WorkspaceId::new("w").unwrap();
+        db.ensure_workspace(&ws, 1).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let other = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let conn = rusqlite::Connection::open(&path).unwrap();
+                conn.busy_timeout(std::time::Duration::from_secs(10))
+                    .unwrap();
+                conn.execute("CREATE TABLE IF NOT EXISTS other (n INTEGER)", [])
+                    .unwrap();
+                let mut writes = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    conn.execute("INSERT INTO other (n) VALUES (1)", [])
+                        .unwrap();
+                    writes += 1;
+                }
+                writes
+            })
+        };
+        for seq in 1..=400u64 {
+            let batch = RecordBatch {
+                changes: vec![(
+                    rel(&format!("f{}", seq % 50)),
+                    Versioned {
+                        entry: Some(file(&seq.to_le_bytes())),
+                        seq: Seq(seq),
+                    },
+                )],
+                origin: "hub".into(),
+                ..Default::default()
+            };
+            if let Err(err) = db.record(&ws, &batch) {
+                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                panic!("journal write {seq} failed: {err}");
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(other.join().unwrap() > 0, "the other writer never wrote");
+    }
+
     #[test]
     fn cache_round_trip_and_subtree_bounds() {
         let dir = tempfile::tempdir().unwrap();
@@ -582,9 +637,17 @@ mod tests {
         let manifest = Manifest {
             chunks: vec![chunk(b"one"), chunk(b"second")],
         };
+        // (A chunk list sums to its file's size.)
+        let large = CacheRecord {
+            stat: Stat {
+                size: 9,
+                ..record.stat
+            },
+            ..record
+        };
         db.update_cache(
             &ws,
-            &[(rel("a/x"), record)],
+            &[(rel("a/x"), large)],
             &[],
             &[(rel("a/x"), manifest.clone())],
         )
@@ -620,6 +683,87 @@ mod tests {
             db.manifest(&ws, &rel("a/x")).unwrap(),
             None,
             "chunks leave with their record"
+        );
+    }
+
+    /// Found by the crash test with real processes (tests/faults.rs): a
+    /// round scanned a large file (queueing its chunk list), then moved it
+    /// to its conflict-copy name (queueing the removal of its record) in
+    /// the same batch. The removal went first and the chunk list was
+    /// written after it: chunk rows for a path with no record, which no
+    /// scan ever cleans up. Every later download of that path planned its
+    /// bytes from a file that was not there, failed, and the node proposed
+    /// a deletion again and again. Likewise a list queued before a write of
+    /// smaller content at the path.
+    #[test]
+    fn chunk_lists_never_outlive_the_record_they_describe() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = HubDb::open(&dir.path().join("state.db")).unwrap();
+        let ws = WorkspaceId::new("w").unwrap();
+        db.ensure_workspace(&ws, 1).unwrap();
+        let chunk = |b: &[u8]| gm_chunk::ChunkRef {
+            len: b.len() as u32,
+            hash: ContentHash::of(b),
+        };
+        let manifest = Manifest {
+            chunks: vec![chunk(b"one"), chunk(b"second")],
+        };
+        let record = |size: u64| CacheRecord {
+            stat: Stat {
+                kind: Kind::File,
+                size,
+                mtime_ns: 5,
+                ctime_ns: 6,
+                ino: 7,
+                dev: 8,
+                mode: 0o644,
+            },
+            hash: ContentHash::of(b"whole"),
+            recorded_ns: 9,
+        };
+        let second = ContentHash::of(b"second");
+        // Removed in the same batch.
+        db.update_cache(&ws, &[], &[rel("gone")], &[(rel("gone"), manifest.clone())])
+            .unwrap();
+        // Replaced by a smaller file in the same batch.
+        db.update_cache(
+            &ws,
+            &[(rel("small"), record(2))],
+            &[],
+            &[(rel("small"), manifest.clone())],
+        )
+        .unwrap();
+        assert_eq!(db.manifest(&ws, &rel("gone")).unwrap(), None);
+        assert_eq!(db.manifest(&ws, &rel("small")).unwrap(), None);
+        assert!(db.locate_chunks(&ws, &[second]).unwrap().is_empty());
+        // The list of the record's own content stays.
+        db.update_cache(
+            &ws,
+            &[(rel("large"), record(9))],
+            &[],
+            &[(rel("large"), manifest.clone())],
+        )
+        .unwrap();
+        assert_eq!(
+            db.locate_chunks(&ws, &[second]).unwrap()[&second].path,
+            rel("large")
+        );
+
+        // Rows left by earlier versions go when the database is opened.
+        drop(db);
+        let raw = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+        raw.execute(
+            "INSERT INTO chunks (ws, path, idx, offset, len, hash) VALUES ('w', 'orphan', 0, 0, 6, ?1)",
+            [ContentHash::of(b"orphan").as_bytes().as_slice()],
+        )
+        .unwrap();
+        raw.pragma_update(None, "user_version", 2).unwrap();
+        drop(raw);
+        let db = HubDb::open(&dir.path().join("state.db")).unwrap();
+        assert_eq!(db.manifest(&ws, &rel("orphan")).unwrap(), None);
+        assert_eq!(
+            db.locate_chunks(&ws, &[second]).unwrap()[&second].path,
+            rel("large")
         );
     }
 }

@@ -58,6 +58,16 @@ pub struct Sqlite {
     conn: std::sync::Mutex<rusqlite::Connection>,
 }
 
+/// A write transaction: it takes the write lock when it begins (waiting
+/// on the busy timeout), so it never reads a snapshot another connection
+/// (the registry's, on the hub's `state.db`) makes stale before it writes.
+/// A deferred one that read first failed at once with SQLITE_BUSY then.
+pub(crate) fn write_tx(
+    conn: &mut rusqlite::Connection,
+) -> rusqlite::Result<rusqlite::Transaction<'_>> {
+    conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+}
+
 type VersionedRow = (String, i64, Result<Option<gm_core::Entry>, String>);
 
 impl Sqlite {
@@ -203,7 +213,7 @@ fn open_with(
         });
     }
     for (index, sql) in migrations.iter().enumerate().skip(version as usize) {
-        let tx = conn.transaction().map_err(err)?;
+        let tx = write_tx(&mut conn).map_err(err)?;
         tx.execute_batch(sql).map_err(err)?;
         tx.pragma_update(None, "user_version", index as i64 + 1)
             .map_err(err)?;

@@ -53,6 +53,36 @@ CREATE INDEX hash_cache_by_hash ON hash_cache (ws, hash);
 "#,
     // 2: chunk index of large files.
     cache::chunks_schema!(),
+    // 3: chunk rows left without the record they describe.
+    cache::drop_stale_chunks!(),
+    // 4: remote versions a round is about to write to disk (landing
+    // intents) and local versions it is about to propose, so a run killed
+    // before it persisted the round can tell what it wrote and what the hub
+    // may have committed for it (`NodeDb::record_landings`,
+    // `record_proposals`).
+    r#"
+CREATE TABLE proposal (
+    ws TEXT NOT NULL,
+    path TEXT NOT NULL,
+    kind INTEGER NOT NULL,
+    hash BLOB,
+    size INTEGER NOT NULL,
+    executable INTEGER NOT NULL,
+    target TEXT,
+    PRIMARY KEY (ws, path)
+) WITHOUT ROWID;
+CREATE TABLE landing (
+    ws TEXT NOT NULL,
+    path TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    hash BLOB,
+    size INTEGER NOT NULL,
+    executable INTEGER NOT NULL,
+    target TEXT,
+    PRIMARY KEY (ws, path)
+) WITHOUT ROWID;
+"#,
 ];
 
 pub struct NodeDb {
@@ -89,6 +119,11 @@ pub struct NodeBatch {
     pub manifests: Vec<(RelPath, Manifest)>,
     /// Raise the workspace's last seen seq to this (never lowered).
     pub last_seq: Option<Seq>,
+    /// Forget the workspace's landing intents (what they announced is in
+    /// `synced_put`, or was not written).
+    pub clear_landings: bool,
+    /// Replace the workspace's proposals in doubt by these.
+    pub proposals: Option<Vec<(RelPath, Option<Entry>)>>,
 }
 
 impl NodeBatch {
@@ -99,6 +134,8 @@ impl NodeBatch {
             && self.cache_del.is_empty()
             && self.manifests.is_empty()
             && self.last_seq.is_none()
+            && !self.clear_landings
+            && self.proposals.is_none()
     }
 }
 
@@ -147,8 +184,10 @@ impl NodeDb {
     /// is forgotten (files on disk stay and are merged like a first sync).
     pub fn reset_epoch(&self, ws: &WorkspaceId, epoch: &str) -> Result<(), StoreError> {
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = crate::write_tx(c)?;
             tx.execute("DELETE FROM synced WHERE ws = ?1", [ws.as_str()])?;
+            tx.execute("DELETE FROM landing WHERE ws = ?1", [ws.as_str()])?;
+            tx.execute("DELETE FROM proposal WHERE ws = ?1", [ws.as_str()])?;
             tx.execute(
                 "UPDATE workspaces SET epoch = ?2, last_seq = 0 WHERE id = ?1",
                 params![ws.as_str(), epoch],
@@ -220,7 +259,7 @@ impl NodeDb {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction()?;
+            let tx = crate::write_tx(c)?;
             {
                 let mut put = tx.prepare_cached(
                     "INSERT OR REPLACE INTO synced (ws, path, seq, kind, hash, size, executable, target)
@@ -236,6 +275,13 @@ impl NodeDb {
                 }
             }
             cache::put(&tx, ws, &batch.cache_put, &batch.cache_del, &batch.manifests)?;
+            if batch.clear_landings {
+                tx.execute("DELETE FROM landing WHERE ws = ?1", [ws.as_str()])?;
+            }
+            if let Some(proposals) = &batch.proposals {
+                tx.execute("DELETE FROM proposal WHERE ws = ?1", [ws.as_str()])?;
+                put_proposals(&tx, ws, proposals)?;
+            }
             if let Some(seq) = batch.last_seq {
                 tx.execute(
                     "UPDATE workspaces SET last_seq = MAX(last_seq, ?2) WHERE id = ?1",
@@ -244,6 +290,82 @@ impl NodeDb {
             }
             tx.commit()
         })
+    }
+
+    /// Records, durably, the remote versions a round is about to write to
+    /// disk, before it writes them. If the process dies before the round
+    /// persists what it did, the next run finds here what it may have
+    /// written (see `NodeTrees::landed`). Cleared by `NodeBatch::clear_landings`.
+    pub fn record_landings(
+        &self,
+        ws: &WorkspaceId,
+        items: &[(RelPath, Versioned)],
+    ) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            let tx = crate::write_tx(c)?;
+            {
+                let mut put = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO landing (ws, path, seq, kind, hash, size, executable, target)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                )?;
+                for (path, state) in items {
+                    let [kind, hash, size, exec, target] = entry_columns(state.entry.as_ref());
+                    put.execute(params![ws.as_str(), path.as_str(), state.seq.0 as i64, kind, hash, size, exec, target])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Records, durably, local versions about to be proposed: the hub may
+    /// commit them although the answer never arrives (a cut connection, a
+    /// kill), and the next run must then know the journal's version is its
+    /// own (see `NodeTrees::in_doubt`). A batch's `proposals` replaces them.
+    pub fn record_proposals(
+        &self,
+        ws: &WorkspaceId,
+        items: &[(RelPath, Option<Entry>)],
+    ) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        self.with(|c| {
+            let tx = crate::write_tx(c)?;
+            put_proposals(&tx, ws, items)?;
+            tx.commit()
+        })
+    }
+
+    /// The proposals in doubt a previous run left.
+    pub fn proposals(&self, ws: &WorkspaceId) -> Result<Vec<(RelPath, Option<Entry>)>, StoreError> {
+        let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT path, 0, kind, hash, size, executable, target FROM proposal WHERE ws = ?1 ORDER BY path",
+            )?;
+            stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, r.get(1)?, entry_from_row(r, 2)?)))?
+                .collect()
+        })?;
+        Ok(self
+            .versioned_rows(rows)?
+            .into_iter()
+            .map(|(path, state)| (path, state.entry))
+            .collect())
+    }
+
+    /// The landing intents a previous run left (it stopped before
+    /// persisting the round that made them).
+    pub fn landings(&self, ws: &WorkspaceId) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
+        let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT path, seq, kind, hash, size, executable, target FROM landing WHERE ws = ?1 ORDER BY path",
+            )?;
+            stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, r.get(1)?, entry_from_row(r, 2)?)))?
+                .collect()
+        })?;
+        self.versioned_rows(rows)
     }
 
     /// Local files whose cached hash is `hash` (sources for local copies).
@@ -265,6 +387,30 @@ impl NodeDb {
         })?;
         rows.iter().map(|p| self.path_of(p)).collect()
     }
+}
+
+fn put_proposals(
+    tx: &rusqlite::Transaction<'_>,
+    ws: &WorkspaceId,
+    items: &[(RelPath, Option<Entry>)],
+) -> rusqlite::Result<()> {
+    let mut put = tx.prepare_cached(
+        "INSERT OR REPLACE INTO proposal (ws, path, kind, hash, size, executable, target)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    for (path, entry) in items {
+        let [kind, hash, size, exec, target] = entry_columns(entry.as_ref());
+        put.execute(params![
+            ws.as_str(),
+            path.as_str(),
+            kind,
+            hash,
+            size,
+            exec,
+            target
+        ])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -317,5 +463,71 @@ mod tests {
         db.reset_epoch(&ws, "e2").unwrap();
         assert!(db.synced(&ws).unwrap().is_empty());
         assert_eq!(db.workspace(&ws).unwrap().unwrap().last_seq, Seq(0));
+    }
+
+    #[test]
+    fn landing_intents_and_proposals_last_until_replaced_or_the_epoch_resets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let ws = WorkspaceId::new("w").unwrap();
+        let intent = (
+            RelPath::new("d/f").unwrap(),
+            Versioned {
+                entry: Some(Entry::File {
+                    hash: ContentHash::of(b"x"),
+                    size: 1,
+                    executable: false,
+                }),
+                seq: Seq(7),
+            },
+        );
+        {
+            let db = NodeDb::open(&path).unwrap();
+            db.ensure_workspace(&ws).unwrap();
+            db.record_landings(&ws, std::slice::from_ref(&intent))
+                .unwrap();
+        }
+        // A new run (after a crash) finds them.
+        let db = NodeDb::open(&path).unwrap();
+        assert_eq!(db.landings(&ws).unwrap(), vec![intent.clone()]);
+        // A batch without the flag keeps them.
+        db.apply(
+            &ws,
+            &NodeBatch {
+                last_seq: Some(Seq(1)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(db.landings(&ws).unwrap().len(), 1);
+        db.apply(
+            &ws,
+            &NodeBatch {
+                clear_landings: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(db.landings(&ws).unwrap().is_empty());
+        db.record_landings(&ws, std::slice::from_ref(&intent))
+            .unwrap();
+        let (path, state) = intent;
+        db.record_proposals(&ws, &[(path.clone(), state.entry.clone())])
+            .unwrap();
+        db.record_proposals(&ws, &[(RelPath::new("gone").unwrap(), None)])
+            .unwrap();
+        assert_eq!(db.proposals(&ws).unwrap().len(), 2);
+        db.apply(
+            &ws,
+            &NodeBatch {
+                proposals: Some(vec![(path.clone(), None)]),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(db.proposals(&ws).unwrap(), vec![(path, None)]);
+        db.reset_epoch(&ws, "e2").unwrap();
+        assert!(db.landings(&ws).unwrap().is_empty());
+        assert!(db.proposals(&ws).unwrap().is_empty());
     }
 }

@@ -2,8 +2,11 @@
 //! 127.0.0.1 (port 0, read back from DATA_DIR/hub.json), each in its own
 //! temp dirs, with helpers to wait for a condition and to snapshot trees.
 //! On a failed test the tails of every process log are printed.
+//! `proxy` holds a TCP fault proxy for network-fault tests.
 
 #![allow(dead_code)]
+
+pub mod proxy;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -45,15 +48,21 @@ pub fn command_under(wrapper: &[String]) -> Command {
     cmd
 }
 
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    wait_until_for(what, WAIT, condition);
+}
+
+/// `wait_until` with its own bound (for waits that follow faults, which
+/// may have to outlast a node's reconnection backoff).
+pub fn wait_until_for(what: &str, bound: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
-    while start.elapsed() < WAIT {
+    while start.elapsed() < bound {
         if condition() {
             return;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    panic!("timed out after {WAIT:?} waiting for: {what}");
+    panic!("timed out after {bound:?} waiting for: {what}");
 }
 
 fn print_log(name: &str, path: &Path) {
@@ -197,12 +206,33 @@ impl Hub {
         }
     }
 
+    /// SIGKILL and wait.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+
+    /// The running process, if any.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Sends `signal` to a process this test started (SIGSTOP, SIGCONT, ...).
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill has no memory preconditions; the pid is our own child.
+    let rc = unsafe { libc::kill(pid as i32, signal) };
+    assert_eq!(rc, 0, "kill({pid}, {signal}) failed");
 }
 
 impl Drop for Hub {
@@ -216,6 +246,8 @@ impl Drop for Hub {
 
 pub struct Node {
     child: Option<Child>,
+    /// Extra environment for every start of this node.
+    pub env: Vec<(String, String)>,
     pub name: String,
     pub root: PathBuf,
     pub state_dir: PathBuf,
@@ -231,6 +263,7 @@ impl Node {
         std::fs::create_dir_all(&root).expect("create node root");
         Node {
             child: None,
+            env: Vec::new(),
             name: name.to_string(),
             root,
             state_dir: base.join(format!("{name}-state")),
@@ -244,8 +277,14 @@ impl Node {
         self.hub_url = hub.url.clone();
     }
 
+    /// Connects to `url` from the next start on (e.g. a fault proxy).
+    pub fn set_hub_url(&mut self, url: &str) {
+        self.hub_url = url.to_string();
+    }
+
     fn base_command(&self) -> Command {
         let mut cmd = command();
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         cmd.args([
             "node",
             "--hub",
@@ -313,6 +352,22 @@ impl Node {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+    }
+
+    /// SIGKILL and wait: what a crash leaves behind stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
