@@ -558,8 +558,9 @@ mod tests {
         let ws = WorkspaceId::new("w").unwrap();
         db.ensure_workspace(&ws, 1).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let wrote = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let other = {
-            let (path, stop) = (path.clone(), stop.clone());
+            let (path, stop, wrote) = (path.clone(), stop.clone(), wrote.clone());
             std::thread::spawn(move || {
                 let conn = rusqlite::Connection::open(&path).unwrap();
                 conn.busy_timeout(std::time::Duration::from_secs(10))
@@ -571,10 +572,25 @@ mod tests {
                     conn.execute("INSERT INTO other (n) VALUES (1)", [])
                         .unwrap();
                     writes += 1;
+                    wrote.store(writes, std::sync::atomic::Ordering::SeqCst);
+                    // Busy writers, not a starving one: SQLite's busy wait
+                    // is not fair, and an unbroken stream of commits can
+                    // hold any other writer off past its timeout.
+                    std::thread::sleep(std::time::Duration::from_micros(300));
                 }
                 writes
             })
         };
+        // The journal writes below race a writer that is already writing
+        // (on a loaded machine the thread may start late).
+        let started = std::time::Instant::now();
+        while wrote.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "the other writer never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         for seq in 1..=400u64 {
             let batch = RecordBatch {
                 changes: vec![(
