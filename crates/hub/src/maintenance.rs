@@ -50,7 +50,17 @@ fn classify(mirrors: &std::path::Path, path: &std::path::Path) -> Option<Dirty> 
 
 pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel::<WatchEvent>();
+    let mirrors = hub.mirrors.clone();
     let _watcher = match Watcher::new(&hub.mirrors, move |event| {
+        // Events on staging (every file the hub writes makes several) are
+        // dropped here, on the watcher's thread, instead of queueing while
+        // the hub is busy committing: a 200,000-file initial sync queued
+        // millions of them.
+        if let WatchEvent::Changed(paths) = &event
+            && paths.iter().all(|path| classify(&mirrors, path).is_none())
+        {
+            return;
+        }
         let _ = tx.send(event);
     }) {
         Ok(watcher) => Some(watcher),

@@ -258,7 +258,17 @@ impl WorkspaceTask {
         let watcher = if self.config.once {
             None
         } else {
+            let watched = root.path().to_path_buf();
             match Watcher::new(root.path(), move |event| {
+                // Staging events (every landed file makes several) are
+                // dropped before they queue; the loop below would skip them.
+                if let WatchEvent::Changed(paths) = &event
+                    && paths
+                        .iter()
+                        .all(|path| path != &watched && relative(&watched, path).is_none())
+                {
+                    return;
+                }
                 let _ = watch_tx.send(event);
             }) {
                 Ok(w) => Some(w),
