@@ -297,13 +297,18 @@ fn read_only(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
     Ok(db)
 }
 
-/// Live journal entries and the journal's seq.
-fn journal(data_dir: &Path) -> rusqlite::Result<(BTreeMap<String, Row>, i64)> {
-    let db = read_only(&data_dir.join("state.db"))?;
+/// The live rows of `table` (`entries` on the hub, `synced` on a node) and
+/// the workspace's `seq_column`, from the database at `path`.
+fn live_rows(
+    path: &Path,
+    table: &str,
+    seq_column: &str,
+) -> rusqlite::Result<(BTreeMap<String, Row>, i64)> {
+    let db = read_only(path)?;
     let mut rows = BTreeMap::new();
-    let mut stmt = db.prepare(
-        "SELECT path, kind, hash, size, executable, target FROM entries WHERE ws = ?1 AND kind != 0",
-    )?;
+    let mut stmt = db.prepare(&format!(
+        "SELECT path, kind, hash, size, executable, target FROM {table} WHERE ws = ?1 AND kind != 0"
+    ))?;
     let mut query = stmt.query([WS])?;
     while let Some(row) = query.next()? {
         rows.insert(
@@ -317,36 +322,22 @@ fn journal(data_dir: &Path) -> rusqlite::Result<(BTreeMap<String, Row>, i64)> {
             ),
         );
     }
-    let seq = db.query_row("SELECT seq FROM workspaces WHERE id = ?1", [WS], |r| {
-        r.get(0)
-    })?;
+    let seq = db.query_row(
+        &format!("SELECT {seq_column} FROM workspaces WHERE id = ?1"),
+        [WS],
+        |r| r.get(0),
+    )?;
     Ok((rows, seq))
+}
+
+/// Live journal entries and the journal's seq.
+fn journal(data_dir: &Path) -> rusqlite::Result<(BTreeMap<String, Row>, i64)> {
+    live_rows(&data_dir.join("state.db"), "entries", "seq")
 }
 
 /// A node's live synced tree and its persisted `last_seq`.
 fn synced(state_dir: &Path) -> rusqlite::Result<(BTreeMap<String, Row>, i64)> {
-    let db = read_only(&state_dir.join("node.db"))?;
-    let mut rows = BTreeMap::new();
-    let mut stmt = db.prepare(
-        "SELECT path, kind, hash, size, executable, target FROM synced WHERE ws = ?1 AND kind != 0",
-    )?;
-    let mut query = stmt.query([WS])?;
-    while let Some(row) = query.next()? {
-        rows.insert(
-            row.get(0)?,
-            (
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-            ),
-        );
-    }
-    let seq = db.query_row("SELECT last_seq FROM workspaces WHERE id = ?1", [WS], |r| {
-        r.get(0)
-    })?;
-    Ok((rows, seq))
+    live_rows(&state_dir.join("node.db"), "synced", "last_seq")
 }
 
 fn first_difference<V: PartialEq + std::fmt::Debug>(

@@ -6,14 +6,6 @@ mod common;
 
 use common::*;
 
-fn cli(hub: &Hub, args: &[&str]) -> std::process::Output {
-    command()
-        .args(args)
-        .args(["--hub", &hub.url, "--token", TOKEN])
-        .output()
-        .expect("run the CLI")
-}
-
 fn purge(hub: &Hub, dry_run: bool) -> (bool, serde_json::Value, String) {
     let mut args = vec!["purge", "--json"];
     if dry_run {

@@ -5,44 +5,8 @@
 
 mod common;
 
-use std::process::Output;
-
 use common::*;
 use serde_json::Value;
-
-fn run(hub: &Hub, args: &[&str]) -> Output {
-    command()
-        .env("GM_LOG", "warn")
-        .args(args)
-        .args(["--hub", &hub.url, "--token", TOKEN])
-        .output()
-        .expect("run ghostmirror")
-}
-
-/// Runs a command that must succeed with `--json`; returns its output.
-fn ok(hub: &Hub, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let output = run(hub, &all);
-    assert!(
-        output.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {:?}", output.stdout))
-}
-
-/// Runs a command that must fail; returns its error message.
-fn fails(hub: &Hub, args: &[&str]) -> String {
-    let output = run(hub, args);
-    assert!(
-        !output.status.success(),
-        "{args:?} succeeded: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8_lossy(&output.stderr).trim().to_string()
-}
 
 fn ids(list: &Value, key: &str) -> Vec<i64> {
     list[key]
@@ -313,7 +277,7 @@ fn exercise(hub: &Hub, base: &std::path::Path) {
     assert_eq!(err, "error: session \"ws2\" already exists");
 
     // Human output: a table.
-    let output = run(hub, &["instance", "list", "--status", "running"]);
+    let output = cli(hub, &["instance", "list", "--status", "running"]);
     let table = String::from_utf8_lossy(&output.stdout);
     assert!(table.starts_with("      ID TEMPLATE"), "{table}");
     assert_eq!(table.lines().count(), 4, "{table}");

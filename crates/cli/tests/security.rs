@@ -7,14 +7,6 @@ mod common;
 
 use common::*;
 
-fn cli(hub: &Hub, args: &[&str]) -> std::process::Output {
-    command()
-        .args(args)
-        .args(["--hub", &hub.url, "--token", TOKEN])
-        .output()
-        .expect("run the CLI")
-}
-
 fn create_token(hub: &Hub, node: &str, workspaces: &[&str]) -> String {
     let mut args = vec!["token", "create", "--node", node];
     for ws in workspaces {
@@ -164,19 +156,6 @@ fn node_tokens_reach_only_their_workspaces_and_can_be_revoked() {
         status["counters"]["refused_ops"].as_u64().unwrap_or(0) >= 4,
         "{status}"
     );
-}
-
-/// Deterministic incompressible bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
 }
 
 fn outside_is_empty(outside: &std::path::Path) -> bool {

@@ -11,44 +11,9 @@ mod common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use common::*;
 use serde_json::Value;
-
-fn cli(hub: &Hub, args: &[&str]) -> Output {
-    command()
-        .env("GM_LOG", "warn")
-        .args(args)
-        .args(["--hub", &hub.url, "--token", TOKEN])
-        .output()
-        .expect("run ghostmirror")
-}
-
-/// Runs a command that must succeed, with `--json`.
-fn ok(hub: &Hub, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    let output = cli(hub, &all);
-    assert!(
-        output.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {:?}", output.stdout))
-}
-
-/// Runs a command that must fail; returns its error message.
-fn fails(hub: &Hub, args: &[&str]) -> String {
-    let output = cli(hub, args);
-    assert!(
-        !output.status.success(),
-        "{args:?} succeeded: {}",
-        String::from_utf8_lossy(&output.stdout)
-    );
-    String::from_utf8_lossy(&output.stderr).trim().to_string()
-}
 
 /// A local directory holding a skill's files, for `skill add`.
 fn skill_source(base: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {

@@ -655,19 +655,6 @@ fn counter(hub: &Hub, name: &str) -> u64 {
     hub.status()["counters"][name].as_u64().unwrap_or(0)
 }
 
-/// Deterministic incompressible bytes.
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
-
 #[test]
 fn large_files_move_only_the_chunks_that_changed() {
     use std::io::{Seek, SeekFrom, Write};

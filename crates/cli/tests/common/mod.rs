@@ -480,3 +480,53 @@ pub fn write(path: &Path, content: &str) {
     }
     std::fs::write(path, content).expect("write file");
 }
+
+/// Runs a client command (status, purge, registry, token, skill) against
+/// `hub` with the admin token.
+pub fn cli(hub: &Hub, args: &[&str]) -> Output {
+    command()
+        .env("GM_LOG", "warn")
+        .args(args)
+        .args(["--hub", &hub.url, "--token", TOKEN])
+        .output()
+        .expect("run ghostmirror")
+}
+
+/// Runs a client command that must succeed, with `--json`; returns its output.
+pub fn ok(hub: &Hub, args: &[&str]) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let output = cli(hub, &all);
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {:?}", output.stdout))
+}
+
+/// Runs a client command that must fail; returns its error message.
+pub fn fails(hub: &Hub, args: &[&str]) -> String {
+    let output = cli(hub, args);
+    assert!(
+        !output.status.success(),
+        "{args:?} succeeded: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).trim().to_string()
+}
+
+/// Deterministic incompressible bytes (xorshift), so chunking and
+/// compression behave as on real binary data.
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
