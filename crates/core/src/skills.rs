@@ -192,14 +192,6 @@ impl SkillTree {
             .filter_map(|(path, entry)| registry_path(path).map(|registry| (registry, entry)))
     }
 
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// The path below the skill's root (`docs/a.md` for `.skills/s/docs/a.md`).
     fn below<'a>(&self, path: &'a RelPath) -> &'a str {
         skill_component(path)

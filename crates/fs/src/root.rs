@@ -88,6 +88,14 @@ pub struct Root {
     ownership: Arc<Ownership>,
 }
 
+/// What a walk to a parent directory does with a missing component.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Missing {
+    Fail,
+    Create,
+    Stop,
+}
+
 pub(crate) enum Parent<'a> {
     Root(BorrowedFd<'a>),
     Owned(OwnedFd),
@@ -102,18 +110,12 @@ impl AsFd for Parent<'_> {
     }
 }
 
-fn dir_flags() -> OFlags {
+pub(crate) fn dir_flags() -> OFlags {
     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
 }
 
 fn random_name(tag: &str, kind: &str) -> String {
     format!("{tag}-{kind}-{:016x}", rand::random::<u64>())
-}
-
-/// Mode of a synced regular file: the executable bit is the only mode bit
-/// that syncs.
-pub fn file_mode(executable: bool) -> u32 {
-    FileMode::from(executable).bits()
 }
 
 /// The permissions a file lands with. Only the executable bit syncs;
@@ -263,8 +265,29 @@ impl Root {
         self.shown(path)
     }
 
-    /// Opens the parent directory of `path`, never following a symlink.
+    /// Opens the parent directory of `path`, never following a symlink;
+    /// with `create`, missing directories on the way are created.
     fn parent(&self, path: &RelPath, create: bool) -> Result<Parent<'_>, FsError> {
+        self.walk_to_parent(
+            path,
+            if create {
+                Missing::Create
+            } else {
+                Missing::Fail
+            },
+        )
+    }
+
+    /// The deepest existing directory on the way to `path`'s parent (the
+    /// parent itself when it exists). A directory created later on that way
+    /// takes this one's owner, so a file bound for it can be owned now.
+    fn nearest_dir(&self, path: &RelPath) -> Result<Parent<'_>, FsError> {
+        self.walk_to_parent(path, Missing::Stop)
+    }
+
+    /// The one walk from the root to `path`'s parent, component by
+    /// component from directory fds, never following a symlink.
+    fn walk_to_parent(&self, path: &RelPath, missing: Missing) -> Result<Parent<'_>, FsError> {
         let Some(parent) = path.parent() else {
             return Ok(Parent::Root(self.dir.as_fd()));
         };
@@ -277,7 +300,8 @@ impl Root {
             walked.push_str(component);
             let opened = match rustix::fs::openat(&current, component, dir_flags(), Mode::empty()) {
                 Ok(fd) => fd,
-                Err(Errno::NOENT) if create => {
+                Err(Errno::NOENT) if missing == Missing::Stop => break,
+                Err(Errno::NOENT) if missing == Missing::Create => {
                     self.create_dir_in(
                         &current,
                         component,
@@ -289,29 +313,6 @@ impl Root {
                 Err(e) => return Err(self.walk_error(&walked, e)),
             };
             current = Parent::Owned(opened);
-        }
-        Ok(current)
-    }
-
-    /// The deepest existing directory on the way to `path`'s parent (the
-    /// parent itself when it exists). A directory created later on that way
-    /// takes this one's owner, so a file bound for it can be owned now.
-    fn nearest_dir(&self, path: &RelPath) -> Result<Parent<'_>, FsError> {
-        let Some(parent) = path.parent() else {
-            return Ok(Parent::Root(self.dir.as_fd()));
-        };
-        let mut current = Parent::Root(self.dir.as_fd());
-        let mut walked = String::new();
-        for component in parent.components() {
-            if !walked.is_empty() {
-                walked.push('/');
-            }
-            walked.push_str(component);
-            match rustix::fs::openat(&current, component, dir_flags(), Mode::empty()) {
-                Ok(fd) => current = Parent::Owned(fd),
-                Err(Errno::NOENT) => break,
-                Err(e) => return Err(self.walk_error(&walked, e)),
-            }
         }
         Ok(current)
     }

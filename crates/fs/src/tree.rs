@@ -22,7 +22,7 @@ use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::error::FsError;
-use crate::root::{FileMode, LiveName, Root, remove_tree_at};
+use crate::root::{FileMode, LiveName, Root, dir_flags, remove_tree_at};
 use crate::stat::from_raw;
 use gm_core::Stat;
 
@@ -38,10 +38,6 @@ pub struct StagedTree {
     shown: String,
     placed: bool,
     _owned: LiveName,
-}
-
-fn dir_flags() -> OFlags {
-    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
 }
 
 impl Root {

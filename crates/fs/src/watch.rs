@@ -1,6 +1,8 @@
 //! OS file watching (inotify through `notify`). Raw events are handed to a
-//! callback as absolute paths; the caller maps them to workspaces, filters
-//! its own internal directory and debounces. A queue overflow or watcher
+//! callback as absolute paths, keeping only the paths the caller's `keep`
+//! accepts: events on internal paths (staging) are dropped on the watcher's
+//! thread, before any queue, so a busy owner never accumulates them. The
+//! caller maps paths to workspaces and debounces. A queue overflow or watcher
 //! error is reported as `WatchEvent::Rescan`, never swallowed.
 
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ pub struct Watcher {
 impl Watcher {
     pub fn new(
         dir: &Path,
+        keep: impl Fn(&Path) -> bool + Send + 'static,
         mut deliver: impl FnMut(WatchEvent) + Send + 'static,
     ) -> Result<Watcher, FsError> {
         let mut inner =
@@ -32,9 +35,12 @@ impl Watcher {
                 Ok(event) => {
                     if event.need_rescan() {
                         deliver(WatchEvent::Rescan("watcher queue overflowed".into()));
-                    } else if !matches!(event.kind, EventKind::Access(_)) && !event.paths.is_empty()
-                    {
-                        deliver(WatchEvent::Changed(event.paths));
+                    } else if !matches!(event.kind, EventKind::Access(_)) {
+                        let paths: Vec<PathBuf> =
+                            event.paths.into_iter().filter(|p| keep(p)).collect();
+                        if !paths.is_empty() {
+                            deliver(WatchEvent::Changed(paths));
+                        }
                     }
                 }
                 Err(err) => deliver(WatchEvent::Rescan(format!("watcher error: {err}"))),

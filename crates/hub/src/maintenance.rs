@@ -51,16 +51,11 @@ fn classify(mirrors: &std::path::Path, path: &std::path::Path) -> Option<Dirty> 
 pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
     let (tx, mut rx) = mpsc::unbounded_channel::<WatchEvent>();
     let mirrors = hub.mirrors.clone();
-    let _watcher = match Watcher::new(&hub.mirrors, move |event| {
-        // Events on staging (every file the hub writes makes several) are
-        // dropped here, on the watcher's thread, instead of queueing while
-        // the hub is busy committing: a 200,000-file initial sync queued
-        // millions of them.
-        if let WatchEvent::Changed(paths) = &event
-            && paths.iter().all(|path| classify(&mirrors, path).is_none())
-        {
-            return;
-        }
+    // Staging paths are dropped by the watcher itself: every file the hub
+    // writes makes several events there, and a 200,000-file initial sync
+    // queued millions of them while the hub was busy committing.
+    let keep = move |path: &std::path::Path| classify(&mirrors, path).is_some();
+    let _watcher = match Watcher::new(&hub.mirrors, keep, move |event| {
         let _ = tx.send(event);
     }) {
         Ok(watcher) => Some(watcher),

@@ -259,16 +259,10 @@ impl WorkspaceTask {
             None
         } else {
             let watched = root.path().to_path_buf();
-            match Watcher::new(root.path(), move |event| {
-                // Staging events (every landed file makes several) are
-                // dropped before they queue; the loop below would skip them.
-                if let WatchEvent::Changed(paths) = &event
-                    && paths
-                        .iter()
-                        .all(|path| path != &watched && relative(&watched, path).is_none())
-                {
-                    return;
-                }
+            // Staging paths (every landed file makes several events) never queue.
+            let keep =
+                move |path: &std::path::Path| path == watched || relative(&watched, path).is_some();
+            match Watcher::new(root.path(), keep, move |event| {
                 let _ = watch_tx.send(event);
             }) {
                 Ok(w) => Some(w),
