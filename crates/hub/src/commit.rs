@@ -548,17 +548,8 @@ impl Ctx<'_> {
         path: &RelPath,
         name: &SkillName,
     ) -> Result<RelPath, OpError> {
-        for candidate in skill_copy_candidates(path, name, self.node, self.now_unix) {
-            let candidate =
-                candidate.map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
-            if self.current(&candidate)?.entry.is_none() && self.root.lstat(&candidate)?.is_none() {
-                return Ok(candidate);
-            }
-        }
-        Err(OpError::Refused(
-            Refusal::NoConflictName,
-            format!("{path}: no free conflict-copy name"),
-        ))
+        let candidates = skill_copy_candidates(path, name, self.node, self.now_unix);
+        self.first_free(path, candidates)
     }
 
     /// This node's newest live copy directory of skill `name`
@@ -709,11 +700,22 @@ impl Ctx<'_> {
     }
 
     fn free_copy_name(&mut self, path: &RelPath, ours: &Entry) -> Result<RelPath, OpError> {
-        for name in conflict_copy_candidates(path, self.node, self.now_unix, ours) {
-            let name =
-                name.map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
-            if self.current(&name)?.entry.is_none() && self.root.lstat(&name)?.is_none() {
-                return Ok(name);
+        let candidates = conflict_copy_candidates(path, self.node, self.now_unix, ours);
+        self.first_free(path, candidates)
+    }
+
+    /// The first of `candidates` (copy names for `path`) that neither the
+    /// journal nor the disk holds.
+    fn first_free<E: std::fmt::Display>(
+        &mut self,
+        path: &RelPath,
+        candidates: impl IntoIterator<Item = Result<RelPath, E>>,
+    ) -> Result<RelPath, OpError> {
+        for candidate in candidates {
+            let candidate =
+                candidate.map_err(|e| OpError::Refused(Refusal::NoConflictName, e.to_string()))?;
+            if self.current(&candidate)?.entry.is_none() && self.root.lstat(&candidate)?.is_none() {
+                return Ok(candidate);
             }
         }
         Err(OpError::Refused(

@@ -204,8 +204,8 @@ fn observe_inner(
         let (disk, frozen) = hub.skills.overlay(
             top.as_ref(),
             scan.entries
-                .iter()
-                .map(|item| (item.path.clone(), item.entry.clone()))
+                .into_iter()
+                .map(|item| (item.path, item.entry))
                 .collect(),
         );
         let is_frozen = |path: &RelPath| frozen.iter().any(|f| f == path || f.is_ancestor_of(path));

@@ -33,7 +33,7 @@ pub struct PurgeReport {
     pub refused: Option<String>,
 }
 
-fn now_secs() -> i64 {
+pub(crate) fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -163,7 +163,7 @@ async fn purge_one(hub: &Arc<Hub>, id: &WorkspaceId, dry_run: bool) -> anyhow::R
         });
     }
     let trash = hub.config.data_dir.join("trash");
-    let target = trash.join(format!("{id}-{}", gm_core::format_utc(now_secs())));
+    let target = trash_target(&trash, id.as_str());
     let reason = format!("session is not active; untouched for {}s", idle.as_secs());
     if !dry_run {
         std::fs::create_dir_all(&trash).with_context(|| format!("create {}", trash.display()))?;
@@ -182,6 +182,20 @@ async fn purge_one(hub: &Arc<Hub>, id: &WorkspaceId, dry_run: bool) -> anyhow::R
         path: target,
         reason,
     })
+}
+
+/// A free name in the trash for `label`: `<label>-<utc>`, or
+/// `<label>-<n>-<utc>` when that is taken. The time stays last, where
+/// `empty_trash` reads it.
+pub(crate) fn trash_target(trash: &Path, label: &str) -> PathBuf {
+    let stamp = gm_core::format_utc(now_secs());
+    let mut target = trash.join(format!("{label}-{stamp}"));
+    let mut attempt = 1;
+    while target.exists() {
+        target = trash.join(format!("{label}-{attempt}-{stamp}"));
+        attempt += 1;
+    }
+    target
 }
 
 fn empty_trash(hub: &Hub, dry_run: bool) -> anyhow::Result<Vec<PurgeAction>> {

@@ -375,12 +375,6 @@ impl Skills {
     }
 }
 
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
 /// Reads a skill's tree from the registry directory (hashing its files;
 /// skills are small). An error says what is wrong. Blocking.
 fn scan_registry(hub: &Hub, name: &SkillName) -> Result<SkillTree, String> {
@@ -535,15 +529,7 @@ fn to_trash(hub: &Hub, name: &SkillName) -> anyhow::Result<std::path::PathBuf> {
     let from = hub.skills.root.path().join(name.as_str());
     let trash = hub.config.data_dir.join("trash");
     std::fs::create_dir_all(&trash).with_context(|| format!("create {}", trash.display()))?;
-    let mut target = trash.join(format!("skill-{name}-{}", gm_core::format_utc(now_unix())));
-    let mut attempt = 1;
-    while target.exists() {
-        target = trash.join(format!(
-            "skill-{name}-{}-{attempt}",
-            gm_core::format_utc(now_unix())
-        ));
-        attempt += 1;
-    }
+    let target = crate::purge::trash_target(&trash, &format!("skill-{name}"));
     make_writable(&from)?;
     std::fs::rename(&from, &target)
         .with_context(|| format!("move {} to {}", from.display(), target.display()))?;
@@ -1033,7 +1019,7 @@ pub fn link_locked(hub: &Hub, ws: &Workspace, seq: &mut Seq) -> anyhow::Result<(
             return Ok(());
         }
     }
-    let now = now_unix();
+    let now = crate::purge::now_secs();
     let hub_node = NodeId::new(HUB_NODE)?;
     let mut batch = RecordBatch {
         origin: HUB_NODE.into(),

@@ -538,6 +538,10 @@ impl Replica {
             tokio::task::spawn_blocking(move || db.record_landings(&id, &intents)).await??;
             self.landings_recorded = true;
         }
+        // A group of landings is made durable by one filesystem sync before
+        // `persist` records it; a lone change is fsynced by itself (a
+        // `syncfs` also waits for unrelated dirty data).
+        let grouped = items.len() >= gm_fs::root::GROUP_COMMIT_MIN;
         let mut downloads: Vec<(DownloadItem, Versioned)> = Vec::new();
         for item in items {
             let Some(target_entry) = item.target.entry.clone() else {
@@ -572,12 +576,11 @@ impl Replica {
                 expect
             };
             let result = match &target_entry {
-                Entry::Dir => {
-                    // Made durable by the round's `sync_filesystem` before
-                    // `persist` records it, like the grouped files.
+                Entry::Dir if grouped => {
                     self.needs_sync = true;
                     self.root.make_dir_unsynced(&item.path).map(|_| None)
                 }
+                Entry::Dir => self.root.make_dir(&item.path).map(|_| None),
                 Entry::Symlink { target } => self
                     .root
                     .make_symlink(&item.path, target, expect)
@@ -900,7 +903,7 @@ impl Replica {
             .await?
             .map_err(|s| SyncError::from_status(s, "commit"))?
             .into_inner();
-        let mut uploads: Vec<ProposeItem> = Vec::new();
+        let mut uploads: Vec<(ProposeItem, transfer::FileToSend)> = Vec::new();
         for ((path, base, local, known), result) in members.into_iter().zip(response.results) {
             stats.proposed += 1;
             self.trees.answered(&path);
@@ -927,7 +930,14 @@ impl Replica {
                         Some((Entry::File { size, .. }, _)) if *size <= self.config.inline_max => {
                             next.push((item, true))
                         }
-                        Some((Entry::File { .. }, _)) => uploads.push(item),
+                        Some((Entry::File { hash, size, .. }, _)) => {
+                            let file = transfer::FileToSend {
+                                path: item.path.clone(),
+                                hash: *hash,
+                                size: *size,
+                            };
+                            uploads.push((item, file));
+                        }
                         _ => {
                             stats.failed += 1;
                             self.trees.follow_up.insert(item.path.clone());
@@ -955,20 +965,12 @@ impl Replica {
     /// again; one that did not complete is followed up later.
     async fn upload_all(
         &mut self,
-        uploads: Vec<ProposeItem>,
+        uploads: Vec<(ProposeItem, transfer::FileToSend)>,
         stats: &mut RoundStats,
         next: &mut Vec<(ProposeItem, bool)>,
     ) -> Result<(), SyncError> {
         use futures::StreamExt;
-        let sends = uploads.into_iter().filter_map(|item| {
-            let Some((Entry::File { hash, size, .. }, _)) = &item.local else {
-                return None;
-            };
-            let file = transfer::FileToSend {
-                path: item.path.clone(),
-                hash: *hash,
-                size: *size,
-            };
+        let sends = uploads.into_iter().map(|(item, file)| {
             let (mut client, db, id, root, io) = (
                 self.client.clone(),
                 self.db.clone(),
@@ -976,10 +978,10 @@ impl Replica {
                 self.root.clone(),
                 self.config.scan.io.clone(),
             );
-            Some(async move {
+            async move {
                 let sent = transfer::upload(&mut client, &db, &id, &root, &file, io).await;
                 (item, sent)
-            })
+            }
         });
         let mut done = futures::stream::iter(sends).buffer_unordered(UPLOADS_IN_FLIGHT);
         while let Some((item, sent)) = done.next().await {

@@ -86,9 +86,26 @@ pub fn put(
         delete.execute(params![ws.as_str(), path.as_str()])?;
         drop_chunks.execute(params![ws.as_str(), path.as_str()])?;
     }
+    // A chunk list describes the content of its path's cache record. One
+    // queued for content that the same batch then replaced or removed (a
+    // scan's list, then a write or a deletion of that path) must not
+    // outlive it: chunk rows are written only where the path has a record
+    // of the list's size (the records above are already in place). Rows
+    // without a record would never be cleaned up (a scan only drops what
+    // has a record) and would be offered as a local source of bytes the
+    // disk no longer holds.
+    let mut size_of =
+        tx.prepare_cached("SELECT size FROM hash_cache WHERE ws = ?1 AND path = ?2")?;
     let mut chunk = tx.prepare_cached("INSERT OR REPLACE INTO chunks (ws, path, idx, offset, len, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")?;
     for (path, manifest) in manifests {
         drop_chunks.execute(params![ws.as_str(), path.as_str()])?;
+        let total: i64 = manifest.chunks.iter().map(|c| i64::from(c.len)).sum();
+        let size: Option<i64> = size_of
+            .query_row(params![ws.as_str(), path.as_str()], |r| r.get(0))
+            .optional()?;
+        if size != Some(total) {
+            continue;
+        }
         let mut offset = 0i64;
         for (idx, c) in manifest.chunks.iter().enumerate() {
             chunk.execute(params![
@@ -100,24 +117,6 @@ pub fn put(
                 c.hash.as_bytes().as_slice()
             ])?;
             offset += i64::from(c.len);
-        }
-    }
-    // A chunk list describes the content of its path's cache record. One
-    // queued for content that the same batch then replaced or removed (a
-    // scan's list, then a write or a deletion of that path) must not
-    // outlive it: chunk rows stay only where the path has a record of the
-    // list's size. Rows without a record would never be cleaned up (a
-    // scan only drops what has a record) and would be offered as a local
-    // source of bytes the disk no longer holds.
-    let mut size_of =
-        tx.prepare_cached("SELECT size FROM hash_cache WHERE ws = ?1 AND path = ?2")?;
-    for (path, manifest) in manifests {
-        let total: i64 = manifest.chunks.iter().map(|c| i64::from(c.len)).sum();
-        let size: Option<i64> = size_of
-            .query_row(params![ws.as_str(), path.as_str()], |r| r.get(0))
-            .optional()?;
-        if size != Some(total) {
-            drop_chunks.execute(params![ws.as_str(), path.as_str()])?;
         }
     }
     Ok(())

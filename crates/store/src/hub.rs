@@ -223,7 +223,7 @@ impl HubDb {
     /// again starts a new journal with a new epoch.
     pub fn forget_workspace(&self, ws: &WorkspaceId) -> Result<(), StoreError> {
         self.with(|c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let tx = crate::write_tx(c)?;
             for table in ["entries", "hash_cache", "chunks", "conflicts"] {
                 tx.execute(&format!("DELETE FROM {table} WHERE ws = ?1"), [ws.as_str()])?;
             }
@@ -363,14 +363,11 @@ impl HubDb {
         rows.iter().map(|p| self.path_of(p)).collect()
     }
 
-    /// Applies one batch atomically. Like every write transaction here it
-    /// begins IMMEDIATE: it takes the write lock first (waiting on the busy
-    /// timeout), since a deferred one that reads first fails at once with
-    /// SQLITE_BUSY when another connection (the registry, which shares
-    /// `state.db`) committed since its read snapshot.
+    /// Applies one batch atomically (a `write_tx`: the registry shares
+    /// `state.db`).
     pub fn record(&self, ws: &WorkspaceId, batch: &RecordBatch) -> Result<(), StoreError> {
         self.with(|c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let tx = crate::write_tx(c)?;
             let mut last: i64 = tx.query_row("SELECT seq FROM workspaces WHERE id = ?1", [ws.as_str()], |r| r.get(0))?;
             {
                 let mut put = tx.prepare_cached(
@@ -422,7 +419,7 @@ impl HubDb {
             return Ok(());
         }
         self.with(|c| {
-            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let tx = crate::write_tx(c)?;
             cache::put(&tx, ws, put, del, manifests)?;
             tx.commit()
         })
