@@ -68,7 +68,7 @@ pub(crate) fn write_tx(
     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
 }
 
-type VersionedRow = (String, i64, Result<Option<gm_core::Entry>, String>);
+pub(crate) type VersionedRow = (String, i64, Result<Option<gm_core::Entry>, String>);
 
 impl Sqlite {
     fn new(path: String, conn: rusqlite::Connection) -> Sqlite {

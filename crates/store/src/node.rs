@@ -242,15 +242,26 @@ impl NodeDb {
         Ok(changed > 0)
     }
 
-    /// The whole synced tree of a workspace.
-    pub fn synced(&self, ws: &WorkspaceId) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
-        let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT path, seq, kind, hash, size, executable, target FROM synced WHERE ws = ?1 ORDER BY path",
-            )?;
+    /// The rows of a table of versioned entries (`synced`, `landing`,
+    /// `proposal`), with `seq_expr` as their seq column.
+    fn read_versioned(
+        &self,
+        table: &str,
+        seq_expr: &str,
+        ws: &WorkspaceId,
+    ) -> Result<Vec<crate::VersionedRow>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT path, {seq_expr}, kind, hash, size, executable, target FROM {table} WHERE ws = ?1 ORDER BY path"
+            ))?;
             stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, r.get(1)?, entry_from_row(r, 2)?)))?
                 .collect()
-        })?;
+        })
+    }
+
+    /// The whole synced tree of a workspace.
+    pub fn synced(&self, ws: &WorkspaceId) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
+        let rows = self.read_versioned("synced", "seq", ws)?;
         self.versioned_rows(rows)
     }
 
@@ -261,20 +272,20 @@ impl NodeDb {
         self.with(|c| {
             let tx = crate::write_tx(c)?;
             {
-                let mut put = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO synced (ws, path, seq, kind, hash, size, executable, target)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                for (path, state) in &batch.synced_put {
-                    let [kind, hash, size, exec, target] = entry_columns(state.entry.as_ref());
-                    put.execute(params![ws.as_str(), path.as_str(), state.seq.0 as i64, kind, hash, size, exec, target])?;
-                }
-                let mut del = tx.prepare_cached("DELETE FROM synced WHERE ws = ?1 AND path = ?2")?;
+                put_versioned(&tx, "synced", ws, &batch.synced_put)?;
+                let mut del =
+                    tx.prepare_cached("DELETE FROM synced WHERE ws = ?1 AND path = ?2")?;
                 for path in &batch.synced_del {
                     del.execute(params![ws.as_str(), path.as_str()])?;
                 }
             }
-            cache::put(&tx, ws, &batch.cache_put, &batch.cache_del, &batch.manifests)?;
+            cache::put(
+                &tx,
+                ws,
+                &batch.cache_put,
+                &batch.cache_del,
+                &batch.manifests,
+            )?;
             if batch.clear_landings {
                 tx.execute("DELETE FROM landing WHERE ws = ?1", [ws.as_str()])?;
             }
@@ -306,16 +317,7 @@ impl NodeDb {
         }
         self.with(|c| {
             let tx = crate::write_tx(c)?;
-            {
-                let mut put = tx.prepare_cached(
-                    "INSERT OR REPLACE INTO landing (ws, path, seq, kind, hash, size, executable, target)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-                )?;
-                for (path, state) in items {
-                    let [kind, hash, size, exec, target] = entry_columns(state.entry.as_ref());
-                    put.execute(params![ws.as_str(), path.as_str(), state.seq.0 as i64, kind, hash, size, exec, target])?;
-                }
-            }
+            put_versioned(&tx, "landing", ws, items)?;
             tx.commit()
         })
     }
@@ -341,13 +343,7 @@ impl NodeDb {
 
     /// The proposals in doubt a previous run left.
     pub fn proposals(&self, ws: &WorkspaceId) -> Result<Vec<(RelPath, Option<Entry>)>, StoreError> {
-        let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT path, 0, kind, hash, size, executable, target FROM proposal WHERE ws = ?1 ORDER BY path",
-            )?;
-            stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, r.get(1)?, entry_from_row(r, 2)?)))?
-                .collect()
-        })?;
+        let rows = self.read_versioned("proposal", "0", ws)?;
         Ok(self
             .versioned_rows(rows)?
             .into_iter()
@@ -358,13 +354,7 @@ impl NodeDb {
     /// The landing intents a previous run left (it stopped before
     /// persisting the round that made them).
     pub fn landings(&self, ws: &WorkspaceId) -> Result<Vec<(RelPath, Versioned)>, StoreError> {
-        let rows: Vec<(String, i64, Result<Option<Entry>, String>)> = self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT path, seq, kind, hash, size, executable, target FROM landing WHERE ws = ?1 ORDER BY path",
-            )?;
-            stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, r.get(1)?, entry_from_row(r, 2)?)))?
-                .collect()
-        })?;
+        let rows = self.read_versioned("landing", "seq", ws)?;
         self.versioned_rows(rows)
     }
 
@@ -403,6 +393,33 @@ fn put_proposals(
         put.execute(params![
             ws.as_str(),
             path.as_str(),
+            kind,
+            hash,
+            size,
+            exec,
+            target
+        ])?;
+    }
+    Ok(())
+}
+
+/// Writes versioned entries into `table` (`synced` or `landing`).
+fn put_versioned(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    ws: &WorkspaceId,
+    items: &[(RelPath, Versioned)],
+) -> rusqlite::Result<()> {
+    let mut put = tx.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO {table} (ws, path, seq, kind, hash, size, executable, target)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+    ))?;
+    for (path, state) in items {
+        let [kind, hash, size, exec, target] = entry_columns(state.entry.as_ref());
+        put.execute(params![
+            ws.as_str(),
+            path.as_str(),
+            state.seq.0 as i64,
             kind,
             hash,
             size,
