@@ -128,7 +128,8 @@ pub struct NodeTrees {
     /// Versions proposed whose answer never came (the call was cut off):
     /// the hub may have committed them. Unlike the rest of the session's
     /// bookkeeping this outlives a reconnect (the node carries it to the
-    /// next session; a crash loses it). When the journal then shows one of
+    /// next session, and `node.db`'s proposal rows keep the latest version
+    /// of each path across a crash). When the journal then shows one of
     /// them at its path, it is the node's own commit: adopted as the
     /// synced base instead of being taken for a concurrent change (which
     /// made a later local edit a conflict copy, and brought back a path

@@ -154,7 +154,8 @@ pub struct SimNode {
     db_proposals: BTreeMap<RelPath, Option<Entry>>,
     pub session: Option<Session>,
     /// Proposals a lost connection left unanswered, carried to the next
-    /// session (`NodeTrees::in_doubt`; a crash loses them).
+    /// session (`NodeTrees::in_doubt`; across a crash only the latest version of
+    /// each path survives, through the persisted proposals).
     in_doubt: BTreeMap<RelPath, Vec<Option<Entry>>>,
     /// Watcher paths not yet part of a round.
     pub dirty: BTreeSet<RelPath>,
