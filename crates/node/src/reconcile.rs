@@ -1058,9 +1058,6 @@ impl Replica {
         Some((op, local))
     }
 
-    /// The hub kept its version at `path`. Ours, if it had content, is on
-    /// the hub under the copy name: move the local version there (a rename)
-    /// and take the hub's version at `path` in the next round.
     /// True when `copy` on disk is a file with the same bytes as the local
     /// file version `entry` (read and hashed: conflicts are rare).
     fn already_kept(&self, entry: &Entry, copy: &RelPath) -> bool {
@@ -1070,6 +1067,9 @@ impl Replica {
         matches!(self.root.hash_file(copy), Ok((found, _, _)) if found == *hash)
     }
 
+    /// The hub kept its version at `path`. Ours, if it had content, is on
+    /// the hub under the copy name: move the local version there (a rename)
+    /// and take the hub's version at `path` in the next round.
     fn on_conflict(&mut self, path: &RelPath, local: Local, conflict: pb::Conflict) {
         let current = match conflict.current.as_ref().map(gm_proto::path_state) {
             Some(Ok((_, current))) => {
