@@ -19,6 +19,9 @@ use std::io::Read;
 
 use gm_core::{ContentHash, Hasher};
 
+/// How much of a large file `chunk_reader` reads at a time.
+const READ_BUFFER: usize = 4 << 20;
+
 /// Files at least this large are cut into chunks; smaller files are one chunk.
 pub const CHUNKED_MIN: u64 = 1 << 20;
 pub const MIN_CHUNK: u32 = 16 * 1024;
@@ -224,26 +227,50 @@ pub fn chunk_reader(mut source: impl Read, size_hint: u64) -> Result<Chunked, Ch
             manifest: None,
         });
     }
+    // Bytes are read into one large buffer and cut in place: each chunk is
+    // hashed where it lies (once for its name, once into the whole-content
+    // hash, while it is still in cache), and only the tail shorter than a
+    // maximal chunk moves when the buffer is refilled. (fastcdc's
+    // `StreamCDC` copies every chunk out and shifts its whole window after
+    // each one.) The cut points are the same: a cut is only asked for with
+    // at least `MAX_CHUNK` bytes ahead, or at the end of the content.
     let mut whole = Hasher::new();
     let mut chunks = Vec::new();
     let mut size = 0u64;
-    let cutter = fastcdc::v2020::StreamCDC::new(
-        source,
-        MIN_CHUNK as usize,
-        AVG_CHUNK as usize,
-        MAX_CHUNK as usize,
-    );
-    for chunk in cutter {
-        let chunk = chunk.map_err(|e| match e {
-            fastcdc::v2020::Error::IoError(io) => ChunkError::Read(io),
-            other => ChunkError::Read(std::io::Error::other(other.to_string())),
-        })?;
-        whole.update(&chunk.data);
-        size += chunk.length as u64;
-        chunks.push(ChunkRef {
-            len: chunk.length as u32,
-            hash: ContentHash::of(&chunk.data),
-        });
+    let mut buffer = vec![0u8; READ_BUFFER];
+    let (mut start, mut end, mut eof) = (0usize, 0usize, false);
+    loop {
+        while !eof && end < buffer.len() {
+            match source.read(&mut buffer[end..]) {
+                Ok(0) => eof = true,
+                Ok(read) => end += read,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(err) => return Err(ChunkError::Read(err)),
+            }
+        }
+        let cutter = fastcdc::v2020::FastCDC::new(
+            &buffer[..end],
+            MIN_CHUNK as usize,
+            AVG_CHUNK as usize,
+            MAX_CHUNK as usize,
+        );
+        while start < end && (eof || end - start >= MAX_CHUNK as usize) {
+            let (_, cut) = cutter.cut(start, end - start);
+            let data = &buffer[start..cut];
+            whole.update(data);
+            chunks.push(ChunkRef {
+                len: data.len() as u32,
+                hash: ContentHash::of(data),
+            });
+            size += data.len() as u64;
+            start = cut;
+        }
+        if eof {
+            break;
+        }
+        buffer.copy_within(start..end, 0);
+        end -= start;
+        start = 0;
     }
     Ok(Chunked {
         hash: whole.finalize(),
@@ -274,20 +301,35 @@ const ZSTD_LEVEL: i32 = 1;
 const SAMPLE: usize = 4096;
 
 /// Compresses `data` when a sample says it pays (at least 10% smaller);
-/// returns the bytes to send and whether they are zstd-compressed.
-pub fn encode(data: &[u8]) -> (Vec<u8>, bool) {
+/// returns the bytes to send and whether they are zstd-compressed. Each
+/// thread keeps one compression context (creating one per chunk cost more
+/// than compressing the sample).
+pub fn encode(data: Vec<u8>) -> (Vec<u8>, bool) {
+    thread_local! {
+        static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+            const { std::cell::RefCell::new(None) };
+    }
     if data.len() < 512 {
-        return (data.to_vec(), false);
+        return (data, false);
     }
-    let sample = &data[..data.len().min(SAMPLE)];
-    match zstd::bulk::compress(sample, ZSTD_LEVEL) {
-        Ok(small) if small.len() * 10 < sample.len() * 9 => {}
-        _ => return (data.to_vec(), false),
-    }
-    match zstd::bulk::compress(data, ZSTD_LEVEL) {
-        Ok(packed) if packed.len() < data.len() => (packed, true),
-        _ => (data.to_vec(), false),
-    }
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        let Some(compressor) = slot.as_mut() else {
+            return (data, false);
+        };
+        let sample = &data[..data.len().min(SAMPLE)];
+        match compressor.compress(sample) {
+            Ok(small) if small.len() * 10 < sample.len() * 9 => {}
+            _ => return (data, false),
+        }
+        match compressor.compress(&data) {
+            Ok(packed) if packed.len() < data.len() => (packed, true),
+            _ => (data, false),
+        }
+    })
 }
 
 /// Undoes `encode`. `expected_len` bounds the output (a hostile peer cannot
@@ -348,6 +390,40 @@ mod tests {
         assert_eq!(small.hash, ContentHash::of(&data[..1000]));
     }
 
+    /// A reader that hands out at most `step` bytes per call.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        step: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = self.data.len().min(self.step).min(out.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn reader_cuts_like_the_slice_across_buffer_refills_and_short_reads() {
+        // Several refills of the read buffer, reads of odd sizes, and a
+        // stretch of zeroes (max-size cuts) across a refill boundary.
+        let mut data = noise(11 * (1 << 20) + 12_345, 21);
+        data[(4 << 20) - 100_000..(4 << 20) + 700_000].fill(0);
+        for step in [7_777, 1 << 20, usize::MAX] {
+            let source = Trickle { data: &data, step };
+            let chunked = chunk_reader(source, data.len() as u64).unwrap();
+            assert_eq!(chunked.hash, ContentHash::of(&data), "step {step}");
+            assert_eq!(chunked.size, data.len() as u64);
+            assert_eq!(
+                chunked.manifest.as_ref(),
+                Some(&chunk_slice(&data)),
+                "step {step}"
+            );
+        }
+    }
+
     #[test]
     fn an_overwrite_in_the_middle_changes_few_chunks() {
         let mut data = noise(16 << 20, 3);
@@ -384,11 +460,11 @@ mod tests {
             VerifiedChunk::verify(0, b"x".to_vec(), &chunk),
             Err(ChunkError::Length { .. })
         ));
-        let (packed, compressed) = encode(&data);
+        let (packed, compressed) = encode(data.clone());
         assert!(compressed && packed.len() < 100);
         assert_eq!(decode(packed, true, data.len()).unwrap(), data);
         let random = noise(100_000, 5);
-        let (raw, compressed) = encode(&random);
+        let (raw, compressed) = encode(random.clone());
         assert!(!compressed);
         assert_eq!(raw, random);
         // A bomb does not decode past its declared length.

@@ -507,6 +507,7 @@ impl Root {
             file: Some(File::from(fd)),
             hasher: Hasher::new(),
             written: 0,
+            writeback_from: 0,
             prepared: false,
             _owned: owned,
         })
@@ -1081,6 +1082,33 @@ pub(crate) fn read_link_at(dir: impl AsFd, name: &str, shown: &str) -> Result<St
     })
 }
 
+/// A large staged file asks the kernel to start writing its pages out after
+/// each this many bytes, so the disk works while the rest arrives and the
+/// commit's fsync waits only for the tail (a 512 MiB upload otherwise left
+/// all of its pages dirty for that one fsync: 1.6 s of 7.6 s for 2 GiB).
+const WRITEBACK_STEP: u64 = 8 << 20;
+
+/// Starts writeback of `len` bytes at `offset` without waiting for it
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). A hint: durability still
+/// comes from the fsync before the commit, so a failure is only logged.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (
+        libc::off64_t::try_from(offset),
+        libc::off64_t::try_from(len),
+    ) else {
+        return;
+    };
+    // SAFETY: the descriptor is open for the duration of the call; the
+    // call reads no memory of ours.
+    let done = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if done != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "sync_file_range");
+    }
+}
+
 /// A file being written in staging. Dropping it without `commit` removes it.
 pub struct StagedFile {
     staging: OwnedFd,
@@ -1088,6 +1116,8 @@ pub struct StagedFile {
     file: Option<File>,
     hasher: Hasher,
     written: u64,
+    /// Bytes before this offset have had their writeback started.
+    writeback_from: u64,
     /// Mode set, waiting for the group's `sync_filesystem` and its commit.
     prepared: bool,
     /// Keeps the name out of staging reclamation while the file lives.
@@ -1107,6 +1137,14 @@ impl StagedFile {
             .map_err(|e| FsError::io("write staging file", &self.name, e))?;
         self.hasher.update(data);
         self.written += data.len() as u64;
+        if self.written - self.writeback_from >= WRITEBACK_STEP {
+            start_writeback(
+                file,
+                self.writeback_from,
+                self.written - self.writeback_from,
+            );
+            self.writeback_from = self.written;
+        }
         Ok(())
     }
 

@@ -297,7 +297,7 @@ pub fn read_chunks(
         };
         io.throttle(data.len());
         Counters::add(&hub.counters.bytes_sent, data.len() as u64);
-        let (data, zstd) = gm_chunk::encode(&data);
+        let (data, zstd) = gm_chunk::encode(data);
         let message = pb::ChunkData {
             index: index as u32,
             data,

@@ -21,7 +21,7 @@
 //! - Safety brake: a root that is gone, replaced or empty while the synced
 //!   tree is not halts the workspace before any deletion is proposed.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -935,6 +935,7 @@ impl Replica {
                                 path: item.path.clone(),
                                 hash: *hash,
                                 size: *size,
+                                manifest: None,
                             };
                             uploads.push((item, file));
                         }
@@ -953,6 +954,24 @@ impl Replica {
                 None => {
                     stats.failed += 1;
                     self.trees.follow_up.insert(path);
+                }
+            }
+        }
+        if !uploads.is_empty() {
+            // The chunk lists this round's scan computed, not yet in
+            // node.db; one serves an upload only when the scan's record
+            // for its path (the last one) holds the content proposed.
+            let hashed: HashMap<&RelPath, ContentHash> = self
+                .batch
+                .cache_put
+                .iter()
+                .map(|(p, record)| (p, record.hash))
+                .collect();
+            let scanned: HashMap<&RelPath, &gm_chunk::Manifest> =
+                self.batch.manifests.iter().map(|(p, m)| (p, m)).collect();
+            for (_, file) in &mut uploads {
+                if hashed.get(&file.path) == Some(&file.hash) {
+                    file.manifest = scanned.get(&file.path).map(|m| (*m).clone());
                 }
             }
         }

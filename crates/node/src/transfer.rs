@@ -182,6 +182,10 @@ pub struct FileToSend {
     pub path: RelPath,
     pub hash: ContentHash,
     pub size: u64,
+    /// The chunk list this round's scan computed for `hash`, when it did
+    /// (its cache rows are written at the end of the round, so `node.db`
+    /// does not have it yet); saves reading and chunking the file again.
+    pub manifest: Option<Manifest>,
 }
 
 /// Sends one large file: its chunk list first, then only the chunks the hub
@@ -195,13 +199,16 @@ pub async fn upload(
     io: Arc<gm_fs::IoGate>,
 ) -> Result<UploadStats, SyncError> {
     let (path, hash, size) = (&file.path, file.hash, file.size);
-    let manifest = {
-        let (db, workspace, root, path) =
-            (db.clone(), workspace.clone(), root.clone(), path.clone());
-        tokio::task::spawn_blocking(move || {
-            local_manifest(&db, &workspace, &root, &path, hash, size)
-        })
-        .await??
+    let manifest = match &file.manifest {
+        Some(manifest) if manifest.size() == size => manifest.clone(),
+        _ => {
+            let (db, workspace, root, path) =
+                (db.clone(), workspace.clone(), root.clone(), path.clone());
+            tokio::task::spawn_blocking(move || {
+                local_manifest(&db, &workspace, &root, &path, hash, size)
+            })
+            .await??
+        }
     };
     let (tx, rx) = mpsc::channel::<pb::UploadMessage>(8);
     let closed = || SyncError::Retry(anyhow::anyhow!("upload stream closed"));
@@ -263,12 +270,10 @@ pub async fn upload(
             let chunk = &manifest.chunks[index as usize];
             let data = root.read_range(&file, &reader_path, offsets[index as usize], chunk.len)?;
             io.throttle(data.len());
-            if ContentHash::of(&data) != chunk.hash {
-                return Err(SyncError::Retry(anyhow::anyhow!(
-                    "{reader_path} changed while being uploaded"
-                )));
-            }
-            let (data, zstd) = gm_chunk::encode(&data);
+            // Not hashed here: the hub verifies every chunk against the
+            // chunk list and refuses the upload ("does not match", a retry)
+            // when the file changed since it was scanned.
+            let (data, zstd) = gm_chunk::encode(data);
             let message = pb::UploadMessage {
                 msg: Some(pb::upload_message::Msg::Chunk(pb::ChunkData {
                     index,

@@ -70,6 +70,9 @@ CREATE INDEX conflicts_by_ws ON conflicts (ws, seq);
     cache::drop_stale_chunks!(),
 ];
 
+/// Live files with a content hash, through the partial by-hash index.
+pub(crate) const PATHS_WITH_HASH: &str = "SELECT path FROM entries INDEXED BY entries_by_hash WHERE ws = ?1 AND hash = ?2 AND kind = 1 LIMIT ?3";
+
 pub struct HubDb {
     sqlite: Sqlite,
     hub_id: String,
@@ -344,6 +347,7 @@ impl HubDb {
     }
 
     /// Live files holding content `hash` (for local copies instead of transfers).
+    /// Names its index, as `cache::LOCATE_CHUNK` explains.
     pub fn paths_with_hash(
         &self,
         ws: &WorkspaceId,
@@ -351,9 +355,7 @@ impl HubDb {
         limit: usize,
     ) -> Result<Vec<RelPath>, StoreError> {
         let rows: Vec<String> = self.with(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT path FROM entries WHERE ws = ?1 AND hash = ?2 AND kind = 1 LIMIT ?3",
-            )?;
+            let mut stmt = c.prepare_cached(PATHS_WITH_HASH)?;
             stmt.query_map(
                 params![ws.as_str(), hash.as_bytes().as_slice(), limit as i64],
                 |r| r.get(0),

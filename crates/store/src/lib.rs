@@ -222,3 +222,71 @@ fn open_with(
     }
     Ok(conn)
 }
+
+#[cfg(test)]
+mod plans {
+    //! Lookups by content hash must use their index on both databases (the
+    //! planner's default there was a scan of the workspace's rows).
+    use super::*;
+
+    fn plan(db: &Sqlite, sql: &str, args: usize) -> String {
+        db.with(|c| {
+            let values: Vec<rusqlite::types::Value> = [
+                rusqlite::types::Value::Text("w".into()),
+                rusqlite::types::Value::Blob(vec![7; 32]),
+                rusqlite::types::Value::Integer(3),
+            ][..args]
+                .to_vec();
+            let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let rows: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(values), |r| r.get(3))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows.join("; "))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn lookups_by_hash_search_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = HubDb::open(&dir.path().join("state.db")).unwrap();
+        let node = NodeDb::open(&dir.path().join("node.db")).unwrap();
+        let cases: [(&Sqlite, &str, usize, &str); 5] = [
+            (
+                &hub,
+                cache::LOCATE_CHUNK,
+                2,
+                "chunks_by_hash (ws=? AND hash=?)",
+            ),
+            (
+                &hub,
+                cache::LOCATE_WHOLE,
+                2,
+                "hash_cache_by_hash (ws=? AND hash=?)",
+            ),
+            (
+                &hub,
+                hub::PATHS_WITH_HASH,
+                3,
+                "entries_by_hash (ws=? AND hash=?)",
+            ),
+            (
+                &node,
+                cache::LOCATE_CHUNK,
+                2,
+                "chunks_by_hash (ws=? AND hash=?)",
+            ),
+            (
+                &node,
+                cache::LOCATE_WHOLE,
+                2,
+                "hash_cache_by_hash (ws=? AND hash=?)",
+            ),
+        ];
+        for (db, sql, args, index) in cases {
+            let found = plan(db, sql, args);
+            assert!(found.contains(index), "{sql}: {found}");
+            assert!(!found.contains("PRIMARY KEY"), "{sql}: {found}");
+        }
+    }
+}
