@@ -116,6 +116,11 @@ pub struct ScanArgs {
     /// are verified again later (racily clean).
     #[arg(long, env = "GM_RACY_WINDOW_MS", default_value_t = 2000)]
     pub racy_window_ms: u64,
+    /// Probe each root's filesystem at startup; where every write after a
+    /// stat moves the ctime (Linux 6.13+ multigrain timestamps) no record
+    /// is racy and the window does not apply. `false`: always the window.
+    #[arg(long, env = "GM_RACY_PROBE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub racy_probe: bool,
     /// Quiet time after the last file event before changes are synced.
     #[arg(long, env = "GM_DEBOUNCE_MS", default_value_t = 30)]
     pub debounce_ms: u64,
@@ -159,6 +164,7 @@ impl ScanArgs {
         };
         Ok(ScanConfig {
             racy_window_ns: (self.racy_window_ms as i64).saturating_mul(1_000_000),
+            racy_probe: self.racy_probe,
             hash_workers: workers,
             io: std::sync::Arc::new(gm_fs::IoGate::new(io, self.read_rate_limit)),
         })

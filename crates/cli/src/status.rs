@@ -50,6 +50,8 @@ fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
             "read_rate_limit": s.read_rate_limit,
             "io_max_observed": s.io_max_observed,
             "racy_window_ms": s.racy_window_ms,
+            "racy_probe": s.racy_probe,
+            "exact_ctime_mirrors": s.exact_ctime_mirrors,
             "max_file_size": s.max_file_size,
             "chown": s.chown,
         })),

@@ -86,6 +86,9 @@ pub struct Root {
     live: LiveSet,
     /// Who owns what this root writes (`GM_CHOWN`).
     ownership: Arc<Ownership>,
+    /// The device on which a write after a stat always moves the ctime
+    /// (see `ctime_moves_after_stat`), when the root's filesystem does.
+    exact_ctime_dev: Option<u64>,
 }
 
 /// What a walk to a parent directory does with a missing component.
@@ -112,6 +115,46 @@ impl AsFd for Parent<'_> {
 
 pub(crate) fn dir_flags() -> OFlags {
     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+/// Whether a write that follows a stat always gets a newer ctime on the
+/// filesystem of `staging`. Linux's multigrain timestamps (6.13+; ext4,
+/// xfs, btrfs, tmpfs) give it: once a ctime has been read, the next change
+/// takes a fine-grained one. Elsewhere timestamps come from a clock that
+/// ticks every few milliseconds (or seconds), and a write in the same tick
+/// as the stat leaves the stat unchanged: a cache record is then trusted
+/// only once a racy window has passed. Probed with eight write/stat pairs
+/// microseconds apart on a scratch file in staging; any ctime that does not
+/// move, or any error, answers no.
+fn ctime_moves_after_stat(staging: &OwnedFd, tag: &str) -> bool {
+    let name = random_name(tag, "probe");
+    let Ok(fd) = rustix::fs::openat(
+        staging,
+        name.as_str(),
+        OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    ) else {
+        return false;
+    };
+    let mut last: Option<i64> = None;
+    let mut moves = true;
+    for _ in 0..8 {
+        let ctime = match rustix::io::pwrite(&fd, b"x", 0).and_then(|_| rustix::fs::fstat(&fd)) {
+            Ok(raw) => from_raw(&raw).ctime_ns,
+            Err(_) => {
+                moves = false;
+                break;
+            }
+        };
+        if last.is_some_and(|last| ctime <= last) {
+            moves = false;
+            break;
+        }
+        last = Some(ctime);
+    }
+    drop(fd);
+    let _ = rustix::fs::unlinkat(staging, name.as_str(), AtFlags::empty());
+    moves
 }
 
 fn random_name(tag: &str, kind: &str) -> String {
@@ -180,6 +223,8 @@ impl Root {
             from_raw(&rustix::fs::fstat(&dir).map_err(|e| FsError::io("stat", &shown, e))?);
         let internal = open_or_make_dir(dir.as_fd(), gm_core::INTERNAL_DIR, 0o700, &shown)?;
         let staging = open_or_make_dir(internal.as_fd(), STAGING_DIR, 0o700, &shown)?;
+        let exact_ctime_dev = ctime_moves_after_stat(&staging, staging_tag).then_some(identity.dev);
+        tracing::debug!(root = %shown, exact_ctime = exact_ctime_dev.is_some(), "probed timestamps");
         Ok(Root {
             path: path.to_path_buf(),
             dir,
@@ -188,7 +233,27 @@ impl Root {
             identity,
             live: LiveSet::default(),
             ownership: Arc::new(Ownership::off()),
+            exact_ctime_dev,
         })
+    }
+
+    /// The racy window for a cache record of a file that stats as `stat`:
+    /// none on this root's own filesystem when its probe showed that a
+    /// write after a stat always gets a newer ctime (a later change can
+    /// then never hide behind the recorded stat), else `window_ns`.
+    /// `probe` false (`GM_RACY_PROBE=false`) always gives `window_ns`.
+    pub fn racy_window_for(&self, stat: &Stat, window_ns: i64, probe: bool) -> i64 {
+        if probe && self.exact_ctime_dev == Some(stat.dev) {
+            0
+        } else {
+            window_ns
+        }
+    }
+
+    /// Whether this root's filesystem gives every write after a stat a
+    /// newer ctime (what `racy_window_for` relies on).
+    pub fn exact_ctime(&self) -> bool {
+        self.exact_ctime_dev.is_some()
     }
 
     /// Creates the directory (and its parents) if needed, then opens it.
@@ -1305,6 +1370,25 @@ mod tests {
 
     fn rel(raw: &str) -> RelPath {
         RelPath::new(raw).unwrap()
+    }
+
+    #[test]
+    fn racy_window_is_waived_only_on_a_probed_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut root = Root::open(dir.path(), "t").unwrap();
+        // The probe leaves nothing behind in staging.
+        assert!(root.reclaim_staging(std::time::Duration::ZERO).unwrap().is_empty());
+        let here = root.identity;
+        let elsewhere = Stat {
+            dev: here.dev + 1,
+            ..here
+        };
+        root.exact_ctime_dev = Some(here.dev);
+        assert_eq!(root.racy_window_for(&here, 2_000, true), 0);
+        assert_eq!(root.racy_window_for(&here, 2_000, false), 2_000);
+        assert_eq!(root.racy_window_for(&elsewhere, 2_000, true), 2_000);
+        root.exact_ctime_dev = None;
+        assert_eq!(root.racy_window_for(&here, 2_000, true), 2_000);
     }
 
     fn write(

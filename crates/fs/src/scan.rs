@@ -31,6 +31,9 @@ use gm_core::{Kind, Stat};
 #[derive(Debug, Clone)]
 pub struct ScanConfig {
     pub racy_window_ns: i64,
+    /// Trust a root whose filesystem probed as moving the ctime on every
+    /// write after a stat: no racy window there (`Root::racy_window_for`).
+    pub racy_probe: bool,
     /// Threads that hash file content.
     pub hash_workers: usize,
     /// Outstanding reads and read rate, shared with every other bulk reader
@@ -42,9 +45,17 @@ impl Default for ScanConfig {
     fn default() -> Self {
         ScanConfig {
             racy_window_ns: 2_000_000_000,
+            racy_probe: true,
             hash_workers: std::thread::available_parallelism().map_or(2, usize::from),
             io: Arc::new(IoGate::unlimited()),
         }
+    }
+}
+
+impl ScanConfig {
+    /// The racy window for a record of a file of `root` that stats as `stat`.
+    pub fn racy_window(&self, root: &Root, stat: &Stat) -> i64 {
+        root.racy_window_for(stat, self.racy_window_ns, self.racy_probe)
     }
 }
 
@@ -172,7 +183,9 @@ pub fn scan_tree(
     for (index, item) in walked.iter().enumerate() {
         if item.stat.kind == Kind::File {
             match cache.get(&item.path) {
-                Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => {
+                Some(record)
+                    if record.valid_for(&item.stat, config.racy_window(root, &record.stat)) =>
+                {
                     outcome.cache_hits += 1
                 }
                 _ => to_hash.push(index),
@@ -221,14 +234,17 @@ pub fn scan_tree(
                             hash,
                             recorded_ns,
                         };
-                        if record.is_racy(config.racy_window_ns) {
+                        if record.is_racy(config.racy_window(root, &stat)) {
                             outcome.racy += 1;
                         }
                         outcome.cache_updates.push((item.path.clone(), record));
                         (hash, stat)
                     }
                     None => match cache.get(&item.path) {
-                        Some(record) if record.valid_for(&item.stat, config.racy_window_ns) => {
+                        Some(record)
+                            if record
+                                .valid_for(&item.stat, config.racy_window(root, &record.stat)) =>
+                        {
                             (record.hash, item.stat)
                         }
                         // Could not be hashed (changed while read, vanished): left for the next scan.
@@ -517,6 +533,7 @@ mod tests {
         std::fs::write(dir.path().join("f"), b"one").unwrap();
         let config = ScanConfig {
             racy_window_ns: 60_000_000_000,
+            racy_probe: false,
             hash_workers: 1,
             ..Default::default()
         };
@@ -539,6 +556,7 @@ mod tests {
             racy_window_ns: 0,
             hash_workers: 8,
             io: Arc::new(IoGate::new(2, None)),
+            ..Default::default()
         };
         let outcome = scan_tree(
             &root,

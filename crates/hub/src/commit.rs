@@ -41,7 +41,7 @@ use gm_proto::pb;
 use gm_store::{ConflictRow, RecordBatch};
 
 use crate::observe::{Scope, observe_locked};
-use crate::state::{Counters, Hub, Workspace};
+use crate::state::{Counters, Hub, OwnWrite, Workspace};
 
 enum OpError {
     /// The disk moved under the plan: look again and decide again.
@@ -163,6 +163,7 @@ pub fn commit_locked(
         pending_cache: HashMap::new(),
         written: HashMap::new(),
         racy: Vec::new(),
+        own: Vec::new(),
         prestaged: HashMap::new(),
         needs_sync: false,
     };
@@ -224,6 +225,8 @@ struct Ctx<'a> {
     /// Files written by this batch, by content: sources for local copies.
     written: HashMap<ContentHash, RelPath>,
     racy: Vec<RelPath>,
+    /// What this batch's ops left on disk, for `Workspace::expect_own`.
+    own: Vec<(RelPath, OwnWrite)>,
     /// Inline files of the request written to staging and made durable by
     /// one `sync_filesystem` before any op is decided (group commit).
     prestaged: HashMap<(RelPath, ContentHash, bool), StagedFile>,
@@ -654,7 +657,7 @@ impl Ctx<'_> {
     }
 
     fn put_cache(&mut self, path: RelPath, record: CacheRecord) {
-        if record.is_racy(self.hub.config.scan.racy_window_ns) {
+        if record.is_racy(self.hub.config.scan.racy_window(&self.root, &record.stat)) {
             self.racy.push(path.clone());
         }
         self.pending_cache.insert(path.clone(), Some(record));
@@ -685,6 +688,7 @@ impl Ctx<'_> {
             self.root.sync_filesystem()?;
         }
         self.hub.db.record(&self.ws.id, &self.batch)?;
+        self.ws.expect_own(std::mem::take(&mut self.own));
         let origin = std::mem::take(&mut self.batch.origin);
         self.batch = RecordBatch {
             origin,
@@ -844,9 +848,16 @@ impl Ctx<'_> {
             expect = Expect::Absent;
         }
         match ours {
-            None => {}
+            None => self.own.push((path.clone(), OwnWrite::Absent)),
             Some(Entry::Dir) => {
-                self.root.make_dir(path)?;
+                let stat = self.root.make_dir(path)?;
+                self.own.push((
+                    path.clone(),
+                    OwnWrite::Dir {
+                        dev: stat.dev,
+                        ino: stat.ino,
+                    },
+                ));
             }
             Some(Entry::Symlink { target }) => {
                 self.root.make_symlink(path, target, expect)?;
@@ -870,6 +881,7 @@ impl Ctx<'_> {
                     recorded_ns: gm_fs::scan::now_ns(),
                 };
                 self.put_cache(path.clone(), record);
+                self.own.push((path.clone(), OwnWrite::File(stat)));
                 self.written.insert(*hash, path.clone());
             }
         }

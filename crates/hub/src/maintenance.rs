@@ -1,6 +1,8 @@
 //! The hub's background work, one task owned by `run`:
 //! - the OS watcher on `mirrors/`, debounced: paths quiet for `debounce`
-//!   (or waiting longer than `debounce_max`) are observed and journaled;
+//!   (or waiting longer than `debounce_max`) are observed and journaled,
+//!   except those still exactly as one of the hub's recorded commits left
+//!   them (its own writes, reported back);
 //!   a watcher overflow triggers a full (cached) rescan of every mirror;
 //! - every tick: racily-clean cache records past their window are
 //!   re-verified, halted workspaces are looked at again, stale uploads are
@@ -115,7 +117,19 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
                     if whole.contains(&id) {
                         continue;
                     }
-                    if let Some(ws) = hub.workspace(&id)
+                    let Some(ws) = hub.workspace(&id) else { continue };
+                    // The hub's own landings come back as events; those
+                    // still exactly as it left them need no observation.
+                    let ours = ws.clone();
+                    let set = match tokio::task::spawn_blocking(move || ours.not_own_writes(set)).await {
+                        Ok(set) => set,
+                        Err(err) => {
+                            tracing::error!(workspace = %id, error = %err, "filtering watcher events failed");
+                            failed.push(id);
+                            continue;
+                        }
+                    };
+                    if !set.is_empty()
                         && !observe_logged(&hub, &ws, Scope::Subtrees(set.into_iter().collect())).await
                     {
                         failed.push(id);
@@ -207,6 +221,7 @@ async fn tick(hub: &Arc<Hub>, timers: &mut Timers) {
         *last_full = now;
     }
     for ws in hub.all_workspaces() {
+        ws.expire_own_writes();
         if ws.halted().is_some() {
             let guard = ws.seq.clone().lock_owned().await;
             let (hub2, ws2) = (hub.clone(), ws.clone());

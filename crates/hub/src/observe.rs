@@ -233,7 +233,7 @@ fn observe_inner(
             }
         }
         for (path, record) in &scan.cache_updates {
-            if record.is_racy(hub.config.scan.racy_window_ns) {
+            if record.is_racy(hub.config.scan.racy_window(&root, &record.stat)) {
                 racy.push(path.clone());
             }
         }

@@ -616,6 +616,12 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
             read_rate_limit: hub.config.scan.io.rate().unwrap_or(0),
             io_max_observed: hub.config.scan.io.max_observed() as u64,
             racy_window_ms: (hub.config.scan.racy_window_ns / 1_000_000).max(0) as u64,
+            racy_probe: hub.config.scan.racy_probe,
+            exact_ctime_mirrors: hub
+                .all_workspaces()
+                .iter()
+                .filter(|ws| ws.root().exact_ctime())
+                .count() as u64,
             max_file_size: hub.config.max_file_size,
             chown: hub.config.ownership.describe().to_string(),
         }),

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use gm_core::{ContentHash, RelPath, Seq, WorkspaceId};
+use gm_core::{ContentHash, Kind, RelPath, Seq, Stat, WorkspaceId};
 use gm_fs::{DirLock, Root, StagedFile};
 use gm_registry::{Registry, RegistryError};
 use gm_store::HubDb;
@@ -156,6 +156,35 @@ impl Counters {
     }
 }
 
+/// How long the hub remembers a write of its own for `Workspace::not_own_writes`
+/// (its watcher events arrive within the debounce, at most a second later).
+pub const OWN_WRITE_TTL: Duration = Duration::from_secs(5);
+
+/// What one of the hub's recorded commits left at a path.
+#[derive(Debug, Clone, Copy)]
+pub enum OwnWrite {
+    /// Nothing.
+    Absent,
+    /// This file, exactly (the stat its cache record holds).
+    File(Stat),
+    /// This directory (same inode; its times change as entries land in it,
+    /// and each of those has its own event).
+    Dir { dev: u64, ino: u64 },
+}
+
+impl OwnWrite {
+    fn matches(&self, now: Option<&Stat>) -> bool {
+        match (self, now) {
+            (OwnWrite::Absent, None) => true,
+            (OwnWrite::File(then), Some(now)) => now.unchanged_since(then),
+            (OwnWrite::Dir { dev, ino }, Some(now)) => {
+                now.kind == Kind::Dir && now.dev == *dev && now.ino == *ino
+            }
+            _ => false,
+        }
+    }
+}
+
 /// One mirrored workspace.
 pub struct Workspace {
     pub id: WorkspaceId,
@@ -170,6 +199,10 @@ pub struct Workspace {
     pub subscribers: Mutex<BTreeMap<u64, String>>,
     /// Cache records still racily clean: path -> when they can be settled.
     pub racy: Mutex<BTreeMap<RelPath, Instant>>,
+    /// What the hub's own recorded commits left at each path, for
+    /// `OWN_WRITE_TTL`: the watcher reports these writes back, and an event
+    /// whose path still looks exactly so needs no observation.
+    own_writes: Mutex<HashMap<RelPath, (OwnWrite, Instant)>>,
     /// Why the safety brake stopped this workspace, if it did.
     pub halted: Mutex<Option<String>>,
 }
@@ -188,6 +221,48 @@ impl Workspace {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Remembers what recorded commits left on disk (see `own_writes`).
+    pub fn expect_own(&self, writes: Vec<(RelPath, OwnWrite)>) {
+        if writes.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        own.extend(writes.into_iter().map(|(path, write)| (path, (write, now))));
+    }
+
+    /// Of `paths` (from watcher events), those that need observing: all
+    /// but the ones still exactly as a recent commit of the hub left them.
+    /// Stats the remembered ones (blocking). A third party's write in the
+    /// same timestamp tick as the hub's leaves the same stat; the racy
+    /// re-verification of that path's cache record still catches it.
+    pub fn not_own_writes(&self, paths: BTreeSet<RelPath>) -> BTreeSet<RelPath> {
+        let own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        if own.is_empty() {
+            return paths;
+        }
+        let expected: Vec<(RelPath, OwnWrite)> = paths
+            .iter()
+            .filter_map(|p| own.get(p).map(|(w, _)| (p.clone(), *w)))
+            .collect();
+        drop(own);
+        let root = self.root();
+        let mut paths = paths;
+        for (path, write) in expected {
+            let Ok(now) = root.lstat(&path) else { continue };
+            if write.matches(now.as_ref()) {
+                paths.remove(&path);
+            }
+        }
+        paths
+    }
+
+    /// Forgets own writes older than `OWN_WRITE_TTL`.
+    pub fn expire_own_writes(&self) {
+        let mut own = self.own_writes.lock().unwrap_or_else(|p| p.into_inner());
+        own.retain(|_, (_, at)| at.elapsed() < OWN_WRITE_TTL);
     }
 
     pub fn mark_racy(&self, paths: impl IntoIterator<Item = RelPath>, window: Duration) {
@@ -356,6 +431,7 @@ impl Hub {
             committed,
             subscribers: Mutex::new(BTreeMap::new()),
             racy: Mutex::new(BTreeMap::new()),
+            own_writes: Mutex::new(HashMap::new()),
             halted: Mutex::new(row.halted),
         });
         let mut map = self.workspaces.lock().unwrap_or_else(|p| p.into_inner());

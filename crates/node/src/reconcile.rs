@@ -241,7 +241,7 @@ impl Replica {
             hash,
             recorded_ns: gm_fs::scan::now_ns(),
         };
-        if record.is_racy(self.config.scan.racy_window_ns) {
+        if record.is_racy(self.config.scan.racy_window(&self.root, &stat)) {
             self.racy.insert(path.clone(), racy_due(&self.config));
         }
         self.batch.cache_put.push((path.clone(), record));
@@ -348,7 +348,7 @@ impl Replica {
                 tracing::warn!(workspace = %self.id, problem = %problem, "skipped while scanning");
             }
             for (path, record) in &scan.cache_updates {
-                if record.is_racy(self.config.scan.racy_window_ns) {
+                if record.is_racy(self.config.scan.racy_window(&self.root, &record.stat)) {
                     self.racy.insert(path.clone(), racy_due(&self.config));
                 }
             }
