@@ -445,8 +445,8 @@ fn wait_agreement(what: &str, hub: &Hub, nodes: &[&Node]) -> BTreeMap<String, It
     }
 }
 
-fn staging_entries(root: &Path) -> Vec<String> {
-    std::fs::read_dir(root.join(".ghostmirror/staging"))
+fn staging_entries(staging: &Path) -> Vec<String> {
+    std::fs::read_dir(staging)
         .map(|dir| {
             dir.flatten()
                 .map(|e| e.file_name().to_string_lossy().to_string())
@@ -508,6 +508,15 @@ impl Cluster {
         ]
     }
 
+    /// The staging directories of the two nodes and the hub.
+    fn stagings(&self) -> Vec<PathBuf> {
+        vec![
+            self.a.root.join(".ghostmirror/staging"),
+            self.b.root.join(".ghostmirror/staging"),
+            self.hub.staging(WS),
+        ]
+    }
+
     /// Seeds a file nobody touches (so no root ever turns up empty and
     /// trips the safety brake) and waits until everyone has it.
     fn seed_keep(&mut self) {
@@ -524,12 +533,12 @@ impl Cluster {
         self.a.stop();
         self.b.stop();
         self.hub.stop();
-        for root in self.roots() {
-            let left = staging_entries(&root);
+        for staging in self.stagings() {
+            let left = staging_entries(&staging);
             assert!(
                 left.is_empty(),
                 "staging left in {} after the run: {left:?}",
-                root.display()
+                staging.display()
             );
         }
     }
@@ -1888,7 +1897,7 @@ fn disk_full_on_the_hub_fails_cleanly_and_completes_once_freed() {
             .count()
             >= 3
     });
-    let staged = staging_entries(&c.hub.mirror(WS));
+    let staged = staging_entries(&c.hub.staging(WS));
     assert!(
         staged.len() <= 2,
         "staging piles up while the disk is full: {staged:?}"

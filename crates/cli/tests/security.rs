@@ -181,12 +181,11 @@ fn swap_during_transfer(on_hub: bool) {
 
     let outside = dir.path().join("outside");
     std::fs::create_dir_all(&outside).unwrap();
-    let target_root = if on_hub {
-        hub.mirror("ws")
+    let (target_root, staging) = if on_hub {
+        (hub.mirror("ws"), hub.staging("ws"))
     } else {
-        b.root.clone()
+        (b.root.clone(), b.root.join(".ghostmirror/staging"))
     };
-    let staging = target_root.join(".ghostmirror/staging");
     std::fs::write(a.path("d/big.bin"), noise(96 << 20, 3)).unwrap();
     wait_until("the transfer is staged", || {
         std::fs::read_dir(&staging)

@@ -834,7 +834,7 @@ fn stale_staging_of_a_killed_hub_is_removed_at_start() {
     wait_until("workspace on the hub", || c.mirror().join("f").exists());
     c.hub.kill();
     // What a transfer cut by SIGKILL leaves behind.
-    let staging = c.mirror().join(".ghostmirror/staging");
+    let staging = c.hub.staging(WS);
     std::fs::write(
         staging.join("hubdeadbeef-file-0123456789abcdef"),
         vec![7u8; 4096],
@@ -949,7 +949,7 @@ fn stop_during_transfer(stop_hub: bool) {
     }
     std::fs::write(c.a.path("big.bin"), noise(192 << 20, 5)).unwrap();
     let (root, staging) = if stop_hub {
-        (c.mirror(), c.mirror().join(".ghostmirror/staging"))
+        (c.mirror(), c.hub.staging(WS))
     } else {
         (c.b.root.clone(), c.b.root.join(".ghostmirror/staging"))
     };

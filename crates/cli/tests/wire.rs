@@ -363,9 +363,7 @@ async fn hostile_requests_are_refused_and_change_nothing() {
         expected,
         "{tree:?}"
     );
-    let staging: Vec<_> = std::fs::read_dir(mirror.join(".ghostmirror/staging"))
-        .unwrap()
-        .collect();
+    let staging: Vec<_> = std::fs::read_dir(hub.staging("w")).unwrap().collect();
     assert!(staging.is_empty(), "staging left: {staging:?}");
     let status = hub.status();
     assert!(

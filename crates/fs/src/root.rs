@@ -80,6 +80,9 @@ pub struct Root {
     path: PathBuf,
     dir: OwnedFd,
     staging: OwnedFd,
+    /// Where staging is, for messages (`ROOT/.ghostmirror/staging` unless
+    /// the root was opened with a staging directory of its own).
+    staging_shown: String,
     staging_tag: String,
     identity: Stat,
     /// Staging entries that live transfers own: never reclaimed.
@@ -157,6 +160,21 @@ fn ctime_moves_after_stat(staging: &OwnedFd, tag: &str) -> bool {
     moves
 }
 
+/// Whether an entry renames from `from` into `to` and back (one mount).
+/// Leaves nothing behind either way.
+fn renames_between(from: &OwnedFd, to: &OwnedFd, tag: &str) -> bool {
+    let name = random_name(tag, "probe");
+    let made = rustix::fs::mkdirat(from, name.as_str(), Mode::from_raw_mode(0o700));
+    if made.is_err() {
+        return false;
+    }
+    let there = rustix::fs::renameat(from, name.as_str(), to, name.as_str()).is_ok();
+    let back = there && rustix::fs::renameat(to, name.as_str(), from, name.as_str()).is_ok();
+    let dir = if there && !back { to } else { from };
+    let _ = rustix::fs::unlinkat(dir, name.as_str(), AtFlags::REMOVEDIR);
+    back
+}
+
 fn random_name(tag: &str, kind: &str) -> String {
     format!("{tag}-{kind}-{:016x}", rand::random::<u64>())
 }
@@ -207,6 +225,21 @@ impl Root {
     /// Opens an existing directory as a workspace root and prepares its
     /// staging directory. `staging_tag` names this process's staging files.
     pub fn open(path: &Path, staging_tag: &str) -> Result<Root, FsError> {
+        Root::open_with_staging(path, staging_tag, None)
+    }
+
+    /// `open`, with staging in `staging` (created if needed) instead of
+    /// `ROOT/.ghostmirror/staging`, so that a watcher of the root never
+    /// sees the many events of writing staged files (the hub keeps its
+    /// mirrors' staging beside `mirrors/`). Staged entries are renamed into
+    /// the root, so both must be on one mount: when a rename between them
+    /// fails (`EXDEV`: another filesystem or mount) the root's own staging
+    /// is used, with a warning.
+    pub fn open_with_staging(
+        path: &Path,
+        staging_tag: &str,
+        staging: Option<&Path>,
+    ) -> Result<Root, FsError> {
         let shown = path.display().to_string();
         let dir = rustix::fs::open(
             path,
@@ -222,19 +255,53 @@ impl Root {
         let identity =
             from_raw(&rustix::fs::fstat(&dir).map_err(|e| FsError::io("stat", &shown, e))?);
         let internal = open_or_make_dir(dir.as_fd(), gm_core::INTERNAL_DIR, 0o700, &shown)?;
-        let staging = open_or_make_dir(internal.as_fd(), STAGING_DIR, 0o700, &shown)?;
+        let own_staging = || -> Result<(OwnedFd, String), FsError> {
+            Ok((
+                open_or_make_dir(internal.as_fd(), STAGING_DIR, 0o700, &shown)?,
+                format!("{shown}/{}/{STAGING_DIR}", gm_core::INTERNAL_DIR),
+            ))
+        };
+        let (staging, staging_shown) = match staging {
+            None => own_staging()?,
+            Some(outside) => {
+                std::fs::create_dir_all(outside)
+                    .map_err(|e| FsError::io("create directory", outside.display(), e))?;
+                let outside_shown = outside.display().to_string();
+                let fd = rustix::fs::open(outside, dir_flags(), Mode::empty())
+                    .map_err(|e| FsError::io("open directory", &outside_shown, e))?;
+                if renames_between(&fd, &internal, staging_tag) {
+                    (fd, outside_shown)
+                } else {
+                    tracing::warn!(root = %shown, staging = %outside_shown, "staging is on another mount than the root; using the root's own");
+                    own_staging()?
+                }
+            }
+        };
         let exact_ctime_dev = ctime_moves_after_stat(&staging, staging_tag).then_some(identity.dev);
         tracing::debug!(root = %shown, exact_ctime = exact_ctime_dev.is_some(), "probed timestamps");
         Ok(Root {
             path: path.to_path_buf(),
             dir,
             staging,
+            staging_shown,
             staging_tag: staging_tag.to_string(),
             identity,
             live: LiveSet::default(),
             ownership: Arc::new(Ownership::off()),
             exact_ctime_dev,
         })
+    }
+
+    /// Creates the directory (and its parents) if needed, then opens it
+    /// with `open_with_staging`.
+    pub fn create_with_staging(
+        path: &Path,
+        staging_tag: &str,
+        staging: &Path,
+    ) -> Result<Root, FsError> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| FsError::io("create directory", path.display(), e))?;
+        Root::open_with_staging(path, staging_tag, Some(staging))
     }
 
     /// The racy window for a cache record of a file that stats as `stat`:
@@ -261,6 +328,11 @@ impl Root {
         std::fs::create_dir_all(path)
             .map_err(|e| FsError::io("create directory", path.display(), e))?;
         Root::open(path, staging_tag)
+    }
+
+    /// Where staging is, for messages.
+    pub(crate) fn staging_shown(&self) -> &str {
+        &self.staging_shown
     }
 
     pub fn path(&self) -> &Path {
@@ -558,7 +630,7 @@ impl Root {
         .map_err(|e| {
             FsError::io(
                 "create staging file",
-                format!("{}/.ghostmirror/staging/{name}", self.path.display()),
+                format!("{}/{name}", self.staging_shown),
                 e,
             )
         })?;
@@ -941,7 +1013,7 @@ impl Root {
         remove_tree_at(
             &self.staging,
             &aside,
-            &format!("{}/.ghostmirror/staging/{aside}", self.path.display()),
+            &format!("{}/{aside}", self.staging_shown),
         )
     }
 
@@ -949,7 +1021,7 @@ impl Root {
     /// this process owns: at start (everything is left by an earlier
     /// process) or later with `min_age` so only stale entries go.
     pub fn reclaim_staging(&self, min_age: std::time::Duration) -> Result<Vec<Reclaimed>, FsError> {
-        let shown = format!("{}/.ghostmirror/staging", self.path.display());
+        let shown = self.staging_shown.clone();
         let mut names = Vec::new();
         for entry in rustix::fs::Dir::read_from(&self.staging)
             .map_err(|e| FsError::io("read directory", &shown, e))?
@@ -1036,7 +1108,7 @@ impl Root {
 
     /// How many entries the staging directory holds now.
     pub fn staging_entries(&self) -> Result<usize, FsError> {
-        let shown = format!("{}/.ghostmirror/staging", self.path.display());
+        let shown = self.staging_shown.clone();
         let mut count = 0;
         for entry in rustix::fs::Dir::read_from(&self.staging)
             .map_err(|e| FsError::io("read directory", &shown, e))?
@@ -1377,7 +1449,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut root = Root::open(dir.path(), "t").unwrap();
         // The probe leaves nothing behind in staging.
-        assert!(root.reclaim_staging(std::time::Duration::ZERO).unwrap().is_empty());
+        assert!(
+            root.reclaim_staging(std::time::Duration::ZERO)
+                .unwrap()
+                .is_empty()
+        );
         let here = root.identity;
         let elsewhere = Stat {
             dev: here.dev + 1,
@@ -1401,6 +1477,53 @@ mod tests {
         let mut staged = root.stage_file()?;
         staged.write_all(data)?;
         staged.commit(root, &rel(path), ContentHash::of(data), executable, expect)
+    }
+
+    #[test]
+    fn staging_outside_the_root_lands_there_and_falls_back_across_mounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("staging/w");
+        let root = Root::create_with_staging(&dir.path().join("mirror"), "t", &outside).unwrap();
+        let mut staged = root.stage_file().unwrap();
+        staged.write_all(b"payload").unwrap();
+        // The staged file lives outside the root, where a watcher of the
+        // root does not see it.
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 1);
+        let internal = dir.path().join("mirror/.ghostmirror/staging");
+        assert!(!internal.exists() || std::fs::read_dir(&internal).unwrap().count() == 0);
+        staged
+            .commit(
+                &root,
+                &rel("a/f"),
+                ContentHash::of(b"payload"),
+                false,
+                Expect::Absent,
+            )
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("mirror/a/f")).unwrap(),
+            b"payload"
+        );
+        assert_eq!(
+            std::fs::read_dir(&outside).unwrap().count(),
+            0,
+            "probes leave nothing"
+        );
+
+        // Staging on another filesystem (tmpfs) cannot rename into the
+        // root: the root's own staging is used instead.
+        let shm = std::path::Path::new("/dev/shm");
+        let other_fs = std::fs::metadata(shm).is_ok_and(|m| {
+            use std::os::unix::fs::MetadataExt;
+            m.is_dir() && m.dev() != root.identity.dev
+        });
+        if other_fs && let Ok(far) = tempfile::tempdir_in(shm) {
+            let root =
+                Root::create_with_staging(&dir.path().join("mirror2"), "t", far.path()).unwrap();
+            write(&root, "g", b"x", false, Expect::Absent).unwrap();
+            assert_eq!(std::fs::read(dir.path().join("mirror2/g")).unwrap(), b"x");
+            assert_eq!(std::fs::read_dir(far.path()).unwrap().count(), 0);
+        }
     }
 
     /// Found by the crash test with real processes (tests/faults.rs): a

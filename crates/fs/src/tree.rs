@@ -45,7 +45,7 @@ impl Root {
     /// placed at `target`.
     pub fn stage_tree(&self, target: &RelPath) -> Result<StagedTree, FsError> {
         let (staging, name, owned) = self.staging_entry("tree")?;
-        let shown = format!("{}/.ghostmirror/staging/{name}", self.path().display());
+        let shown = format!("{}/{name}", self.staging_shown());
         rustix::fs::mkdirat(&staging, name.as_str(), Mode::from_raw_mode(0o700))
             .map_err(|e| FsError::io("create staged tree", &shown, e))?;
         let top = rustix::fs::openat(&staging, name.as_str(), dir_flags(), Mode::empty())

@@ -19,7 +19,7 @@ use gm_fs::watch::{WatchEvent, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::observe::{Scope, observe_workspace, recheck_halted};
+use crate::observe::{Scope, observe_events, observe_workspace, recheck_halted};
 use crate::state::{Hub, Workspace};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -117,20 +117,8 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
                     if whole.contains(&id) {
                         continue;
                     }
-                    let Some(ws) = hub.workspace(&id) else { continue };
-                    // The hub's own landings come back as events; those
-                    // still exactly as it left them need no observation.
-                    let ours = ws.clone();
-                    let set = match tokio::task::spawn_blocking(move || ours.not_own_writes(set)).await {
-                        Ok(set) => set,
-                        Err(err) => {
-                            tracing::error!(workspace = %id, error = %err, "filtering watcher events failed");
-                            failed.push(id);
-                            continue;
-                        }
-                    };
-                    if !set.is_empty()
-                        && !observe_logged(&hub, &ws, Scope::Subtrees(set.into_iter().collect())).await
+                    if let Some(ws) = hub.workspace(&id)
+                        && !log_observed(&ws, observe_events(&hub, &ws, set).await)
                     {
                         failed.push(id);
                     }
@@ -161,7 +149,11 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
 
 /// False (after logging why) when the observation failed.
 async fn observe_logged(hub: &Arc<Hub>, ws: &Arc<Workspace>, scope: Scope) -> bool {
-    match observe_workspace(hub, ws, scope).await {
+    log_observed(ws, observe_workspace(hub, ws, scope).await)
+}
+
+fn log_observed(ws: &Workspace, result: anyhow::Result<usize>) -> bool {
+    match result {
         Ok(_) => true,
         Err(err) => {
             tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "scanning the mirror failed; trying again");

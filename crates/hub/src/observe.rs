@@ -55,6 +55,36 @@ pub async fn observe_workspace(
     .context("observe task")?
 }
 
+/// Observes the paths of watcher events, except those still exactly as
+/// one of the hub's recorded commits left them (its own writes, reported
+/// back). Filtered under the commit lock: a commit still landing files
+/// when the events come has recorded them (and its own writes) by then.
+pub async fn observe_events(
+    hub: &Arc<Hub>,
+    ws: &Arc<Workspace>,
+    paths: BTreeSet<RelPath>,
+) -> anyhow::Result<usize> {
+    let guard = ws.seq.clone().lock_owned().await;
+    let hub = hub.clone();
+    let ws = ws.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        let paths = ws.not_own_writes(paths);
+        if paths.is_empty() {
+            return Ok(0);
+        }
+        observe_locked(
+            &hub,
+            &ws,
+            &mut guard,
+            Scope::Subtrees(paths.into_iter().collect()),
+            false,
+        )
+    })
+    .await
+    .context("observe task")?
+}
+
 pub fn halt(hub: &Hub, ws: &Workspace, reason: String) {
     let mut halted = ws.halted.lock().unwrap_or_else(|p| p.into_inner());
     if halted.as_deref() != Some(reason.as_str()) {
@@ -327,8 +357,9 @@ pub fn recheck_halted(hub: &Hub, ws: &Workspace, seq: &mut Seq) -> anyhow::Resul
     }
     if hub.db.take_confirm_empty(&ws.id)? {
         if !ws.root().still_in_place() {
-            let root = Root::create(&ws.mirror_path, &hub.tag)?
-                .with_ownership(hub.config.ownership.clone());
+            let root =
+                Root::create_with_staging(&ws.mirror_path, &hub.tag, &hub.staging_dir(&ws.id))?
+                    .with_ownership(hub.config.ownership.clone());
             ws.replace_root(root);
         }
         unhalt(hub, ws)?;

@@ -165,6 +165,17 @@ impl Hub {
         self.data_dir.join("mirrors").join(workspace)
     }
 
+    /// Where the hub stages a mirror's files (beside `mirrors/`; inside the
+    /// mirror only when the two are on different mounts).
+    pub fn staging(&self, workspace: &str) -> PathBuf {
+        let beside = self.data_dir.join("staging").join(workspace);
+        if beside.exists() {
+            beside
+        } else {
+            self.mirror(workspace).join(".ghostmirror/staging")
+        }
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let output = command()
             .args(["status", "--json", "--hub", &self.url, "--token", TOKEN])
