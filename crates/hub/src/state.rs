@@ -406,7 +406,6 @@ impl Hub {
             .collect()
     }
 
-    /// Opens (creating if new) the workspace and its mirror directory.
     /// Where a mirror's files are staged: beside `mirrors/`, not inside the
     /// mirror, so the watcher of `mirrors/` never sees staging's events
     /// (several per file written; they were a quarter of the hub's CPU in
@@ -415,6 +414,7 @@ impl Hub {
         self.config.data_dir.join("staging").join(id.as_str())
     }
 
+    /// Opens (creating if new) the workspace and its mirror directory.
     /// Blocking.
     pub fn open_workspace(&self, id: &WorkspaceId) -> anyhow::Result<(Arc<Workspace>, bool)> {
         if let Some(ws) = self.workspace(id) {
@@ -561,5 +561,45 @@ impl Hub {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stat(kind: Kind, ino: u64, mtime_ns: i64) -> Stat {
+        Stat {
+            kind,
+            size: 3,
+            mtime_ns,
+            ctime_ns: mtime_ns,
+            ino,
+            dev: 1,
+            mode: 0o644,
+        }
+    }
+
+    #[test]
+    fn own_writes_match_only_what_the_hub_left() {
+        let file = stat(Kind::File, 7, 100);
+        let own = OwnWrite::File(file);
+        assert!(own.matches(Some(&file)));
+        assert!(
+            !own.matches(Some(&stat(Kind::File, 7, 101))),
+            "changed since"
+        );
+        assert!(!own.matches(Some(&stat(Kind::File, 8, 100))), "replaced");
+        assert!(!own.matches(None), "removed");
+
+        let dir = OwnWrite::Dir { dev: 1, ino: 9 };
+        // Entries landing in it move its times: still the hub's directory.
+        assert!(dir.matches(Some(&stat(Kind::Dir, 9, 500))));
+        assert!(!dir.matches(Some(&stat(Kind::Dir, 10, 100))), "replaced");
+        assert!(!dir.matches(Some(&stat(Kind::File, 9, 100))));
+        assert!(!dir.matches(None));
+
+        assert!(OwnWrite::Absent.matches(None));
+        assert!(!OwnWrite::Absent.matches(Some(&file)), "created since");
     }
 }
