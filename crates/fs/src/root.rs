@@ -1360,9 +1360,10 @@ impl StagedFile {
         root.own_file(&file, path, true)?;
         file.sync_all()
             .map_err(|e| FsError::io("fsync staging file", root.shown(path), e))?;
+        let staged = staged_stat(&file, root, path)?;
         drop(file);
         let name = std::mem::take(&mut self.name);
-        root.place(&name, path, expect)
+        Ok(as_landed(staged, root.place(&name, path, expect)?))
     }
 
     /// Group commit, step 1: sets the final mode on the open file. The
@@ -1421,9 +1422,48 @@ impl StagedFile {
                 actual: actual.to_hex(),
             });
         }
-        drop(self.file.take());
+        let Some(file) = self.file.take() else {
+            return Err(FsError::Unsupported {
+                path: root.shown(path),
+                what: "staged file already finished".into(),
+            });
+        };
+        let staged = staged_stat(&file, root, path)?;
+        drop(file);
         let name = std::mem::take(&mut self.name);
-        root.place_with(&name, path, expect, false)
+        Ok(as_landed(
+            staged,
+            root.place_with(&name, path, expect, false)?,
+        ))
+    }
+}
+
+fn staged_stat(file: &File, root: &Root, path: &RelPath) -> Result<Stat, FsError> {
+    Ok(from_raw(&rustix::fs::fstat(file).map_err(|e| {
+        FsError::io("stat staging file", root.shown(path), e)
+    })?))
+}
+
+/// The stat to record for content just landed: the one found at the path
+/// after the rename, when it is still the staged file unchanged (a rename
+/// moves only the ctime). When anything else got there first (a write in
+/// the instant between the rename and that stat, or another file renamed
+/// over it), a stat no file can have, so no cache record vouches for
+/// content the hub or node did not write: the next look hashes the file.
+/// (With no racy window, see `racy_window_for`, nothing else would.)
+fn as_landed(staged: Stat, found: Stat) -> Stat {
+    if found.same_file_content(&staged) {
+        found
+    } else {
+        tracing::debug!(
+            ?staged,
+            ?found,
+            "landed file changed before it was recorded"
+        );
+        Stat {
+            ctime_ns: i64::MIN,
+            ..found
+        }
     }
 }
 
@@ -1477,6 +1517,40 @@ mod tests {
         let mut staged = root.stage_file()?;
         staged.write_all(data)?;
         staged.commit(root, &rel(path), ContentHash::of(data), executable, expect)
+    }
+
+    #[test]
+    fn a_landing_changed_before_its_stat_is_recorded_so_it_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let landed = write(&root, "f", b"ours", false, Expect::Absent).unwrap();
+        let now = root.lstat(&rel("f")).unwrap().unwrap();
+        assert!(
+            now.unchanged_since(&landed),
+            "an undisturbed landing records its stat"
+        );
+        let staged = Stat {
+            ctime_ns: landed.ctime_ns - 5,
+            mode: 0o600,
+            ..landed
+        };
+        assert_eq!(
+            as_landed(staged, landed),
+            landed,
+            "the rename moves only the ctime"
+        );
+        let written = Stat {
+            mtime_ns: landed.mtime_ns + 1,
+            size: 9,
+            ..landed
+        };
+        let recorded = as_landed(staged, written);
+        assert!(!written.unchanged_since(&recorded));
+        let replaced = Stat {
+            ino: landed.ino + 1,
+            ..landed
+        };
+        assert!(!replaced.unchanged_since(&as_landed(staged, replaced)));
     }
 
     #[test]
