@@ -499,11 +499,12 @@ pub struct NodeArgs {
     /// With --once: how long to keep retrying an unreachable hub, in seconds.
     #[arg(long, env = "GM_ONCE_TIMEOUT", default_value_t = 120)]
     pub once_timeout: u64,
-    /// Files up to this many bytes travel inline in commit batches.
-    #[arg(long, env = "GM_INLINE_MAX", default_value_t = 1 << 20)]
+    /// Files up to this many bytes travel inline in commit batches (K, M, G
+    /// suffixes as for --read-rate-limit).
+    #[arg(long, env = "GM_INLINE_MAX", default_value_t = 1 << 20, value_parser = parse_bytes)]
     pub inline_max: u64,
     /// Inline bytes per commit batch.
-    #[arg(long, env = "GM_BATCH_BYTES", default_value_t = 8 << 20)]
+    #[arg(long, env = "GM_BATCH_BYTES", default_value_t = 8 << 20, value_parser = parse_bytes)]
     pub batch_bytes: u64,
     /// Local deletions are sent once no new deletion has been seen for this
     /// long (ms), so a root being emptied is caught whole by the safety brake.

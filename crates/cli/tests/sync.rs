@@ -937,6 +937,55 @@ fn metrics_parse_as_prometheus_text_and_move_with_syncs() {
     assert_eq!(after["ghostmirror_journal_entries{workspace=\"ws1\"}"], 2.0);
 }
 
+#[test]
+fn small_files_travel_inline_in_batches_bounded_by_bytes() {
+    let mut c = cluster();
+    let admin = c.hub.admin.clone();
+    let metrics = || {
+        let response = http_get(&format!("{admin}/metrics")).unwrap_or_default();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        parse_prometheus(&body)
+    };
+    // 300 files of 1 KiB (300 KiB) with a 64 KiB byte budget per commit
+    // batch, and one 2 MiB file (over the 1 MiB inline limit).
+    c.a.env.push(("GM_BATCH_BYTES".into(), "64K".into()));
+    for i in 0..300 {
+        let content: String = format!("{i:04}").repeat(256);
+        write(&c.a.path(&format!("d{}/f{i}.txt", i % 7)), &content);
+    }
+    std::fs::write(c.a.path("big.bin"), noise(2 << 20, 17)).unwrap();
+    let commits = "ghostmirror_commit_duration_seconds_count";
+    let before = metrics();
+    let out = c.a.once();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = metrics();
+    let tree = tree(&c.mirror());
+    assert_eq!(tree.len(), 300 + 7 + 1, "every file and directory landed");
+    let calls = after[commits] - before.get(commits).copied().unwrap_or(0.0);
+    // Inline bytes of 300 KiB in batches of at most 64 KiB: at least five
+    // commit calls, and far fewer than one per file (the directories and
+    // the large file's two proposals ride along).
+    assert!(
+        (5.0..=12.0).contains(&calls),
+        "{calls} commit calls for 300 small files"
+    );
+    // Only the large file went through an upload stream.
+    let uploads = c
+        .hub
+        .log_text()
+        .lines()
+        .filter(|line| line.contains("upload staged"))
+        .count();
+    assert_eq!(uploads, 1, "{}", c.hub.log_text());
+}
+
 /// Starts a large transfer and stops the process in the middle of it.
 fn stop_during_transfer(stop_hub: bool) {
     let mut c = cluster();
