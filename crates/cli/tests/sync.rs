@@ -631,7 +631,10 @@ fn json_logs_are_one_object_per_line() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    wait_until("hub starts", || dir.path().join("hub/hub.json").exists());
+    // The line naming the bound addresses comes after hub.json is written.
+    wait_until("hub starts and says where it listens", || {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("\"grpc\""))
+    });
     let _ = child.kill();
     let _ = child.wait();
     let text = std::fs::read_to_string(&log).unwrap();
