@@ -85,6 +85,31 @@ pub async fn observe_events(
     .context("observe task")?
 }
 
+/// Drops the cache record and chunk rows of `path`, then observes it
+/// (hashing it again if it is there): for a path that turned out not to
+/// hold what they said (a chunk source that failed its check).
+pub async fn forget_and_observe(
+    hub: &Arc<Hub>,
+    ws: &Arc<Workspace>,
+    path: RelPath,
+) -> anyhow::Result<usize> {
+    let guard = ws.seq.clone().lock_owned().await;
+    let hub = hub.clone();
+    let ws = ws.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        let forget = RecordBatch {
+            origin: "hub".into(),
+            cache_del: vec![path.clone()],
+            ..Default::default()
+        };
+        hub.db.record(&ws.id, &forget)?;
+        observe_locked(&hub, &ws, &mut guard, Scope::Subtrees(vec![path]), false)
+    })
+    .await
+    .context("observe task")?
+}
+
 pub fn halt(hub: &Hub, ws: &Workspace, reason: String) {
     let mut halted = ws.halted.lock().unwrap_or_else(|p| p.into_inner());
     if halted.as_deref() != Some(reason.as_str()) {

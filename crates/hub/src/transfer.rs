@@ -166,6 +166,14 @@ pub async fn upload(
     if let Some(status) = forward_error {
         return Err(status);
     }
+    if let Err(AssembleError::SourceChanged { path }) = &assembled {
+        // What the hub knows of that path (its cache record and chunk
+        // rows) no longer describes the disk; without this every retry
+        // would pick the same stale source again.
+        if let Err(err) = crate::observe::forget_and_observe(&hub, &ws, path.clone()).await {
+            tracing::warn!(workspace = %ws.id, path = %path, error = %format!("{err:#}"), "re-reading a changed chunk source failed");
+        }
+    }
     let (staged, done) = assembled.map_err(|e| match e {
         AssembleError::Chunk(err) => bad(format!("upload for {hash}: {err}")),
         AssembleError::Fetch { index, reason } => bad(format!(
