@@ -19,7 +19,7 @@ use gm_fs::watch::{WatchEvent, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::observe::{Scope, observe_events, observe_workspace, recheck_halted};
+use crate::observe::{Scope, observe_events, observe_workspace, recheck_halted, under_commit_lock};
 use crate::state::{Hub, Workspace};
 
 const TICK: Duration = Duration::from_millis(250);
@@ -215,14 +215,7 @@ async fn tick(hub: &Arc<Hub>, timers: &mut Timers) {
     for ws in hub.all_workspaces() {
         ws.expire_own_writes();
         if ws.halted().is_some() {
-            let guard = ws.seq.clone().lock_owned().await;
-            let (hub2, ws2) = (hub.clone(), ws.clone());
-            let result = tokio::task::spawn_blocking(move || {
-                let mut guard = guard;
-                recheck_halted(&hub2, &ws2, &mut guard)
-            })
-            .await;
-            if let Ok(Err(err)) = result {
+            if let Err(err) = under_commit_lock(hub, &ws, recheck_halted).await {
                 tracing::error!(workspace = %ws.id, error = %format!("{err:#}"), "re-checking a halted workspace failed");
             }
             continue;

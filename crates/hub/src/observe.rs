@@ -38,21 +38,30 @@ pub enum Scope {
     Exact(Vec<RelPath>),
 }
 
+/// Runs `work` under the workspace's commit lock (its guard owns the
+/// journal seq), on a blocking thread.
+pub async fn under_commit_lock<T: Send + 'static>(
+    hub: &Arc<Hub>,
+    ws: &Arc<Workspace>,
+    work: impl FnOnce(&Hub, &Workspace, &mut Seq) -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let mut guard = ws.seq.clone().lock_owned().await;
+    let (hub, ws) = (hub.clone(), ws.clone());
+    tokio::task::spawn_blocking(move || work(&hub, &ws, &mut guard))
+        .await
+        .context("observe task")?
+}
+
 /// Observes under the workspace's commit lock, on a blocking thread.
 pub async fn observe_workspace(
     hub: &Arc<Hub>,
     ws: &Arc<Workspace>,
     scope: Scope,
 ) -> anyhow::Result<usize> {
-    let guard = ws.seq.clone().lock_owned().await;
-    let hub = hub.clone();
-    let ws = ws.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut guard = guard;
-        observe_locked(&hub, &ws, &mut guard, scope, false)
+    under_commit_lock(hub, ws, move |hub, ws, seq| {
+        observe_locked(hub, ws, seq, scope, false)
     })
     .await
-    .context("observe task")?
 }
 
 /// Observes the paths of watcher events, except those still exactly as
@@ -64,25 +73,15 @@ pub async fn observe_events(
     ws: &Arc<Workspace>,
     paths: BTreeSet<RelPath>,
 ) -> anyhow::Result<usize> {
-    let guard = ws.seq.clone().lock_owned().await;
-    let hub = hub.clone();
-    let ws = ws.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut guard = guard;
+    under_commit_lock(hub, ws, move |hub, ws, seq| {
         let paths = ws.not_own_writes(paths);
         if paths.is_empty() {
             return Ok(0);
         }
-        observe_locked(
-            &hub,
-            &ws,
-            &mut guard,
-            Scope::Subtrees(paths.into_iter().collect()),
-            false,
-        )
+        let scope = Scope::Subtrees(paths.into_iter().collect());
+        observe_locked(hub, ws, seq, scope, false)
     })
     .await
-    .context("observe task")?
 }
 
 /// Drops the cache record and chunk rows of `path`, then observes it
@@ -93,21 +92,16 @@ pub async fn forget_and_observe(
     ws: &Arc<Workspace>,
     path: RelPath,
 ) -> anyhow::Result<usize> {
-    let guard = ws.seq.clone().lock_owned().await;
-    let hub = hub.clone();
-    let ws = ws.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut guard = guard;
+    under_commit_lock(hub, ws, move |hub, ws, seq| {
         let forget = RecordBatch {
             origin: "hub".into(),
             cache_del: vec![path.clone()],
             ..Default::default()
         };
         hub.db.record(&ws.id, &forget)?;
-        observe_locked(&hub, &ws, &mut guard, Scope::Subtrees(vec![path]), false)
+        observe_locked(hub, ws, seq, Scope::Subtrees(vec![path]), false)
     })
     .await
-    .context("observe task")?
 }
 
 pub fn halt(hub: &Hub, ws: &Workspace, reason: String) {
