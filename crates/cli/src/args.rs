@@ -506,6 +506,11 @@ pub struct NodeArgs {
     /// Inline bytes per commit batch.
     #[arg(long, env = "GM_BATCH_BYTES", default_value_t = 8 << 20, value_parser = parse_bytes)]
     pub batch_bytes: u64,
+    /// A full round over more entries than this goes in slices of whole
+    /// top-level directories, each scanned, planned and sent before the
+    /// next: memory follows the slice, not the workspace.
+    #[arg(long, env = "GM_SLICE_ENTRIES", default_value_t = 32_768)]
+    pub slice_entries: u64,
     /// Local deletions are sent once no new deletion has been seen for this
     /// long (ms), so a root being emptied is caught whole by the safety brake.
     #[arg(long, env = "GM_DELETE_DELAY_MS", default_value_t = 1000)]
@@ -566,6 +571,9 @@ impl NodeArgs {
         if self.batch_bytes == 0 || self.batch_bytes > 24 << 20 {
             bail!("GM_BATCH_BYTES / --batch-bytes must be between 1 and 24 MiB");
         }
+        if self.slice_entries == 0 {
+            bail!("GM_SLICE_ENTRIES / --slice-entries must be at least 1");
+        }
         Ok(gm_node::NodeConfig {
             hub_url: self.hub.clone(),
             token: self.token.resolve()?,
@@ -581,6 +589,7 @@ impl NodeArgs {
             rescan_interval: Duration::from_secs(self.scan.rescan_interval),
             inline_max: self.inline_max,
             batch_bytes: self.batch_bytes,
+            slice_entries: self.slice_entries,
             once_timeout: Duration::from_secs(self.once_timeout),
             delete_delay: Duration::from_millis(self.delete_delay_ms),
             tls: self.tls.load()?,

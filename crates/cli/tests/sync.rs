@@ -989,6 +989,55 @@ fn small_files_travel_inline_in_batches_bounded_by_bytes() {
     assert_eq!(uploads, 1, "{}", c.hub.log_text());
 }
 
+#[test]
+fn a_large_tree_syncs_in_slices_and_moves_between_slices_send_no_bytes() {
+    let mut c = cluster();
+    // Slices of at most 24 entries: each top-level directory below (11
+    // entries) shares a slice with at most one other.
+    c.a.env.push(("GM_SLICE_ENTRIES".into(), "24".into()));
+    for top in 0..8 {
+        for i in 0..10 {
+            write(
+                &c.a.path(&format!("t{top}/f{i}.txt")),
+                &format!("{top}-{i}"),
+            );
+        }
+    }
+    write(&c.a.path("top-file.txt"), "at the root");
+    std::fs::write(c.a.path("t0/big.bin"), noise(2 << 20, 23)).unwrap();
+    let once = |c: &Cluster| {
+        let out = c.a.once();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let uploads = |c: &Cluster| {
+        c.hub
+            .log_text()
+            .lines()
+            .filter(|line| line.contains("upload staged"))
+            .count()
+    };
+    let log = once(&c);
+    assert!(log.contains("full round in slices"), "{log}");
+    assert_eq!(tree(&c.mirror()), tree(&c.a.root), "initial sync in slices");
+    assert_eq!(uploads(&c), 1, "{}", c.hub.log_text());
+
+    // Offline: a whole top-level directory goes, the large file moves to
+    // another slice's directory, a new top-level directory comes.
+    std::fs::remove_dir_all(c.a.path("t1")).unwrap();
+    std::fs::rename(c.a.path("t0/big.bin"), c.a.path("t7/big.bin")).unwrap();
+    write(&c.a.path("t8/new.txt"), "new");
+    let log = once(&c);
+    assert!(log.contains("full round in slices"), "{log}");
+    let mirror = c.mirror();
+    assert_eq!(tree(&mirror), tree(&c.a.root), "changes in slices");
+    assert!(!mirror.join("t1").exists() && !mirror.join("t0/big.bin").exists());
+    // The move's new path was proposed before the old one's deletion: the
+    // hub still held the content and no bytes were uploaded again.
+    assert_eq!(uploads(&c), 1, "{}", c.hub.log_text());
+}
+
 /// Starts a large transfer and stops the process in the middle of it.
 fn stop_during_transfer(stop_hub: bool) {
     let mut c = cluster();

@@ -25,6 +25,6 @@ pub use entry::{Entry, Seq, Versioned};
 pub use hash::{ContentHash, Hasher};
 pub use meta::{CacheRecord, Kind, Stat};
 pub use path::{INTERNAL_DIR, NodeId, PathError, RelPath, WorkspaceId, minimal_tops};
-pub use plan::{Checkpoint, Forced, NodeTrees, Plan, Refused, Scope};
+pub use plan::{Checkpoint, Forced, NodeTrees, Plan, Refused, Scope, slice_tops};
 pub use reconcile::{NodeAction, decide_node};
 pub use skills::{SKILL_MANIFEST, SKILLS_CONFLICTS_DIR, SKILLS_DIR, SkillName, SkillTree};

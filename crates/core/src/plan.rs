@@ -33,6 +33,33 @@ pub enum Scope {
     Subtrees(Vec<RelPath>),
 }
 
+/// Cuts a full round over a large tree into slices of whole top-level
+/// subtrees: `sizes` holds each top-level name with the entries it holds;
+/// consecutive tops are grouped while their sum stays within `limit` (a
+/// top larger than `limit` is a slice by itself). Every top is in exactly
+/// one slice, in the order given. `None` when the whole tree fits in one
+/// slice.
+pub fn slice_tops(sizes: Vec<(RelPath, u64)>, limit: u64) -> Option<Vec<Vec<RelPath>>> {
+    if sizes.iter().map(|(_, n)| n).sum::<u64>() <= limit {
+        return None;
+    }
+    let mut slices: Vec<Vec<RelPath>> = Vec::new();
+    let mut current: Vec<RelPath> = Vec::new();
+    let mut weight = 0u64;
+    for (top, size) in sizes {
+        if !current.is_empty() && weight + size > limit {
+            slices.push(std::mem::take(&mut current));
+            weight = 0;
+        }
+        current.push(top);
+        weight += size;
+    }
+    if !current.is_empty() {
+        slices.push(current);
+    }
+    Some(slices)
+}
+
 /// After a conflict: what the disk should hold at the path once the local
 /// version moved away (`expected`), and the hub's version to put there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1105,6 +1132,64 @@ mod tests {
                     let proposed = plan.propose_writes.iter().chain(&plan.propose_clearing).chain(&plan.propose_deletes).any(|(p, _)| *p == path);
                     let adopted = plan.adopt.iter().any(|(p, _)| *p == path);
                     prop_assert!(proposed || adopted || trees.deferred.contains(&path), "{path} dropped");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_trees_are_not_sliced_and_large_ones_keep_every_top_once() {
+        let sizes = |list: &[(&str, u64)]| -> Vec<(RelPath, u64)> {
+            list.iter().map(|(n, c)| (p(n), *c)).collect()
+        };
+        assert_eq!(slice_tops(sizes(&[("a", 10), ("b", 20)]), 30), None);
+        let slices = slice_tops(
+            sizes(&[
+                ("a", 10),
+                ("b", 20),
+                ("big", 100),
+                ("c", 5),
+                ("d", 25),
+                ("e", 1),
+            ]),
+            30,
+        )
+        .unwrap();
+        let names: Vec<Vec<&str>> = slices
+            .iter()
+            .map(|s| s.iter().map(RelPath::as_str).collect())
+            .collect();
+        assert_eq!(
+            names,
+            vec![vec!["a", "b"], vec!["big"], vec!["c", "d"], vec!["e"]]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn slices_cover_every_top_once_in_order_within_the_limit(
+            counts in proptest::collection::vec(1u64..200, 0..40),
+            limit in 1u64..300,
+        ) {
+            let sizes: Vec<(RelPath, u64)> = counts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (p(&format!("t{i:03}")), *c))
+                .collect();
+            let total: u64 = counts.iter().sum();
+            match slice_tops(sizes.clone(), limit) {
+                None => prop_assert!(total <= limit),
+                Some(slices) => {
+                    prop_assert!(total > limit);
+                    let flat: Vec<RelPath> = slices.iter().flatten().cloned().collect();
+                    let want: Vec<RelPath> = sizes.iter().map(|(t, _)| t.clone()).collect();
+                    prop_assert_eq!(flat, want);
+                    let size_of: BTreeMap<RelPath, u64> = sizes.into_iter().collect();
+                    for slice in &slices {
+                        prop_assert!(!slice.is_empty());
+                        let weight: u64 = slice.iter().map(|t| size_of[t]).sum();
+                        prop_assert!(slice.len() == 1 || weight <= limit);
+                    }
                 }
             }
         }

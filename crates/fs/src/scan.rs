@@ -95,6 +95,50 @@ pub struct ScanOutcome {
     pub found: bool,
 }
 
+/// The root's top-level entries with how many entries each holds (itself
+/// included), counted by a walk that reads directories and stats nothing
+/// (the entry types come from `readdir`). A node cuts a full round over a
+/// large tree into slices of whole top-level subtrees with it. `None` when a
+/// top-level name is not a valid path: only a scan of the whole root reports
+/// such a name, so such a root is not cut. The counts are an estimate: the
+/// tree may change while it is counted, and ignore rules are not applied.
+pub fn top_level_sizes(root: &Root) -> Result<Option<Vec<(RelPath, u64)>>, FsError> {
+    fn count(dir: &std::path::Path) -> u64 {
+        let Ok(reader) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        let mut total = 0;
+        for item in reader.flatten() {
+            total += 1;
+            if item.file_type().is_ok_and(|t| t.is_dir()) {
+                total += count(&item.path());
+            }
+        }
+        total
+    }
+    let reader = std::fs::read_dir(root.path())
+        .map_err(|e| FsError::io("read directory", root.path().display(), e))?;
+    let mut tops = Vec::new();
+    for item in reader {
+        let item = item.map_err(|e| FsError::io("read directory", root.path().display(), e))?;
+        let name = item.file_name();
+        if name.as_encoded_bytes() == gm_core::INTERNAL_DIR.as_bytes() {
+            continue;
+        }
+        let Some(path) = name.to_str().and_then(|n| RelPath::new(n).ok()) else {
+            return Ok(None);
+        };
+        let below = if item.file_type().is_ok_and(|t| t.is_dir()) {
+            count(&item.path())
+        } else {
+            0
+        };
+        tops.push((path, 1 + below));
+    }
+    tops.sort();
+    Ok(Some(tops))
+}
+
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -90,6 +90,8 @@ pub struct NodeConfig {
     pub inline_max: u64,
     /// Byte budget of one commit batch's inline content.
     pub batch_bytes: u64,
+    /// A full round over more entries goes in slices of top-level subtrees.
+    pub slice_entries: u64,
     /// With `once`: how long to keep retrying an unreachable hub.
     pub once_timeout: Duration,
     /// TLS to the hub (required for an `https://` hub URL).

@@ -41,6 +41,10 @@ use crate::{NodeConfig, Progress};
 /// multiplying memory: each stream holds at most a few chunks.
 const UPLOADS_IN_FLIGHT: usize = 2;
 
+/// Synced and cache records a round gathers before it writes them to
+/// `node.db` mid-round (see `Replica::flush_if_large`).
+const FLUSH_RECORDS: usize = 16_384;
+
 pub use gm_core::Scope;
 
 /// What a round did.
@@ -57,6 +61,15 @@ pub struct RoundStats {
 impl RoundStats {
     pub fn idle(&self) -> bool {
         self.adopted + self.applied + self.proposed + self.failed == 0
+    }
+
+    fn add(&mut self, other: &RoundStats) {
+        self.adopted += other.adopted;
+        self.applied += other.applied;
+        self.proposed += other.proposed;
+        self.conflicts += other.conflicts;
+        self.refused += other.refused;
+        self.failed += other.failed;
     }
 }
 
@@ -282,6 +295,24 @@ impl Replica {
         Ok(())
     }
 
+    /// Mid-round: writes the synced and cache records gathered so far once
+    /// there are `FLUSH_RECORDS` of them, so a round over a large tree holds
+    /// a bounded batch (an initial sync of 200,000 files held them all).
+    /// What a failing round persists anyway, minus the two things only the
+    /// end of a round may settle: landing intents (files of this round may
+    /// still be landing) and proposals in doubt stay as recorded.
+    async fn flush_if_large(&mut self) -> Result<(), SyncError> {
+        if self.batch.synced_put.len() + self.batch.cache_put.len() < FLUSH_RECORDS {
+            return Ok(());
+        }
+        let landings = std::mem::take(&mut self.landings_recorded);
+        let proposals = std::mem::take(&mut self.proposals_recorded);
+        let result = self.persist().await;
+        self.landings_recorded |= landings;
+        self.proposals_recorded |= proposals;
+        result
+    }
+
     /// True when deferred local deletions have been quiet long enough.
     pub fn deletions_due(&self) -> bool {
         !self.trees.deferred.is_empty()
@@ -308,13 +339,86 @@ impl Replica {
         scope: Scope,
         release_deletes: bool,
     ) -> Result<RoundStats, SyncError> {
-        let result = self.round_steps(scope, release_deletes).await;
+        let result = match scope {
+            Scope::Full => self.full_round(release_deletes).await,
+            scope => self.round_steps(scope, release_deletes).await,
+        };
         if result.is_err()
             && let Err(err) = self.persist().await
         {
             tracing::warn!(workspace = %self.id, error = %err, "cannot record what the failed round did; the next session looks at those paths again");
         }
         result
+    }
+
+    /// A round over the whole workspace. A large tree (more than
+    /// `slice_entries` entries on disk or in the synced tree) goes in
+    /// slices of whole top-level subtrees, so that a round holds the scan,
+    /// hash cache and plan of one slice at a time rather than of the whole
+    /// tree (an initial sync of 200,000 files held all of them at once).
+    /// Deletions wait until every slice has proposed its creations and
+    /// updates, then go in one last pass: a file moved between two slices
+    /// finds its bytes still on the hub, as in an unsliced round.
+    async fn full_round(&mut self, release_deletes: bool) -> Result<RoundStats, SyncError> {
+        let Some(slices) = self.slices().await? else {
+            return self.round_steps(Scope::Full, release_deletes).await;
+        };
+        let had_landings = !self.trees.landed.is_empty();
+        let mut total = RoundStats::default();
+        tracing::debug!(workspace = %self.id, slices = slices.len(), "full round in slices");
+        for tops in slices {
+            let stats = self.round_steps(Scope::Subtrees(tops), false).await?;
+            total.add(&stats);
+            release_free_memory();
+        }
+        if release_deletes && !self.trees.deferred.is_empty() {
+            let deferred = self.deferred_deletions();
+            let stats = self.round_steps(Scope::Subtrees(deferred), true).await?;
+            total.add(&stats);
+        }
+        if had_landings {
+            // A dead run's intents served this (full) round's plans.
+            self.trees.landed.clear();
+            self.landings_recorded = true;
+            self.persist().await?;
+        }
+        Ok(total)
+    }
+
+    /// The slices of a full round, or `None` for one unsliced round. The
+    /// disk is counted (directories read, nothing stat'ed) for a first
+    /// round and for a synced tree of more than half a slice; a smaller
+    /// synced tree is taken as a small workspace without counting.
+    async fn slices(&self) -> Result<Option<Vec<Vec<RelPath>>>, SyncError> {
+        let limit = self.config.slice_entries;
+        let synced = self.trees.synced.len() as u64;
+        if synced > 0 && synced <= limit / 2 {
+            return Ok(None);
+        }
+        let root = self.root.clone();
+        let Some(on_disk) =
+            tokio::task::spawn_blocking(move || gm_fs::scan::top_level_sizes(&root)).await??
+        else {
+            return Ok(None);
+        };
+        // Tops gone from the disk still hold synced entries to delete; a
+        // top weighs what the disk or the synced tree holds, whichever is more.
+        let mut known: BTreeMap<&str, u64> = BTreeMap::new();
+        for path in self.trees.synced.keys().chain(self.trees.remote.keys()) {
+            let top = path
+                .as_str()
+                .split_once('/')
+                .map_or(path.as_str(), |(t, _)| t);
+            *known.entry(top).or_default() += 1;
+        }
+        let mut sizes: BTreeMap<RelPath, u64> = on_disk.into_iter().collect();
+        for (top, count) in known {
+            if let Ok(top) = RelPath::new(top) {
+                let size = sizes.entry(top).or_default();
+                *size = (*size).max(count);
+            }
+        }
+        Ok(gm_core::slice_tops(sizes.into_iter().collect(), limit))
     }
 
     async fn round_steps(
@@ -419,29 +523,39 @@ impl Replica {
             self.set_synced(&path, state);
             stats.adopted += 1;
         }
-        let applies = |list: Vec<(RelPath, Versioned)>| -> Vec<ApplyItem> {
+        // Each planned path takes its scan entry out of `local`, which is
+        // then dropped: a round over a large tree does not hold the scan
+        // twice while it transfers.
+        fn applies(
+            local: &mut BTreeMap<RelPath, (Entry, Stat)>,
+            list: Vec<(RelPath, Versioned)>,
+        ) -> Vec<ApplyItem> {
             list.into_iter()
                 .map(|(path, target)| ApplyItem {
-                    local: local.get(&path).cloned(),
+                    local: local.remove(&path),
                     path,
                     target,
                 })
                 .collect()
-        };
-        let proposals = |list: Vec<(RelPath, Seq)>| -> Vec<ProposeItem> {
+        }
+        fn proposals(
+            local: &mut BTreeMap<RelPath, (Entry, Stat)>,
+            list: Vec<(RelPath, Seq)>,
+        ) -> Vec<ProposeItem> {
             list.into_iter()
                 .map(|(path, base)| ProposeItem {
-                    local: local.get(&path).cloned(),
+                    local: local.remove(&path),
                     path,
                     base,
                 })
                 .collect()
-        };
-        let apply_writes = applies(plan.apply_writes);
-        let apply_deletes = applies(plan.apply_deletes);
-        let propose_clearing = proposals(plan.propose_clearing);
-        let propose_writes = proposals(plan.propose_writes);
-        let propose_deletes = proposals(plan.propose_deletes);
+        }
+        let apply_writes = applies(&mut local, plan.apply_writes);
+        let apply_deletes = applies(&mut local, plan.apply_deletes);
+        let propose_clearing = proposals(&mut local, plan.propose_clearing);
+        let propose_writes = proposals(&mut local, plan.propose_writes);
+        let propose_deletes = proposals(&mut local, plan.propose_deletes);
+        drop(local);
 
         // Safety brake: an empty root with a non-empty synced tree proposes nothing.
         let deletes = propose_clearing.len() + propose_deletes.len();
@@ -623,6 +737,7 @@ impl Replica {
                 }
                 Err(err) => self.note_failure(&item.path, &err, stats),
             }
+            self.flush_if_large().await?;
         }
         // Large files by chunks, one at a time; a corrupt transfer is retried.
         let (large, downloads): (Vec<_>, Vec<_>) = downloads.into_iter().partition(|(_, target)| {
@@ -669,6 +784,7 @@ impl Replica {
                 }
                 None => {}
             }
+            self.flush_if_large().await?;
         }
         // Small files in bounded batches; a corrupt transfer is retried.
         for chunk in downloads.chunks(512) {
@@ -724,6 +840,7 @@ impl Replica {
                 }
                 attempt_items = again;
             }
+            self.flush_if_large().await?;
         }
         Ok(())
     }
@@ -823,11 +940,22 @@ impl Replica {
         let (db, id) = (self.db.clone(), self.id.clone());
         tokio::task::spawn_blocking(move || db.record_proposals(&id, &sending)).await??;
         self.proposals_recorded = true;
-        let hub_has: HashSet<ContentHash> = self
+        // Small contents the hub holds are proposed by hash alone. Only a
+        // 64-bit prefix of each hash is kept (a quarter of the memory, 8 MB
+        // at 200,000 files): a prefix that matches by chance sends a file
+        // without its bytes, the hub answers `NeedContent`, and the next
+        // pass sends them inline.
+        let inline_max = self.config.inline_max;
+        let hub_has: HashSet<u64> = self
             .trees
             .synced
             .values()
-            .filter_map(|v| v.entry.as_ref().and_then(Entry::file_hash))
+            .filter_map(|v| match &v.entry {
+                Some(Entry::File { hash, size, .. }) if *size <= inline_max => {
+                    Some(hash_prefix(hash))
+                }
+                _ => None,
+            })
             .collect();
         let mut queue: Vec<(ProposeItem, bool)> = items.into_iter().map(|i| (i, false)).collect();
         let mut round = 0;
@@ -975,7 +1103,8 @@ impl Replica {
                 }
             }
         }
-        self.upload_all(uploads, stats, next).await
+        self.upload_all(uploads, stats, next).await?;
+        self.flush_if_large().await
     }
 
     /// Uploads the large files the hub asked for, `UPLOADS_IN_FLIGHT` at a
@@ -1028,7 +1157,7 @@ impl Replica {
         &mut self,
         item: &ProposeItem,
         force_inline: bool,
-        hub_has: &HashSet<ContentHash>,
+        hub_has: &HashSet<u64>,
     ) -> Option<(pb::CommitOp, Local)> {
         let mut local = item.local.clone();
         let mut data = None;
@@ -1042,7 +1171,7 @@ impl Replica {
         )) = &local
         {
             let small = *size <= self.config.inline_max;
-            if small && (force_inline || !hub_has.contains(hash)) {
+            if small && (force_inline || !hub_has.contains(&hash_prefix(hash))) {
                 match self.root.read_whole(&item.path) {
                     Ok((bytes, read_hash, stat)) => {
                         let executable = *executable;
@@ -1163,4 +1292,22 @@ fn racy_due(config: &NodeConfig) -> Instant {
     Instant::now()
         + Duration::from_nanos(config.scan.racy_window_ns.max(0) as u64)
         + Duration::from_millis(50)
+}
+
+/// The first 8 bytes of a content hash, as a set key.
+fn hash_prefix(hash: &ContentHash) -> u64 {
+    let mut prefix = [0u8; 8];
+    prefix.copy_from_slice(&hash.as_bytes()[..8]);
+    u64::from_le_bytes(prefix)
+}
+
+/// Returns the heap's free pages to the kernel. A sliced round frees each
+/// slice's scan and plan while the synced tree keeps growing between them;
+/// glibc's allocator keeps such freed pages resident unless asked.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }

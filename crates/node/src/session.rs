@@ -46,6 +46,11 @@ pub struct WorkspaceTask {
     in_doubt: Arc<std::sync::Mutex<InDoubt>>,
 }
 
+/// Journal messages (up to 2,000 changes each) read ahead of the session.
+/// Beyond this the reader waits and HTTP/2 flow control holds the hub back:
+/// at 64 an initial sync of 200,000 files buffered 10 MB of its own echoes.
+const INCOMING_BUFFERED: usize = 4;
+
 enum Incoming {
     Changes(Vec<pb::PathState>),
     CaughtUp(Seq),
@@ -283,7 +288,7 @@ impl WorkspaceTask {
             .await
             .map_err(|s| SyncError::from_status(s, "subscribe"))?
             .into_inner();
-        let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(64);
+        let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(INCOMING_BUFFERED);
         let reader = tokio::spawn(read_stream(stream, incoming_tx));
         let _stop_reader = AbortOnDrop(reader);
 
