@@ -387,12 +387,14 @@ impl Replica {
 
     /// The slices of a full round, or `None` for one unsliced round. The
     /// disk is counted (directories read, nothing stat'ed) for a first
-    /// round and for a synced tree of more than half a slice; a smaller
-    /// synced tree is taken as a small workspace without counting.
+    /// round and for a synced tree of more than one slice; a smaller synced
+    /// tree is taken as a small workspace without counting (a restart of a
+    /// 30,000-file workspace pays no second walk). A workspace that grew
+    /// past a slice while the node was away is then synced in one round.
     async fn slices(&self) -> Result<Option<Vec<Vec<RelPath>>>, SyncError> {
         let limit = self.config.slice_entries;
         let synced = self.trees.synced.len() as u64;
-        if synced > 0 && synced <= limit / 2 {
+        if synced > 0 && synced <= limit {
             return Ok(None);
         }
         let root = self.root.clone();
