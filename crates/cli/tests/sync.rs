@@ -397,6 +397,40 @@ fn emptied_root_deletes_nothing_until_confirmed() {
     c.all("deliberate emptying propagates", |t| t.is_empty());
 }
 
+/// The same brake when the full round goes in slices (a synced tree larger
+/// than `GM_SLICE_ENTRIES`): the deletions of every slice wait for the last
+/// pass, which sees the empty root and halts.
+#[test]
+fn emptied_root_halts_a_round_in_slices() {
+    let mut c = cluster();
+    c.a.env.push(("GM_SLICE_ENTRIES".into(), "4".into()));
+    for i in 0..20 {
+        write(
+            &c.a.path(&format!("d{}/f{i}", i % 3)),
+            &format!("content {i}"),
+        );
+    }
+    let out = c.a.once();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = tree(&c.mirror());
+    assert_eq!(before.len(), 23);
+    for entry in std::fs::read_dir(&c.a.root).unwrap().flatten() {
+        if entry.file_name() != ".ghostmirror" {
+            std::fs::remove_dir_all(entry.path()).unwrap();
+        }
+    }
+    let out = c.a.once();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("full round in slices"), "{stderr}");
+    assert!(stderr.contains("halted by the safety brake"), "{stderr}");
+    assert_eq!(tree(&c.mirror()), before, "nothing deleted on the hub");
+}
+
 #[test]
 fn hub_restart_rehashes_no_unchanged_file() {
     let mut c = cluster();

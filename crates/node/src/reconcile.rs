@@ -397,9 +397,11 @@ impl Replica {
         if synced > 0 && synced <= limit {
             return Ok(None);
         }
+        // A root that cannot be listed (gone, replaced, unreadable) gets
+        // the unsliced round, whose checks halt or report it.
         let root = self.root.clone();
-        let Some(on_disk) =
-            tokio::task::spawn_blocking(move || gm_fs::scan::top_level_sizes(&root)).await??
+        let Ok(Some(on_disk)) =
+            tokio::task::spawn_blocking(move || gm_fs::scan::top_level_sizes(&root)).await?
         else {
             return Ok(None);
         };
