@@ -330,8 +330,9 @@ impl Root {
         Root::open(path, staging_tag)
     }
 
-    /// Where staging is, for messages.
-    pub(crate) fn staging_shown(&self) -> &str {
+    /// Where staging is, for messages (the root's own, or the directory
+    /// given to `open_with_staging` when renames from it reach the root).
+    pub fn staging_shown(&self) -> &str {
         &self.staging_shown
     }
 

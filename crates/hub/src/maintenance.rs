@@ -196,6 +196,7 @@ async fn tick(hub: &Arc<Hub>, timers: &mut Timers) {
             match tokio::task::spawn_blocking(move || ws2.root().reclaim_staging(ttl)).await {
                 Ok(Ok(reclaimed)) => hub2.log_reclaimed(
                     &ws.id,
+                    &ws.root(),
                     &reclaimed,
                     "older than GM_STAGING_TTL and not owned by a live transfer",
                 ),

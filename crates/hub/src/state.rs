@@ -428,7 +428,7 @@ impl Hub {
         let root = Root::create_with_staging(&mirror_path, &self.tag, &self.staging_dir(id))?
             .with_ownership(self.config.ownership.clone());
         let cleared = root.clear_staging()?;
-        self.log_reclaimed(id, &cleared, "left by an earlier hub");
+        self.log_reclaimed(id, &root, &cleared, "left by an earlier hub");
         let (committed, _) = watch::channel(row.seq.0);
         let ws = Arc::new(Workspace {
             id: id.clone(),
@@ -465,12 +465,19 @@ impl Hub {
         }
     }
 
-    /// Logs and counts removed staging entries.
-    pub fn log_reclaimed(&self, id: &WorkspaceId, reclaimed: &[gm_fs::Reclaimed], why: &str) {
+    /// Logs and counts removed staging entries of `root`'s staging (which
+    /// is `staging_dir` unless that is on another mount than the mirror).
+    pub fn log_reclaimed(
+        &self,
+        id: &WorkspaceId,
+        root: &Root,
+        reclaimed: &[gm_fs::Reclaimed],
+        why: &str,
+    ) {
         for entry in reclaimed {
             tracing::info!(
                 workspace = %id,
-                path = %self.staging_dir(id).join(&entry.name).display(),
+                path = %format!("{}/{}", root.staging_shown(), entry.name),
                 age_secs = entry.age.as_secs(),
                 bytes = entry.size,
                 why,

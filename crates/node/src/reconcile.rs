@@ -359,11 +359,19 @@ impl Replica {
     /// Deletions wait until every slice has proposed its creations and
     /// updates, then go in one last pass: a file moved between two slices
     /// finds its bytes still on the hub, as in an unsliced round.
+    ///
+    /// A dead run's landing intents get one unsliced round: every slice
+    /// ends with a persist that clears the intents in `node.db`, which
+    /// later slices would still need after another crash.
     async fn full_round(&mut self, release_deletes: bool) -> Result<RoundStats, SyncError> {
-        let Some(slices) = self.slices().await? else {
+        let slices = if self.trees.landed.is_empty() {
+            self.slices().await?
+        } else {
+            None
+        };
+        let Some(slices) = slices else {
             return self.round_steps(Scope::Full, release_deletes).await;
         };
-        let had_landings = !self.trees.landed.is_empty();
         let mut total = RoundStats::default();
         tracing::debug!(workspace = %self.id, slices = slices.len(), "full round in slices");
         for tops in slices {
@@ -375,12 +383,6 @@ impl Replica {
             let deferred = self.deferred_deletions();
             let stats = self.round_steps(Scope::Subtrees(deferred), true).await?;
             total.add(&stats);
-        }
-        if had_landings {
-            // A dead run's intents served this (full) round's plans.
-            self.trees.landed.clear();
-            self.landings_recorded = true;
-            self.persist().await?;
         }
         Ok(total)
     }
