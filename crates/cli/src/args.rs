@@ -101,7 +101,7 @@ pub enum Command {
 /// Settings shared by hub and node scanning.
 #[derive(Args, Clone)]
 pub struct ScanArgs {
-    /// Threads that hash file content (default: number of cores).
+    /// Threads that walk the tree and hash file content (default: number of cores).
     #[arg(long, env = "GM_HASH_WORKERS")]
     pub hash_workers: Option<usize>,
     /// Most file reads outstanding at once, over hashing and transfers

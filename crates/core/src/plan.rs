@@ -20,6 +20,7 @@
 //! - plans write parents before children, delete children before parents.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
 
 use crate::entry::{Entry, Seq, Versioned};
 use crate::path::{RelPath, minimal_tops};
@@ -130,6 +131,66 @@ pub fn in_scope(tops: Option<&[RelPath]>, path: &RelPath) -> bool {
     match tops {
         None => true,
         Some(tops) => tops.iter().any(|t| t == path || t.is_ancestor_of(path)),
+    }
+}
+
+/// The entries of `tree` in scope of `tops`, top by top; a subtree
+/// round reads only the ranges under its tops (a live edit's round over a
+/// 200,000-entry tree reads a handful), not the whole tree.
+fn in_scope_of<'m, V>(
+    tree: &'m BTreeMap<RelPath, V>,
+    tops: Option<&'m [RelPath]>,
+) -> Box<dyn Iterator<Item = (&'m RelPath, &'m V)> + 'm> {
+    match tops {
+        None => Box::new(tree.iter()),
+        // Every path that starts with a top's name (its subtree among
+        // them) is one contiguous range in path order.
+        Some(tops) => Box::new(tops.iter().flat_map(move |top| {
+            tree.range::<RelPath, _>((Bound::Included(top), Bound::Unbounded))
+                .take_while(move |(path, _)| path.as_str().starts_with(top.as_str()))
+                .filter(move |(path, _)| *path == top || top.is_ancestor_of(path))
+        })),
+    }
+}
+
+/// Looks up keys of a map in ascending order: a few steps forward from the
+/// last key found when the next key is near (a full round asks for nearly
+/// every key), a fresh search when it is not (a round over a few paths).
+struct SortedCursor<'m, V> {
+    map: &'m BTreeMap<RelPath, V>,
+    ahead: std::iter::Peekable<std::collections::btree_map::Range<'m, RelPath, V>>,
+}
+
+impl<'m, V> SortedCursor<'m, V> {
+    /// Steps forward before a fresh search.
+    const STEPS: usize = 8;
+
+    fn new(map: &'m BTreeMap<RelPath, V>) -> Self {
+        SortedCursor {
+            map,
+            ahead: map.range::<RelPath, _>(..).peekable(),
+        }
+    }
+
+    /// The value at `key`; keys must come in ascending order.
+    fn get(&mut self, key: &RelPath) -> Option<&'m V> {
+        for _ in 0..Self::STEPS {
+            match self.ahead.peek() {
+                Some((at, _)) if *at < key => {
+                    self.ahead.next();
+                }
+                Some((at, value)) if *at == key => return Some(*value),
+                _ => return None,
+            }
+        }
+        self.ahead = self
+            .map
+            .range::<RelPath, _>((Bound::Included(key), Bound::Unbounded))
+            .peekable();
+        match self.ahead.peek() {
+            Some((at, value)) if *at == key => Some(*value),
+            _ => None,
+        }
     }
 }
 
@@ -350,7 +411,8 @@ impl NodeTrees {
 
     /// The paths a round plans: everything the scan found, and every
     /// synced, remote, forced or refused path in scope. Remote changes to ignored
-    /// paths (`ignored`) are consumed without being applied.
+    /// paths (`ignored`) are consumed without being applied. A subtree
+    /// round reads only the parts of the trees under its tops.
     pub fn candidates<'a>(
         &mut self,
         tops: Option<&[RelPath]>,
@@ -359,19 +421,21 @@ impl NodeTrees {
     ) -> BTreeSet<RelPath> {
         self.remote
             .retain(|path, state| !(in_scope(tops, path) && ignored(path, state)));
-        let mut candidates: BTreeSet<RelPath> = local.into_iter().cloned().collect();
+        // Sorted runs, concatenated: the set is built by one merge of the
+        // runs, not by a lookup per path.
+        let mut paths: Vec<RelPath> = local.into_iter().cloned().collect();
         for tree in [&self.synced, &self.remote] {
-            candidates.extend(
-                tree.iter()
-                    .filter(|(p, v)| in_scope(tops, p) && !ignored(p, v))
+            paths.extend(
+                in_scope_of(tree, tops)
+                    .filter(|(p, v)| !ignored(p, v))
                     .map(|(p, _)| p.clone()),
             );
         }
-        candidates.extend(self.force.keys().filter(|p| in_scope(tops, p)).cloned());
+        paths.extend(in_scope_of(&self.force, tops).map(|(p, _)| p.clone()));
         // A refused version that is gone from the disk is forgotten when
         // its path is planned again (and proposed again if it comes back).
-        candidates.extend(self.refused.keys().filter(|p| in_scope(tops, p)).cloned());
-        candidates
+        paths.extend(in_scope_of(&self.refused, tops).map(|(p, _)| p.clone()));
+        paths.into_iter().collect()
     }
 
     /// Plans one round over `candidates`; `local` is what the scan found
@@ -387,31 +451,41 @@ impl NodeTrees {
         release_deletes: bool,
     ) -> Plan {
         let mut plan = Plan::default();
+        // Each candidate with what the disk holds there and its synced
+        // version: one pass, the synced tree walked in step with the
+        // candidates (both in path order) rather than searched per path.
+        let mut synced_at = SortedCursor::new(&self.synced);
+        let rows: Vec<(RelPath, Option<&'a Entry>, Option<&Versioned>)> = candidates
+            .into_iter()
+            .map(|path| {
+                let here = local(&path);
+                let synced = synced_at.get(&path);
+                (path, here, synced)
+            })
+            .collect();
         // Directories with new or changed entries below them on disk. (A
         // round that plans a directory scanned its whole subtree, so these
-        // entries are among the candidates.)
-        let changed_below: BTreeSet<RelPath> = candidates
-            .iter()
-            .filter(|path| {
-                let here = local(path);
-                here.is_some() && here != self.synced.get(*path).and_then(|b| b.entry.as_ref())
-            })
-            .flat_map(RelPath::ancestors)
-            .collect();
+        // entries are among the candidates.) Only a remote change can ask.
+        let changed_below: BTreeSet<RelPath> = if self.remote.is_empty() {
+            BTreeSet::new()
+        } else {
+            rows.iter()
+                .filter(|(_, here, synced)| {
+                    here.is_some() && *here != synced.and_then(|b| b.entry.as_ref())
+                })
+                .flat_map(|(path, _, _)| path.ancestors())
+                .collect()
+        };
         // Agreed directories the disk now holds as a file or symlink.
-        let retyped: BTreeSet<&RelPath> = candidates
+        let retyped: BTreeSet<RelPath> = rows
             .iter()
-            .filter(|path| {
-                local(path).is_some_and(|here| !here.is_dir())
-                    && self
-                        .synced
-                        .get(*path)
-                        .is_some_and(|base| base.entry.as_ref().is_some_and(Entry::is_dir))
+            .filter(|(_, here, synced)| {
+                here.is_some_and(|here| !here.is_dir())
+                    && synced.is_some_and(|base| base.entry.as_ref().is_some_and(Entry::is_dir))
             })
+            .map(|(path, _, _)| path.clone())
             .collect();
-        for path in candidates.iter() {
-            let path = path.clone();
-            let here = local(&path);
+        for (path, here, synced) in rows {
             if let Some(forced) = self.force.remove(&path)
                 && here == forced.expected.as_ref()
             {
@@ -428,8 +502,9 @@ impl NodeTrees {
             }
             // The journal shows a version this node sent without hearing
             // the answer: its own commit, the base of what is on disk now.
+            let synced_seq = synced.map_or(Seq::ZERO, |b| b.seq);
             let own = {
-                let base_seq = self.synced.get(&path).map_or(Seq::ZERO, |b| b.seq);
+                let base_seq = synced_seq;
                 self.remote
                     .get(&path)
                     .filter(|r| r.seq > base_seq)
@@ -443,16 +518,15 @@ impl NodeTrees {
             // Or the disk holds what an earlier run landed without
             // recording it.
             let own = own.or_else(|| {
-                let base_seq = self.synced.get(&path).map_or(Seq::ZERO, |b| b.seq);
                 self.landed
                     .remove(&path)
-                    .filter(|l| l.seq > base_seq && l.entry.as_ref() == here)
+                    .filter(|l| l.seq > synced_seq && l.entry.as_ref() == here)
             });
             if let Some(own) = &own {
                 self.in_doubt.remove(&path);
                 plan.adopt.push((path.clone(), own.clone()));
             }
-            let base = own.as_ref().or_else(|| self.synced.get(&path));
+            let base = own.as_ref().or(synced);
             let base_entry = base.and_then(|b| b.entry.as_ref());
             let base_seq = base.map_or(Seq::ZERO, |b| b.seq);
             let remote = self.remote.get(&path).filter(|r| r.seq > base_seq).cloned();
@@ -1191,6 +1265,54 @@ mod tests {
                         prop_assert!(slice.len() == 1 || weight <= limit);
                     }
                 }
+            }
+        }
+    }
+
+    /// Paths over names that sort around '/' ('-' and '.' sort before it,
+    /// letters after), so that a subtree is interleaved with its siblings.
+    fn tangled_path() -> impl Strategy<Value = RelPath> {
+        proptest::collection::vec(
+            prop_oneof![Just("a"), Just("a-b"), Just("a.b"), Just("ab"), Just("b")],
+            1..4,
+        )
+        .prop_map(|names| p(&names.join("/")))
+    }
+
+    proptest! {
+        /// The range walk of a subtree round reads exactly the entries in
+        /// scope, each once.
+        #[test]
+        fn in_scope_ranges_match_the_scope_rule(
+            paths in proptest::collection::btree_set(tangled_path(), 0..40),
+            tops in proptest::collection::vec(tangled_path(), 0..4),
+            full in any::<bool>(),
+        ) {
+            let tree: BTreeMap<RelPath, ()> = paths.into_iter().map(|p| (p, ())).collect();
+            let tops = minimal_tops(tops);
+            let tops = (!full).then_some(tops.as_slice());
+            let mut walked: Vec<&RelPath> = in_scope_of(&tree, tops).map(|(p, _)| p).collect();
+            walked.sort();
+            let mut once = walked.clone();
+            once.dedup();
+            prop_assert_eq!(&walked, &once);
+            let want: Vec<&RelPath> = tree.keys().filter(|p| in_scope(tops, p)).collect();
+            prop_assert_eq!(walked, want);
+        }
+
+        /// Looking keys up in ascending order through the cursor gives
+        /// what a search per key gives, near or far apart.
+        #[test]
+        fn sorted_cursor_finds_what_a_search_finds(
+            keys in proptest::collection::btree_set(0u32..400, 0..200),
+            asks in proptest::collection::btree_set(0u32..400, 0..200),
+        ) {
+            let name = |k: &u32| p(&format!("k{k:03}"));
+            let map: BTreeMap<RelPath, u32> = keys.iter().map(|k| (name(k), *k)).collect();
+            let mut cursor = SortedCursor::new(&map);
+            for ask in &asks {
+                let key = name(ask);
+                prop_assert_eq!(cursor.get(&key), map.get(&key));
             }
         }
     }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use gm_chunk::Manifest;
 use gm_core::{CacheRecord, ContentHash, Entry, RelPath};
@@ -34,7 +34,8 @@ pub struct ScanConfig {
     /// Trust a root whose filesystem probed as moving the ctime on every
     /// write after a stat: no racy window there (`Root::racy_window_for`).
     pub racy_probe: bool,
-    /// Threads that hash file content.
+    /// Threads that read directories during a walk, then hash file
+    /// content.
     pub hash_workers: usize,
     /// Outstanding reads and read rate, shared with every other bulk reader
     /// of the process.
@@ -151,6 +152,15 @@ struct Walked {
     link_target: Option<String>,
 }
 
+/// What a walk found, before any file is hashed.
+#[derive(Default)]
+pub struct Walk {
+    walked: Vec<Walked>,
+    problems: Vec<String>,
+    unreadable: Vec<RelPath>,
+    found: bool,
+}
+
 /// Walks `root` (or the subtree at `top`; only `top` itself when not
 /// `recursive`) and returns what it holds, with file hashes from `cache`
 /// where the stat allows and fresh hashes elsewhere.
@@ -162,13 +172,27 @@ pub fn scan_tree(
     config: &ScanConfig,
     ignore: &IgnoreRules,
 ) -> Result<ScanOutcome, FsError> {
-    let mut outcome = ScanOutcome {
+    let walk = walk_tree(root, top, recursive, config, ignore)?;
+    Ok(hash_walked(root, walk, cache, config))
+}
+
+/// The walk of `scan_tree`: every entry of the subtree with its stat (and
+/// a symlink's target), nothing hashed. Directories are read by up to
+/// `hash_workers` threads at once (a subtree with one directory is read by
+/// the calling thread alone). A caller can load the hash cache meanwhile
+/// and then finish with `hash_walked`.
+pub fn walk_tree(
+    root: &Root,
+    top: Option<&RelPath>,
+    recursive: bool,
+    config: &ScanConfig,
+    ignore: &IgnoreRules,
+) -> Result<Walk, FsError> {
+    let mut walk = Walk {
         found: true,
         ..Default::default()
     };
-    let mut walked = Vec::new();
-    let mut stack: Vec<(OwnedFd, Option<RelPath>)> = Vec::new();
-    match top {
+    let first = match top {
         None => {
             let fd = rustix::fs::openat(
                 root.dir_fd(),
@@ -177,23 +201,24 @@ pub fn scan_tree(
                 Mode::empty(),
             )
             .map_err(|e| FsError::io("open directory", root.path().display(), e))?;
-            stack.push((fd, None));
+            Some(DirToRead::Open(fd, None))
         }
         Some(top) => {
             let Some(stat) = root.lstat(top)? else {
-                outcome.found = false;
-                return Ok(outcome);
+                walk.found = false;
+                return Ok(walk);
             };
             if ignore.is_ignored(top, stat.kind == Kind::Dir) {
-                outcome.found = false;
-                return Ok(outcome);
+                walk.found = false;
+                return Ok(walk);
             }
+            let mut first = None;
             if stat.kind == Kind::Dir && recursive {
                 match root.open_dir(top) {
-                    Ok(fd) => stack.push((fd, Some(top.clone()))),
+                    Ok(fd) => first = Some(DirToRead::Open(fd, Some(top.clone()))),
                     Err(err) if err.is_not_found() => {
-                        outcome.found = false;
-                        return Ok(outcome);
+                        walk.found = false;
+                        return Ok(walk);
                     }
                     Err(err) => return Err(err),
                 }
@@ -203,38 +228,95 @@ pub fn scan_tree(
             } else {
                 None
             };
-            walked.push(Walked {
+            walk.walked.push(Walked {
                 path: top.clone(),
                 stat,
                 link_target,
             });
+            first
         }
+    };
+    let Some(first) = first else {
+        return Ok(walk);
+    };
+    // The first directory is read here; helpers start only if it has
+    // subdirectories (a live edit's round over one directory spawns none).
+    let mut pending = Vec::new();
+    read_dir(root, first, &mut walk, &mut pending, ignore);
+    let helpers = config.hash_workers.max(1) - 1;
+    if helpers == 0 || pending.len() <= 1 {
+        while let Some(dir) = pending.pop() {
+            read_dir(root, dir, &mut walk, &mut pending, ignore);
+        }
+        return Ok(walk);
     }
-    while let Some((dir, prefix)) = stack.pop() {
-        walk_dir(
-            root,
-            dir,
-            prefix,
-            &mut walked,
-            &mut stack,
-            &mut outcome,
-            ignore,
-        )?;
+    let queue = DirQueue {
+        state: Mutex::new(QueueState {
+            waiting: pending,
+            reading: 0,
+            failed: false,
+        }),
+        wake: Condvar::new(),
+    };
+    let parts: Vec<Walk> = std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..helpers)
+            .map(|_| scope.spawn(|| queue.work(root, ignore)))
+            .collect();
+        let mut parts = vec![queue.work(root, ignore)];
+        parts.extend(threads.into_iter().filter_map(|thread| thread.join().ok()));
+        parts
+    });
+    // A thread that failed took its part of the tree with it: the walk
+    // fails rather than report those entries as gone.
+    if queue.state.lock().map_or(true, |state| state.failed) {
+        return Err(FsError::io(
+            "walk",
+            root.path().display(),
+            std::io::Error::other("a scan thread failed"),
+        ));
     }
+    for part in parts {
+        walk.walked.extend(part.walked);
+        walk.problems.extend(part.problems);
+        walk.unreadable.extend(part.unreadable);
+    }
+    Ok(walk)
+}
 
+/// Finishes a scan from its walk: hashes every file `cache` cannot vouch
+/// for (on up to `hash_workers` threads, `io` permitting) and lists the
+/// cache records of files no longer there.
+pub fn hash_walked(
+    root: &Root,
+    walk: Walk,
+    cache: &HashMap<RelPath, CacheRecord>,
+    config: &ScanConfig,
+) -> ScanOutcome {
+    let mut outcome = ScanOutcome {
+        found: walk.found,
+        problems: walk.problems,
+        unreadable: walk.unreadable,
+        ..Default::default()
+    };
+    let walked = walk.walked;
     // Hash what the cache cannot vouch for, on a bounded pool.
     let mut to_hash = Vec::new();
+    // The cached hash of each file the cache vouches for, by walk index.
+    let mut cached: Vec<Option<ContentHash>> = Vec::with_capacity(walked.len());
     for (index, item) in walked.iter().enumerate() {
+        let mut hash = None;
         if item.stat.kind == Kind::File {
             match cache.get(&item.path) {
                 Some(record)
                     if record.valid_for(&item.stat, config.racy_window(root, &record.stat)) =>
                 {
-                    outcome.cache_hits += 1
+                    outcome.cache_hits += 1;
+                    hash = Some(record.hash);
                 }
                 _ => to_hash.push(index),
             }
         }
+        cached.push(hash);
     }
     let hashed = hash_many(
         root,
@@ -284,15 +366,10 @@ pub fn scan_tree(
                         outcome.cache_updates.push((item.path.clone(), record));
                         (hash, stat)
                     }
-                    None => match cache.get(&item.path) {
-                        Some(record)
-                            if record
-                                .valid_for(&item.stat, config.racy_window(root, &record.stat)) =>
-                        {
-                            (record.hash, item.stat)
-                        }
+                    None => match cached[index] {
+                        Some(hash) => (hash, item.stat),
                         // Could not be hashed (changed while read, vanished): left for the next scan.
-                        _ => continue,
+                        None => continue,
                     },
                 };
                 outcome.entries.push(Scanned {
@@ -333,20 +410,123 @@ pub fn scan_tree(
         .cloned()
         .collect();
     outcome.stale_cache = stale;
-    Ok(outcome)
+    outcome
 }
 
-fn walk_dir(
+/// A directory waiting to be read: open already, or a subdirectory to
+/// open (relative to its parent, which stays open only while one of its
+/// subdirectories waits: a wide tree does not hold a descriptor per
+/// waiting directory).
+enum DirToRead {
+    Open(OwnedFd, Option<RelPath>),
+    Child {
+        parent: Arc<OwnedFd>,
+        name: String,
+        path: RelPath,
+    },
+}
+
+/// The directories waiting to be read and how many threads are reading
+/// one; the walk is over when both are zero, or when a thread failed.
+struct DirQueue {
+    state: Mutex<QueueState>,
+    wake: Condvar,
+}
+
+struct QueueState {
+    waiting: Vec<DirToRead>,
+    reading: usize,
+    failed: bool,
+}
+
+impl DirQueue {
+    /// Reads directories until none waits and none is being read. A
+    /// panic while reading one marks the walk failed and stops every
+    /// thread (none is left waiting for a directory that never comes).
+    fn work(&self, root: &Root, ignore: &IgnoreRules) -> Walk {
+        let mut part = Walk::default();
+        let mut found = Vec::new();
+        loop {
+            let Some(dir) = self.next() else {
+                return part;
+            };
+            let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                read_dir(root, dir, &mut part, &mut found, ignore)
+            }));
+            let Ok(mut state) = self.state.lock() else {
+                return part;
+            };
+            state.reading -= 1;
+            state.failed |= read.is_err();
+            let more = !found.is_empty();
+            state.waiting.append(&mut found);
+            let done = state.failed || (state.waiting.is_empty() && state.reading == 0);
+            drop(state);
+            if more || done {
+                self.wake.notify_all();
+            }
+        }
+    }
+
+    /// The next directory to read, or `None` when the walk is over.
+    fn next(&self) -> Option<DirToRead> {
+        let mut state = self.state.lock().ok()?;
+        loop {
+            if state.failed {
+                return None;
+            }
+            if let Some(dir) = state.waiting.pop() {
+                state.reading += 1;
+                return Some(dir);
+            }
+            if state.reading == 0 {
+                return None;
+            }
+            state = self.wake.wait(state).ok()?;
+        }
+    }
+}
+
+/// Reads one directory: its entries go to `walk`, its subdirectories to
+/// `pending`. Nothing here fails the walk; what cannot be read is a
+/// problem, and unreadable (never taken as deleted).
+fn read_dir(
     root: &Root,
-    dir: OwnedFd,
-    prefix: Option<RelPath>,
-    walked: &mut Vec<Walked>,
-    stack: &mut Vec<(OwnedFd, Option<RelPath>)>,
-    outcome: &mut ScanOutcome,
+    dir: DirToRead,
+    walk: &mut Walk,
+    pending: &mut Vec<DirToRead>,
     ignore: &IgnoreRules,
-) -> Result<(), FsError> {
-    let problems = &mut outcome.problems;
-    let unreadable = &mut outcome.unreadable;
+) {
+    let (dir, prefix) = match dir {
+        DirToRead::Open(fd, prefix) => (fd, prefix),
+        DirToRead::Child { parent, name, path } => {
+            match rustix::fs::openat(
+                &*parent,
+                name.as_str(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                Ok(fd) => (fd, Some(path)),
+                // Gone (or replaced by a file) since it was stat'ed: this
+                // round does not look at it; the watcher reports what
+                // happened and a later round does.
+                Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => {
+                    walk.unreadable.push(path);
+                    return;
+                }
+                Err(e) => {
+                    walk.problems.push(format!(
+                        "open directory {}/{path}: {e}",
+                        root.path().display()
+                    ));
+                    walk.unreadable.push(path);
+                    return;
+                }
+            }
+        }
+    };
+    let problems = &mut walk.problems;
+    let unreadable = &mut walk.unreadable;
     let shown_dir = match &prefix {
         Some(p) => format!("{}/{}", root.path().display(), p),
         None => root.path().display().to_string(),
@@ -358,9 +538,10 @@ fn walk_dir(
             if let Some(prefix) = prefix {
                 unreadable.push(prefix);
             }
-            return Ok(());
+            return;
         }
     };
+    let dir = Arc::new(dir);
     for item in reader {
         let item = match item {
             Ok(item) => item,
@@ -400,7 +581,7 @@ fn walk_dir(
                 continue;
             }
         };
-        let stat = match rustix::fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        let stat = match rustix::fs::statat(&*dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(raw) => from_raw(&raw),
             Err(rustix::io::Errno::NOENT) => continue,
             Err(e) => {
@@ -414,22 +595,11 @@ fn walk_dir(
         }
         let mut link_target = None;
         match stat.kind {
-            Kind::Dir => {
-                match rustix::fs::openat(
-                    &dir,
-                    name,
-                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                ) {
-                    Ok(fd) => stack.push((fd, Some(path.clone()))),
-                    Err(rustix::io::Errno::NOENT) => continue,
-                    Err(e) => {
-                        problems.push(format!("open directory {shown_dir}/{name}: {e}"));
-                        unreadable.push(path);
-                        continue;
-                    }
-                }
-            }
+            Kind::Dir => pending.push(DirToRead::Child {
+                parent: dir.clone(),
+                name: name.to_string(),
+                path: path.clone(),
+            }),
             Kind::Symlink => {
                 match read_link_at(dir.as_fd(), name, &format!("{shown_dir}/{name}")) {
                     Ok(target) => link_target = Some(target),
@@ -448,13 +618,12 @@ fn walk_dir(
             }
             Kind::File => {}
         }
-        walked.push(Walked {
+        walk.walked.push(Walked {
             path,
             stat,
             link_target,
         });
     }
-    Ok(())
 }
 
 type HashResult = (
@@ -692,5 +861,64 @@ mod tests {
         )
         .unwrap();
         assert!(!missing.found);
+    }
+
+    /// A tree of nested directories, files, symlinks and ignored paths.
+    fn tangled_tree(base: &std::path::Path) {
+        std::fs::write(base.join(".gmignore"), "skip/\n").unwrap();
+        for a in 0..6 {
+            for b in 0..5 {
+                let dir = base.join(format!("d{a}/e{b}"));
+                std::fs::create_dir_all(dir.join("f/g")).unwrap();
+                std::fs::write(dir.join("x.txt"), format!("{a}{b}")).unwrap();
+                std::fs::write(dir.join("f/g/y"), format!("y{a}{b}")).unwrap();
+                std::os::unix::fs::symlink("x.txt", dir.join("link")).unwrap();
+            }
+            std::fs::create_dir_all(base.join(format!("d{a}/skip/deep"))).unwrap();
+            std::fs::write(base.join(format!("d{a}/skip/deep/z")), b"z").unwrap();
+        }
+        std::fs::write(base.join("top.txt"), b"t").unwrap();
+    }
+
+    #[test]
+    fn walks_on_many_threads_find_what_one_thread_finds() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        tangled_tree(dir.path());
+        let rules = IgnoreRules::load(&root);
+        let scan = |workers: usize, top: Option<&RelPath>| {
+            let config = ScanConfig {
+                hash_workers: workers,
+                ..ScanConfig::default()
+            };
+            let outcome = scan_tree(&root, top, true, &HashMap::new(), &config, &rules).unwrap();
+            assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
+            let found: Vec<(String, Entry)> = outcome
+                .entries
+                .into_iter()
+                .map(|e| (e.path.as_str().to_string(), e.entry))
+                .collect();
+            (found, outcome.hashed)
+        };
+        let (one, hashed) = scan(1, None);
+        // 6 × (d, skip-less: 5 × (e, x.txt, f, f/g, f/g/y, link)) + top files.
+        assert_eq!(one.len(), 6 * (1 + 5 * 6) + 2);
+        assert_eq!(hashed, 6 * 5 * 2 + 2);
+        assert!(one.iter().all(|(p, _)| !p.contains("skip")));
+        for workers in [2, 3, 8] {
+            assert_eq!(
+                scan(workers, None),
+                (one.clone(), hashed),
+                "{workers} workers"
+            );
+        }
+        let d2 = rel("d2");
+        let (sub, _) = scan(4, Some(&d2));
+        let want: Vec<_> = one
+            .iter()
+            .filter(|(p, _)| p == "d2" || p.starts_with("d2/"))
+            .cloned()
+            .collect();
+        assert_eq!(sub, want);
     }
 }
