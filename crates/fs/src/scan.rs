@@ -303,10 +303,15 @@ pub fn hash_walked(
     let mut to_hash = Vec::new();
     // The cached hash of each file the cache vouches for, by walk index.
     let mut cached: Vec<Option<ContentHash>> = Vec::with_capacity(walked.len());
+    // Files that have a record: when every record has its file, none is
+    // stale (the usual restart), and the set of files is not built.
+    let mut with_record = 0usize;
     for (index, item) in walked.iter().enumerate() {
         let mut hash = None;
         if item.stat.kind == Kind::File {
-            match cache.get(&item.path) {
+            let record = cache.get(&item.path);
+            with_record += usize::from(record.is_some());
+            match record {
                 Some(record)
                     if record.valid_for(&item.stat, config.racy_window(root, &record.stat)) =>
                 {
@@ -392,6 +397,9 @@ pub fn hash_walked(
         });
     }
     outcome.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    if with_record == cache.len() {
+        return outcome;
+    }
     let files: std::collections::HashSet<&RelPath> = outcome
         .entries
         .iter()
@@ -920,5 +928,34 @@ mod tests {
             .cloned()
             .collect();
         assert_eq!(sub, want);
+    }
+
+    #[test]
+    fn records_of_files_no_longer_there_are_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        for name in ["a", "b", "c"] {
+            std::fs::write(dir.path().join(name), name).unwrap();
+        }
+        let rules = IgnoreRules::load(&root);
+        let config = ScanConfig {
+            racy_window_ns: 0,
+            ..ScanConfig::default()
+        };
+        let mut cache = HashMap::new();
+        let first = scan_tree(&root, None, true, &cache, &config, &rules).unwrap();
+        cache_of(&first, &mut cache);
+        assert!(first.stale_cache.is_empty());
+        let again = scan_tree(&root, None, true, &cache, &config, &rules).unwrap();
+        assert!(again.stale_cache.is_empty());
+        assert_eq!(again.hashed, 0);
+        // A file gone and a file that became a directory.
+        std::fs::remove_file(dir.path().join("a")).unwrap();
+        std::fs::remove_file(dir.path().join("b")).unwrap();
+        std::fs::create_dir(dir.path().join("b")).unwrap();
+        let after = scan_tree(&root, None, true, &cache, &config, &rules).unwrap();
+        let mut stale: Vec<&str> = after.stale_cache.iter().map(RelPath::as_str).collect();
+        stale.sort();
+        assert_eq!(stale, ["a", "b"]);
     }
 }

@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use gm_core::skills::skill_component;
-use gm_core::{Entry, RelPath, SKILLS_DIR, Seq, Versioned};
-use gm_fs::{IgnoreRules, Root, scan_tree};
+use gm_core::{CacheRecord, Entry, RelPath, SKILLS_DIR, Seq, Versioned};
+use gm_fs::{IgnoreRules, Root};
 use gm_store::RecordBatch;
 
 use crate::state::{Counters, Hub, Workspace};
@@ -217,79 +217,89 @@ fn observe_inner(
     for problem in &rules.problems {
         tracing::warn!(workspace = %ws.id, problem = %problem, "ignore rules");
     }
-    for top in &tops {
-        let cache = match (top, recursive) {
-            (Some(path), false) => hub
-                .db
-                .cache_get(&ws.id, path)?
-                .map(|record| HashMap::from([(path.clone(), record)]))
-                .unwrap_or_default(),
-            (top, _) => hub.db.cache_under(&ws.id, top.as_ref())?,
-        };
-        let scan = scan_tree(
-            &root,
-            top.as_ref(),
-            recursive,
-            &cache,
-            &hub.config.scan,
-            &rules,
-        )?;
-        Counters::add(&hub.counters.files_hashed, scan.hashed);
-        Counters::add(&hub.counters.hash_cache_hits, scan.cache_hits);
-        for problem in &scan.problems {
-            tracing::warn!(workspace = %ws.id, problem = %problem, "skipped while scanning the mirror");
-        }
-        let journal: Vec<(RelPath, Versioned)> = match (top, recursive) {
-            (Some(path), false) => hub
-                .db
-                .entry(&ws.id, path)?
-                .map(|v| (path.clone(), v))
-                .into_iter()
-                .collect(),
-            (top, _) => hub.db.entries_under(&ws.id, top.as_ref())?,
-        };
-        // A skill's link stands for the skill's tree; an unavailable
-        // skill's paths stay as the journal has them.
-        let (disk, frozen) = hub.skills.overlay(
-            top.as_ref(),
-            scan.entries
-                .into_iter()
-                .map(|item| (item.path, item.entry))
-                .collect(),
-        );
-        let is_frozen = |path: &RelPath| frozen.iter().any(|f| f == path || f.is_ancestor_of(path));
-        // Ignored paths are neither journaled nor deleted.
-        let live: HashMap<&RelPath, &Entry> = journal
-            .iter()
-            .filter_map(|(path, v)| v.entry.as_ref().map(|e| (path, e)))
-            .filter(|(path, e)| !rules.is_ignored(path, e.is_dir()) && !is_frozen(path))
-            .collect();
-        let unreadable = |path: &RelPath| {
-            scan.unreadable
+    // A second thread loads each top's cache records and journal entries
+    // while this one walks it (the restart of a 100,000-file mirror spent
+    // 300 ms loading them before walking).
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
+        let tops_to_load = &tops;
+        scope.spawn(move || {
+            for top in tops_to_load {
+                if sender
+                    .send(known_under(hub, ws, top.as_ref(), recursive))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        for top in &tops {
+            let walk = gm_fs::walk_tree(&root, top.as_ref(), recursive, &hub.config.scan, &rules);
+            let (cache, journal) = receiver
+                .recv()
+                .context("the loader of cache records and journal entries stopped")??;
+            let scan = gm_fs::hash_walked(&root, walk?, &cache, &hub.config.scan);
+            drop(cache);
+            Counters::add(&hub.counters.files_hashed, scan.hashed);
+            Counters::add(&hub.counters.hash_cache_hits, scan.cache_hits);
+            for problem in &scan.problems {
+                tracing::warn!(workspace = %ws.id, problem = %problem, "skipped while scanning the mirror");
+            }
+            // A skill's link stands for the skill's tree; an unavailable
+            // skill's paths stay as the journal has them.
+            let (mut disk, frozen) = hub.skills.overlay(
+                top.as_ref(),
+                scan.entries
+                    .into_iter()
+                    .map(|item| (item.path, item.entry))
+                    .collect(),
+            );
+            // The scan is in path order; a skill's tree is appended.
+            disk.sort_by(|a, b| a.0.cmp(&b.0));
+            let is_frozen =
+                |path: &RelPath| frozen.iter().any(|f| f == path || f.is_ancestor_of(path));
+            // Ignored paths are neither journaled nor deleted.
+            let mut live = journal
                 .iter()
-                .any(|u| u == path || u.is_ancestor_of(path))
-        };
-        let mut seen: BTreeSet<&RelPath> = BTreeSet::new();
-        for (path, entry) in &disk {
-            seen.insert(path);
-            if live.get(path) != Some(&entry) {
-                creations.push((path.clone(), entry.clone()));
+                .filter_map(|(path, v)| v.entry.as_ref().map(|e| (path, e)))
+                .filter(|(path, e)| !rules.is_ignored(path, e.is_dir()) && !is_frozen(path))
+                .peekable();
+            let unreadable = |path: &RelPath| {
+                scan.unreadable
+                    .iter()
+                    .any(|u| u == path || u.is_ancestor_of(path))
+            };
+            // Disk and journal, both in path order, in one merge: what the
+            // journal lacks or has otherwise is a creation, what the disk
+            // lacks (and could read) a deletion.
+            let mut gone = |path: &RelPath| {
+                if !unreadable(path) {
+                    deletions.push(path.clone());
+                }
+            };
+            for (path, entry) in disk {
+                while let Some((known, _)) = live.next_if(|(known, _)| **known < path) {
+                    gone(known);
+                }
+                match live.next_if(|(known, _)| **known == path) {
+                    Some((_, known)) if *known == entry => {}
+                    _ => creations.push((path, entry)),
+                }
             }
-        }
-        for path in live.keys() {
-            if !seen.contains(*path) && !unreadable(path) {
-                deletions.push((*path).clone());
+            for (known, _) in live {
+                gone(known);
             }
-        }
-        for (path, record) in &scan.cache_updates {
-            if record.is_racy(hub.config.scan.racy_window(&root, &record.stat)) {
-                racy.push(path.clone());
+            for (path, record) in &scan.cache_updates {
+                if record.is_racy(hub.config.scan.racy_window(&root, &record.stat)) {
+                    racy.push(path.clone());
+                }
             }
+            batch.cache_put.extend(scan.cache_updates);
+            batch.manifests.extend(scan.manifests);
+            batch.cache_del.extend(scan.stale_cache.iter().cloned());
         }
-        batch.cache_put.extend(scan.cache_updates);
-        batch.manifests.extend(scan.manifests);
-        batch.cache_del.extend(scan.stale_cache.iter().cloned());
-    }
+        Ok(())
+    })?;
 
     if !deletions.is_empty() && !allow_empty && root.is_empty()? {
         let counts = hub.db.counts(&ws.id)?;
@@ -365,6 +375,34 @@ fn observe_inner(
         std::time::Duration::from_nanos(hub.config.scan.racy_window_ns.max(0) as u64),
     );
     Ok(changed)
+}
+
+/// Cache records and journal entries in path order of what an
+/// observation of `top` looks at: the path alone when not `recursive`.
+#[allow(clippy::type_complexity)]
+fn known_under(
+    hub: &Hub,
+    ws: &Workspace,
+    top: Option<&RelPath>,
+    recursive: bool,
+) -> anyhow::Result<(HashMap<RelPath, CacheRecord>, Vec<(RelPath, Versioned)>)> {
+    Ok(match (top, recursive) {
+        (Some(path), false) => (
+            hub.db
+                .cache_get(&ws.id, path)?
+                .map(|record| HashMap::from([(path.clone(), record)]))
+                .unwrap_or_default(),
+            hub.db
+                .entry(&ws.id, path)?
+                .map(|v| (path.clone(), v))
+                .into_iter()
+                .collect(),
+        ),
+        (top, _) => (
+            hub.db.cache_under(&ws.id, top)?,
+            hub.db.entries_under(&ws.id, top)?,
+        ),
+    })
 }
 
 /// Looks at a halted workspace again: a confirmed emptying (or replacement)
