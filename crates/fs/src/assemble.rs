@@ -189,4 +189,50 @@ mod tests {
         .unwrap_err();
         assert!(matches!(err, AssembleError::SourceChanged { .. }), "{err}");
     }
+
+    #[test]
+    fn a_source_changed_after_planning_fails_the_assembly() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let data: Vec<u8> = (0..4u32 << 20)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 24) as u8
+            })
+            .collect();
+        std::fs::write(dir.path().join("src"), &data).unwrap();
+        let manifest = gm_chunk::chunk_slice(&data);
+        assert!(manifest.chunks.len() > 32);
+        let locate: HashMap<ContentHash, (RelPath, u64)> = manifest
+            .chunks
+            .iter()
+            .zip(manifest.offsets())
+            .map(|(c, offset)| (c.hash, (RelPath::new("src").unwrap(), offset)))
+            .collect();
+        let pieces = plan_pieces(&manifest, &locate);
+        // Unchanged: every byte comes from the local file, read ahead.
+        let mut staged = root.stage_file().unwrap();
+        let done = assemble(&root, &mut staged, &manifest, &pieces, |_| {
+            Err("nothing to fetch".into())
+        })
+        .unwrap();
+        assert_eq!(done.copied_bytes, data.len() as u64);
+        assert_eq!(staged.len(), data.len() as u64);
+        // The last megabyte changes after the plan was made.
+        let mut changed = data.clone();
+        changed[3 << 20..].fill(0);
+        std::fs::write(dir.path().join("src"), &changed).unwrap();
+        let mut staged = root.stage_file().unwrap();
+        let err = assemble(&root, &mut staged, &manifest, &pieces, |_| {
+            Err("nothing to fetch".into())
+        })
+        .unwrap_err();
+        assert!(matches!(err, AssembleError::SourceChanged { .. }), "{err}");
+        // The chunks before the change were written, nothing after it.
+        assert!(staged.len() <= 3 << 20, "{}", staged.len());
+        assert!(staged.len() >= (3 << 20) - (1 << 20));
+    }
 }
