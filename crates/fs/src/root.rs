@@ -20,11 +20,12 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use gm_chunk::Manifest;
 use gm_core::{ContentHash, Hasher, RelPath};
-use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags, ResolveFlags};
 use rustix::io::Errno;
 
 use crate::error::FsError;
@@ -118,6 +119,33 @@ impl AsFd for Parent<'_> {
 
 pub(crate) fn dir_flags() -> OFlags {
     OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+/// Cleared once the kernel says it has no `openat2` (before 5.6, or a
+/// seccomp filter that hides it): every walk then goes by components.
+static OPENAT2_WORKS: AtomicBool = AtomicBool::new(true);
+
+/// The directory at `below` (a valid relative path) under `dir`, opened in
+/// one call that follows no symlink and cannot leave `dir`; `None` on any
+/// failure (the caller walks by components and reports it).
+fn open_beneath(dir: BorrowedFd<'_>, below: &str) -> Option<OwnedFd> {
+    if !OPENAT2_WORKS.load(Ordering::Relaxed) {
+        return None;
+    }
+    match rustix::fs::openat2(
+        dir,
+        below,
+        dir_flags(),
+        Mode::empty(),
+        ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS,
+    ) {
+        Ok(fd) => Some(fd),
+        Err(Errno::NOSYS) => {
+            OPENAT2_WORKS.store(false, Ordering::Relaxed);
+            None
+        }
+        Err(_) => None,
+    }
 }
 
 /// Whether a write that follows a stat always gets a newer ctime on the
@@ -425,10 +453,21 @@ impl Root {
 
     /// The one walk from the root to `path`'s parent, component by
     /// component from directory fds, never following a symlink.
+    ///
+    /// Where the kernel has `openat2`, an existing parent is first opened
+    /// in one call that refuses any symlink on the way and any escape from
+    /// the root (`RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`): the same
+    /// guarantee, one system call instead of one open and close per
+    /// component (walks were 13 % of the hub's CPU committing 30,000 small
+    /// files). Any failure, a missing directory included, takes the
+    /// component walk, which decides what the failure means.
     fn walk_to_parent(&self, path: &RelPath, missing: Missing) -> Result<Parent<'_>, FsError> {
         let Some(parent) = path.parent() else {
             return Ok(Parent::Root(self.dir.as_fd()));
         };
+        if let Some(fd) = open_beneath(self.dir.as_fd(), parent.as_str()) {
+            return Ok(Parent::Owned(fd));
+        }
         let mut current = Parent::Root(self.dir.as_fd());
         let mut walked = String::new();
         for component in parent.components() {
@@ -1807,6 +1846,37 @@ mod tests {
             root.read_link(&rel("s")).unwrap(),
             outside.path().join("secret").display().to_string()
         );
+    }
+
+    #[test]
+    fn the_one_call_walk_follows_no_symlink_and_stays_beneath() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("a/b")).unwrap();
+        std::fs::create_dir_all(outside.path().join("c")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("a/out")).unwrap();
+        std::os::unix::fs::symlink("b", dir.path().join("a/rel")).unwrap();
+        let root_fd = rustix::fs::open(dir.path(), dir_flags(), Mode::empty()).unwrap();
+        let opened = open_beneath(root_fd.as_fd(), "a/b");
+        if !OPENAT2_WORKS.load(Ordering::Relaxed) {
+            return; // A kernel without openat2: the component walk is all there is.
+        }
+        let opened = opened.expect("a/b opens in one call");
+        let there = rustix::fs::fstat(&opened).unwrap();
+        let want = std::fs::metadata(dir.path().join("a/b")).unwrap();
+        assert_eq!(there.st_ino, std::os::unix::fs::MetadataExt::ino(&want));
+        // Through a symlink, absolute or relative, or to a missing
+        // directory: nothing is opened (the component walk reports why).
+        assert!(open_beneath(root_fd.as_fd(), "a/out/c").is_none());
+        assert!(open_beneath(root_fd.as_fd(), "a/out").is_none());
+        assert!(open_beneath(root_fd.as_fd(), "a/rel").is_none());
+        assert!(open_beneath(root_fd.as_fd(), "a/missing").is_none());
+        let root = Root::open(dir.path(), "t").unwrap();
+        let err = write(&root, "a/out/c/escape", b"x", false, Expect::Absent).unwrap_err();
+        assert!(matches!(err, FsError::NotADirectory { .. }), "{err}");
+        assert!(!outside.path().join("c/escape").exists());
+        write(&root, "a/b/in", b"x", false, Expect::Absent).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a/b/in")).unwrap(), b"x");
     }
 
     #[test]
