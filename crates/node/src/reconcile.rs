@@ -613,15 +613,19 @@ impl Replica {
         self.propose(propose_deletes, &mut stats).await?;
         let transferred = started.elapsed();
         self.persist().await?;
-        tracing::debug!(
-            workspace = %self.id,
-            ?stats,
-            scan_ms = scanned.as_millis() as u64,
-            plan_ms = (planned - scanned).as_millis() as u64,
-            transfer_ms = (transferred - planned).as_millis() as u64,
-            persist_ms = (started.elapsed() - transferred).as_millis() as u64,
-            "round done"
-        );
+        // Idle rounds are logged only when slow (a restart's first round
+        // over an unchanged tree), with where their time went.
+        if !stats.idle() || started.elapsed() >= Duration::from_millis(50) {
+            tracing::debug!(
+                workspace = %self.id,
+                ?stats,
+                scan_ms = scanned.as_millis() as u64,
+                plan_ms = (planned - scanned).as_millis() as u64,
+                transfer_ms = (transferred - planned).as_millis() as u64,
+                persist_ms = (started.elapsed() - transferred).as_millis() as u64,
+                "round done"
+            );
+        }
         Ok(stats)
     }
 
