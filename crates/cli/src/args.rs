@@ -101,9 +101,14 @@ pub enum Command {
 /// Settings shared by hub and node scanning.
 #[derive(Args, Clone)]
 pub struct ScanArgs {
-    /// Threads that walk the tree and hash file content (default: number of cores).
+    /// Threads that hash file content (default: number of cores).
     #[arg(long, env = "GM_HASH_WORKERS")]
     pub hash_workers: Option<usize>,
+    /// Threads that read directories and stat entries during a scan
+    /// (default: twice the cores, at least 4; stats on a cold cache wait
+    /// on the disk).
+    #[arg(long, env = "GM_WALK_THREADS")]
+    pub walk_threads: Option<usize>,
     /// Most file reads outstanding at once, over hashing and transfers
     /// (default: number of cores). Tune down on NFS.
     #[arg(long, env = "GM_IO_CONCURRENCY")]
@@ -157,6 +162,11 @@ impl ScanArgs {
             Some(n) => n,
             None => cores,
         };
+        let walk_threads = match self.walk_threads {
+            Some(0) => bail!("GM_WALK_THREADS / --walk-threads must be at least 1"),
+            Some(n) => n,
+            None => gm_fs::default_walk_threads(),
+        };
         let io = match self.io_concurrency {
             Some(0) => bail!("GM_IO_CONCURRENCY / --io-concurrency must be at least 1"),
             Some(n) => n,
@@ -166,6 +176,7 @@ impl ScanArgs {
             racy_window_ns: (self.racy_window_ms as i64).saturating_mul(1_000_000),
             racy_probe: self.racy_probe,
             hash_workers: workers,
+            walk_threads,
             io: std::sync::Arc::new(gm_fs::IoGate::new(io, self.read_rate_limit)),
         })
     }

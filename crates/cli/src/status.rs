@@ -46,6 +46,7 @@ fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
         },
         "settings": status.settings.clone().map(|s| json!({
             "hash_workers": s.hash_workers,
+            "walk_threads": s.walk_threads,
             "io_concurrency": s.io_concurrency,
             "read_rate_limit": s.read_rate_limit,
             "io_max_observed": s.io_max_observed,

@@ -799,6 +799,7 @@ fn io_limits_are_honoured_and_reported() {
         dir.path(),
         &[
             ("GM_HASH_WORKERS", "4"),
+            ("GM_WALK_THREADS", "3"),
             ("GM_IO_CONCURRENCY", "1"),
             ("GM_READ_RATE_LIMIT", "64M"),
         ],
@@ -821,6 +822,7 @@ fn io_limits_are_honoured_and_reported() {
     let status = hub.status();
     let settings = &status["settings"];
     assert_eq!(settings["hash_workers"], 4, "{status}");
+    assert_eq!(settings["walk_threads"], 3, "{status}");
     assert_eq!(settings["io_concurrency"], 1, "{status}");
     assert_eq!(settings["read_rate_limit"], 64 << 20, "{status}");
     let observed = settings["io_max_observed"].as_u64().unwrap_or(99);

@@ -38,5 +38,7 @@ pub use io::IoGate;
 pub use lock::DirLock;
 pub use owner::{ChownPolicy, Ownership};
 pub use root::{Expect, FileMode, Reclaimed, Root, StagedFile};
-pub use scan::{ScanConfig, ScanOutcome, Scanned, Walk, hash_walked, scan_tree, walk_tree};
+pub use scan::{
+    ScanConfig, ScanOutcome, Scanned, Walk, default_walk_threads, hash_walked, scan_tree, walk_tree,
+};
 pub use tree::StagedTree;

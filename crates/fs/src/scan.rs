@@ -34,9 +34,11 @@ pub struct ScanConfig {
     /// Trust a root whose filesystem probed as moving the ctime on every
     /// write after a stat: no racy window there (`Root::racy_window_for`).
     pub racy_probe: bool,
-    /// Threads that read directories during a walk, then hash file
-    /// content.
+    /// Threads that hash file content.
     pub hash_workers: usize,
+    /// Threads that read directories and stat their entries during a walk
+    /// (more than cores pays on a cold cache: stats wait on the disk).
+    pub walk_threads: usize,
     /// Outstanding reads and read rate, shared with every other bulk reader
     /// of the process.
     pub io: Arc<IoGate>,
@@ -48,9 +50,17 @@ impl Default for ScanConfig {
             racy_window_ns: 2_000_000_000,
             racy_probe: true,
             hash_workers: std::thread::available_parallelism().map_or(2, usize::from),
+            walk_threads: default_walk_threads(),
             io: Arc::new(IoGate::unlimited()),
         }
     }
+}
+
+/// Walk threads unless configured: twice the cores, at least 4. Stats on
+/// a cold cache wait on the disk (or, on NFS, on a round trip), and more
+/// threads than cores keep more of them in flight.
+pub fn default_walk_threads() -> usize {
+    (2 * std::thread::available_parallelism().map_or(2, usize::from)).max(4)
 }
 
 impl ScanConfig {
@@ -178,7 +188,7 @@ pub fn scan_tree(
 
 /// The walk of `scan_tree`: every entry of the subtree with its stat (and
 /// a symlink's target), nothing hashed. Directories are read by up to
-/// `hash_workers` threads at once (a subtree with one directory is read by
+/// `walk_threads` threads at once (a subtree with one directory is read by
 /// the calling thread alone). A caller can load the hash cache meanwhile
 /// and then finish with `hash_walked`.
 pub fn walk_tree(
@@ -243,7 +253,7 @@ pub fn walk_tree(
     // subdirectories (a live edit's round over one directory spawns none).
     let mut pending = Vec::new();
     read_dir(root, first, &mut walk, &mut pending, ignore);
-    let helpers = config.hash_workers.max(1) - 1;
+    let helpers = config.walk_threads.max(1) - 1;
     if helpers == 0 || pending.len() <= 1 {
         while let Some(dir) = pending.pop() {
             read_dir(root, dir, &mut walk, &mut pending, ignore);
@@ -896,7 +906,7 @@ mod tests {
         let rules = IgnoreRules::load(&root);
         let scan = |workers: usize, top: Option<&RelPath>| {
             let config = ScanConfig {
-                hash_workers: workers,
+                walk_threads: workers,
                 ..ScanConfig::default()
             };
             let outcome = scan_tree(&root, top, true, &HashMap::new(), &config, &rules).unwrap();

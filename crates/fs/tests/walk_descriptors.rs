@@ -31,7 +31,7 @@ fn a_directory_wider_than_the_descriptor_limit_is_walked_in_full() {
     .unwrap();
     for workers in [1, 4] {
         let config = ScanConfig {
-            hash_workers: workers,
+            walk_threads: workers,
             ..ScanConfig::default()
         };
         let outcome = scan_tree(&root, None, true, &HashMap::new(), &config, &rules).unwrap();

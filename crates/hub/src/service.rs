@@ -612,6 +612,7 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
         }),
         settings: Some(pb::Settings {
             hash_workers: hub.config.scan.hash_workers as u64,
+            walk_threads: hub.config.scan.walk_threads as u64,
             io_concurrency: hub.config.scan.io.concurrency() as u64,
             read_rate_limit: hub.config.scan.io.rate().unwrap_or(0),
             io_max_observed: hub.config.scan.io.max_observed() as u64,

@@ -129,6 +129,7 @@ pub async fn run(
         node = %config.node_id,
         hub = %config.hub_url,
         hash_workers = config.scan.hash_workers,
+        walk_threads = config.scan.walk_threads,
         io_concurrency = config.scan.io.concurrency(),
         read_rate_limit = config.scan.io.rate().unwrap_or(0),
         "node settings"
