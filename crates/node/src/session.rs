@@ -243,20 +243,13 @@ impl WorkspaceTask {
             self.db
                 .set_root_identity(&self.id, (root.identity().dev, root.identity().ino))?;
         }
-        let synced = self.db.synced(&self.id)?.into_iter().collect();
-        let mut replica = Replica::new(
-            self.id.clone(),
-            root.clone(),
-            self.config.clone(),
-            self.db.clone(),
-            client.clone(),
-            synced,
-            row.last_seq,
-        );
-        replica.carry_in_doubt(self.in_doubt.clone());
-        replica.load_intents()?;
-        replica.emptying_confirmed = allow_empty;
-        replica.progress = self.progress.clone();
+        // The synced tree loads while the journal subscription opens (a
+        // cold restart read node.db before asking the hub for anything).
+        // Only this session writes node.db, so the tree matches `last_seq`.
+        let synced_load = {
+            let (db, id) = (self.db.clone(), self.id.clone());
+            tokio::task::spawn_blocking(move || db.synced(&id))
+        };
 
         // Watch before the first scan so nothing written meanwhile is missed.
         let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchEvent>();
@@ -291,6 +284,21 @@ impl WorkspaceTask {
         let (incoming_tx, mut incoming) = mpsc::channel::<Incoming>(INCOMING_BUFFERED);
         let reader = tokio::spawn(read_stream(stream, incoming_tx));
         let _stop_reader = AbortOnDrop(reader);
+
+        let synced = synced_load.await??.into_iter().collect();
+        let mut replica = Replica::new(
+            self.id.clone(),
+            root.clone(),
+            self.config.clone(),
+            self.db.clone(),
+            client.clone(),
+            synced,
+            row.last_seq,
+        );
+        replica.carry_in_doubt(self.in_doubt.clone());
+        replica.load_intents()?;
+        replica.emptying_confirmed = allow_empty;
+        replica.progress = self.progress.clone();
 
         // Catch up: every journal change since our last seq.
         loop {
