@@ -169,6 +169,14 @@ pub struct Walk {
     problems: Vec<String>,
     unreadable: Vec<RelPath>,
     found: bool,
+    most_reading: usize,
+}
+
+impl Walk {
+    /// The most threads that were reading a directory at once.
+    pub fn most_threads_reading(&self) -> usize {
+        self.most_reading
+    }
 }
 
 /// Walks `root` (or the subtree at `top`; only `top` itself when not
@@ -253,6 +261,7 @@ pub fn walk_tree(
     // subdirectories (a live edit's round over one directory spawns none).
     let mut pending = Vec::new();
     read_dir(root, first, &mut walk, &mut pending, ignore);
+    walk.most_reading = 1;
     let helpers = config.walk_threads.max(1) - 1;
     if helpers == 0 || pending.len() <= 1 {
         while let Some(dir) = pending.pop() {
@@ -264,6 +273,7 @@ pub fn walk_tree(
         state: Mutex::new(QueueState {
             waiting: pending,
             reading: 0,
+            most_reading: 0,
             failed: false,
         }),
         wake: Condvar::new(),
@@ -278,7 +288,12 @@ pub fn walk_tree(
     });
     // A thread that failed took its part of the tree with it: the walk
     // fails rather than report those entries as gone.
-    if queue.state.lock().map_or(true, |state| state.failed) {
+    let (failed, most_reading) = queue
+        .state
+        .lock()
+        .map_or((true, 0), |state| (state.failed, state.most_reading));
+    walk.most_reading = walk.most_reading.max(most_reading);
+    if failed {
         return Err(FsError::io(
             "walk",
             root.path().display(),
@@ -454,6 +469,7 @@ struct DirQueue {
 struct QueueState {
     waiting: Vec<DirToRead>,
     reading: usize,
+    most_reading: usize,
     failed: bool,
 }
 
@@ -495,6 +511,7 @@ impl DirQueue {
             }
             if let Some(dir) = state.waiting.pop() {
                 state.reading += 1;
+                state.most_reading = state.most_reading.max(state.reading);
                 return Some(dir);
             }
             if state.reading == 0 {
@@ -967,5 +984,27 @@ mod tests {
         let mut stale: Vec<&str> = after.stale_cache.iter().map(RelPath::as_str).collect();
         stale.sort();
         assert_eq!(stale, ["a", "b"]);
+    }
+
+    #[test]
+    fn no_more_threads_read_directories_than_the_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        for i in 0..64 {
+            for j in 0..4 {
+                std::fs::create_dir_all(dir.path().join(format!("w{i}/d{j}"))).unwrap();
+            }
+        }
+        let rules = IgnoreRules::load(&root);
+        for threads in [1, 2, 3] {
+            let config = ScanConfig {
+                walk_threads: threads,
+                ..ScanConfig::default()
+            };
+            let walk = walk_tree(&root, None, true, &config, &rules).unwrap();
+            let most = walk.most_threads_reading();
+            assert!((1..=threads).contains(&most), "{most} with {threads}");
+            assert_eq!(walk.walked.len(), 64 * 5);
+        }
     }
 }
