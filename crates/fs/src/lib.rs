@@ -39,6 +39,7 @@ pub use lock::DirLock;
 pub use owner::{ChownPolicy, Ownership};
 pub use root::{Expect, FileMode, Reclaimed, Root, StagedFile};
 pub use scan::{
-    ScanConfig, ScanOutcome, Scanned, Walk, default_walk_threads, hash_walked, scan_tree, walk_tree,
+    ScanConfig, ScanOutcome, Scanned, Walk, default_walk_threads, hash_walked, scan_tree,
+    walk_tree, walk_while_loading,
 };
 pub use tree::StagedTree;

@@ -308,6 +308,47 @@ pub fn walk_tree(
     Ok(walk)
 }
 
+/// Walks each of `tops` in turn while a second thread runs `load` for the
+/// same tops, one top ahead (what the caller compares a walk with: its
+/// hash cache, its journal entries), and hands each walk with its load to
+/// `finish`, in order. The first failure stops the walks, and the loader
+/// with them. (A restart spent a fifth of its round, on the node and on
+/// the hub, loading before walking.)
+pub fn walk_while_loading<T: Send, E: From<FsError> + Send>(
+    root: &Root,
+    tops: &[Option<RelPath>],
+    recursive: bool,
+    config: &ScanConfig,
+    ignore: &IgnoreRules,
+    load: impl Fn(Option<&RelPath>) -> Result<T, E> + Sync,
+    mut finish: impl FnMut(Option<&RelPath>, Walk, T) -> Result<(), E>,
+) -> Result<(), E> {
+    std::thread::scope(|scope| {
+        let (sender, loaded) = std::sync::mpsc::sync_channel(1);
+        let load = &load;
+        scope.spawn(move || {
+            for top in tops {
+                // The walks stopped (a failure): nothing more to load.
+                if sender.send(load(top.as_ref())).is_err() {
+                    break;
+                }
+            }
+        });
+        for top in tops {
+            let walk = walk_tree(root, top.as_ref(), recursive, config, ignore);
+            let loaded = loaded.recv().map_err(|_| {
+                FsError::io(
+                    "load what a scan compares with",
+                    root.path().display(),
+                    std::io::Error::other("the loading thread stopped"),
+                )
+            })??;
+            finish(top.as_ref(), walk?, loaded)?;
+        }
+        Ok(())
+    })
+}
+
 /// Finishes a scan from its walk: hashes every file `cache` cannot vouch
 /// for (on up to `hash_workers` threads, `io` permitting) and lists the
 /// cache records of files no longer there.

@@ -220,25 +220,15 @@ fn observe_inner(
     // A second thread loads each top's cache records and journal entries
     // while this one walks it (the restart of a 100,000-file mirror spent
     // 300 ms loading them before walking).
-    std::thread::scope(|scope| -> anyhow::Result<()> {
-        let (sender, receiver) = std::sync::mpsc::sync_channel(1);
-        let tops_to_load = &tops;
-        scope.spawn(move || {
-            for top in tops_to_load {
-                if sender
-                    .send(known_under(hub, ws, top.as_ref(), recursive))
-                    .is_err()
-                {
-                    break;
-                }
-            }
-        });
-        for top in &tops {
-            let walk = gm_fs::walk_tree(&root, top.as_ref(), recursive, &hub.config.scan, &rules);
-            let (cache, journal) = receiver
-                .recv()
-                .context("the loader of cache records and journal entries stopped")??;
-            let scan = gm_fs::hash_walked(&root, walk?, &cache, &hub.config.scan);
+    gm_fs::walk_while_loading(
+        &root,
+        &tops,
+        recursive,
+        &hub.config.scan,
+        &rules,
+        |top| known_under(hub, ws, top, recursive),
+        |top, walk, (cache, journal)| -> anyhow::Result<()> {
+            let scan = gm_fs::hash_walked(&root, walk, &cache, &hub.config.scan);
             drop(cache);
             Counters::add(&hub.counters.files_hashed, scan.hashed);
             Counters::add(&hub.counters.hash_cache_hits, scan.cache_hits);
@@ -248,7 +238,7 @@ fn observe_inner(
             // A skill's link stands for the skill's tree; an unavailable
             // skill's paths stay as the journal has them.
             let (mut disk, frozen) = hub.skills.overlay(
-                top.as_ref(),
+                top,
                 scan.entries
                     .into_iter()
                     .map(|item| (item.path, item.entry))
@@ -297,9 +287,9 @@ fn observe_inner(
             batch.cache_put.extend(scan.cache_updates);
             batch.manifests.extend(scan.manifests);
             batch.cache_del.extend(scan.stale_cache.iter().cloned());
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
 
     if !deletions.is_empty() && !allow_empty && root.is_empty()? {
         let counts = hub.db.counts(&ws.id)?;

@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 use gm_core::{
     CacheRecord, ContentHash, Entry, NodeTrees, RelPath, Seq, Stat, Versioned, WorkspaceId,
 };
-use gm_fs::{Expect, FileMode, FsError, IgnoreRules, Root, ScanOutcome, hash_walked, walk_tree};
+use gm_fs::{
+    Expect, FileMode, FsError, IgnoreRules, Root, ScanOutcome, hash_walked, walk_while_loading,
+};
 use gm_proto::pb;
 use gm_store::{NodeBatch, NodeDb};
 
@@ -638,34 +640,27 @@ impl Replica {
         let db = self.db.clone();
         let id = self.id.clone();
         let config = self.config.scan.clone();
-        // One thread loads the hash cache of each subtree from node.db
-        // while this one walks it (a restart of a 30,000-file workspace
-        // spent a fifth of its round loading the cache before walking).
+        // The hash cache of each subtree loads from node.db while the
+        // subtree is walked.
         let scans = tokio::task::spawn_blocking(move || -> Result<Vec<ScanOutcome>, SyncError> {
             let tops: Vec<Option<RelPath>> = match tops {
                 None => vec![None],
                 Some(tops) => tops.into_iter().map(Some).collect(),
             };
-            std::thread::scope(|scope| {
-                let (caches, cache_of) = std::sync::mpsc::sync_channel(1);
-                let (tops_to_load, db, id) = (&tops, &db, &id);
-                scope.spawn(move || {
-                    for top in tops_to_load {
-                        if caches.send(db.cache_under(id, top.as_ref())).is_err() {
-                            break;
-                        }
-                    }
-                });
-                let mut out = Vec::with_capacity(tops.len());
-                for top in &tops {
-                    let walk = walk_tree(&root, top.as_ref(), true, &config, &rules);
-                    let cache = cache_of.recv().map_err(|_| {
-                        SyncError::Retry(anyhow::anyhow!("the hash cache loader stopped"))
-                    })??;
-                    out.push(hash_walked(&root, walk?, &cache, &config));
-                }
-                Ok(out)
-            })
+            let mut out = Vec::with_capacity(tops.len());
+            walk_while_loading(
+                &root,
+                &tops,
+                true,
+                &config,
+                &rules,
+                |top| Ok::<_, SyncError>(db.cache_under(&id, top)?),
+                |_, walk, cache| {
+                    out.push(hash_walked(&root, walk, &cache, &config));
+                    Ok(())
+                },
+            )?;
+            Ok(out)
         })
         .await??;
         Ok(scans)
