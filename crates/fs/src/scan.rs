@@ -257,13 +257,19 @@ pub fn walk_tree(
     let Some(first) = first else {
         return Ok(walk);
     };
-    // The first directory is read here; helpers start only if it has
-    // subdirectories (a live edit's round over one directory spawns none).
-    let mut pending = Vec::new();
-    read_dir(root, first, &mut walk, &mut pending, ignore);
+    // This thread reads the first directory, and goes on down while each
+    // holds a single subdirectory (a root holding one project directory);
+    // helpers start once two directories wait (a live edit's round over
+    // one directory spawns none).
+    let mut pending = vec![first];
+    while pending.len() == 1
+        && let Some(dir) = pending.pop()
+    {
+        read_dir(root, dir, &mut walk, &mut pending, ignore);
+    }
     walk.most_reading = 1;
     let helpers = config.walk_threads.max(1) - 1;
-    if helpers == 0 || pending.len() <= 1 {
+    if helpers == 0 || pending.is_empty() {
         while let Some(dir) = pending.pop() {
             read_dir(root, dir, &mut walk, &mut pending, ignore);
         }
