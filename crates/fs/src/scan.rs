@@ -196,9 +196,10 @@ pub fn scan_tree(
 
 /// The walk of `scan_tree`: every entry of the subtree with its stat (and
 /// a symlink's target), nothing hashed. Directories are read by up to
-/// `walk_threads` threads at once (a subtree with one directory is read by
-/// the calling thread alone). A caller can load the hash cache meanwhile
-/// and then finish with `hash_walked`.
+/// `walk_threads` threads at once (helpers start once two directories
+/// wait; a subtree with one directory is read by the calling thread
+/// alone). A caller can load the hash cache meanwhile and then finish with
+/// `hash_walked` (`walk_while_loading` does both).
 pub fn walk_tree(
     root: &Root,
     top: Option<&RelPath>,
