@@ -526,8 +526,31 @@ pub struct NodeArgs {
     /// long (ms), so a root being emptied is caught whole by the safety brake.
     #[arg(long, env = "GM_DELETE_DELAY_MS", default_value_t = 1000)]
     pub delete_delay_ms: u64,
+    /// What travels zstd-compressed: `metadata` (paths, hashes, journal
+    /// events), `always` (file content too, where a sample says it pays:
+    /// for slow links) or `never`.
+    #[arg(long, env = "GM_COMPRESSION", value_enum, default_value_t = CompressionArg::Metadata)]
+    pub compression: CompressionArg,
     #[command(flatten)]
     pub scan: ScanArgs,
+}
+
+/// `GM_COMPRESSION`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompressionArg {
+    Never,
+    Metadata,
+    Always,
+}
+
+impl From<CompressionArg> for gm_node::Compression {
+    fn from(arg: CompressionArg) -> Self {
+        match arg {
+            CompressionArg::Never => gm_node::Compression::Never,
+            CompressionArg::Metadata => gm_node::Compression::Metadata,
+            CompressionArg::Always => gm_node::Compression::Always,
+        }
+    }
 }
 
 fn host_name() -> String {
@@ -603,6 +626,7 @@ impl NodeArgs {
             slice_entries: self.slice_entries,
             once_timeout: Duration::from_secs(self.once_timeout),
             delete_delay: Duration::from_millis(self.delete_delay_ms),
+            compression: self.compression.into(),
             tls: self.tls.load()?,
         })
     }

@@ -1229,3 +1229,82 @@ fn chown_auto_gives_up_once_when_not_permitted_and_keeps_syncing() {
         "auto (off: not permitted here)"
     );
 }
+
+/// Compressible text: `len` bytes of numbered lines.
+fn text(len: usize, seed: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 64);
+    let mut line = 0;
+    while out.len() < len {
+        out.extend_from_slice(
+            format!("{seed}:{line} the workspace keeps its notes here, line after line\n")
+                .as_bytes(),
+        );
+        line += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Writes 20 text files of 32 KiB and one of 3 MiB (above the inline
+/// limit: it travels as chunks) under `dir`; returns their bytes.
+fn write_text_files(dir: &std::path::Path, seed: usize) -> u64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut total = 0;
+    for i in 0..20 {
+        let content = text(32 << 10, seed + i);
+        total += content.len() as u64;
+        std::fs::write(dir.join(format!("note-{i}.txt")), content).unwrap();
+    }
+    let big = text(3 << 20, seed + 100);
+    total += big.len() as u64;
+    std::fs::write(dir.join("big.log"), big).unwrap();
+    total
+}
+
+#[test]
+fn compression_setting_decides_whether_content_travels_compressed() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = Hub::start(dir.path());
+    let upstream: std::net::SocketAddr = hub.url.trim_start_matches("http://").parse().unwrap();
+    let mut wire = std::collections::BTreeMap::new();
+    for (seed, mode) in [(1000, "metadata"), (2000, "always"), (3000, "never")] {
+        let ws = format!("w-{mode}");
+        let proxy = common::proxy::FaultProxy::start(upstream, 1);
+        let mut node = Node::new(dir.path(), &hub, mode, &ws);
+        node.set_hub_url(&proxy.url());
+        node.env.push(("GM_COMPRESSION".into(), mode.into()));
+        // Up: inline files and chunks.
+        let mut content = write_text_files(&node.path("up"), seed);
+        let out = node.once();
+        assert!(out.status.success(), "{mode}: {}", node.log_text());
+        // Down: small-file downloads and chunks.
+        content += write_text_files(&hub.mirror(&ws).join("down"), seed + 500);
+        wait_until("the hub journals its own files", || {
+            hub.workspace_status(&ws)["files"].as_u64() == Some(42)
+        });
+        let out = node.once();
+        assert!(out.status.success(), "{mode}: {}", node.log_text());
+        let got = std::fs::read(node.path("down/big.log")).unwrap();
+        assert_eq!(got, text(3 << 20, seed + 600), "{mode}");
+        let log = node.log_text();
+        assert!(
+            log.lines().any(|line| line.contains("node settings")
+                && line.contains("compression")
+                && line.contains(&format!("\"{mode}\""))),
+            "the node's settings line names {mode}: {log}"
+        );
+        wire.insert(mode, (proxy.stats().bytes, content));
+    }
+    for mode in ["metadata", "never"] {
+        let (bytes, content) = wire[mode];
+        assert!(
+            bytes >= content,
+            "{mode}: {bytes} bytes on the wire for {content} bytes of content"
+        );
+    }
+    let (bytes, content) = wire["always"];
+    assert!(
+        bytes * 4 < content,
+        "always: {bytes} bytes on the wire for {content} bytes of compressible content"
+    );
+}

@@ -52,9 +52,9 @@ pub async fn serve(
     })
     .max_decoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
     .max_encoding_message_size(gm_proto::MAX_MESSAGE_BYTES)
-    // Commit batches and journal events are paths and hashes: zstd on the
-    // calls where the node asks for it (it does not for chunk streams,
-    // which are compressed per chunk already).
+    // zstd on the calls where the node asks for it, as its
+    // `GM_COMPRESSION` says (chunk streams are compressed per chunk
+    // instead, when the request asks).
     .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
     .send_compressed(tonic::codec::CompressionEncoding::Zstd);
     // A node gets at most this many concurrent streams per connection: a
@@ -406,7 +406,7 @@ impl Sync for SyncService {
         let (tx, rx) = mpsc::channel(4);
         let hub = self.hub.clone();
         tokio::task::spawn_blocking(move || {
-            crate::transfer::read_chunks(&hub, &ws, &path, req.ranges, &tx)
+            crate::transfer::read_chunks(&hub, &ws, &path, req.ranges, req.compress, &tx)
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

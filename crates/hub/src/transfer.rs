@@ -7,7 +7,7 @@
 //!   the commit that names its hash.
 //! - `manifest`: the chunk list of a file the hub holds (from the cache, or
 //!   computed and cached on first use).
-//! - `read_chunks`: byte ranges of a file, zstd where it pays.
+//! - `read_chunks`: byte ranges of a file, zstd where it pays if asked.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -278,6 +278,7 @@ pub fn read_chunks(
     ws: &Workspace,
     path: &RelPath,
     ranges: Vec<pb::ChunkRange>,
+    compress: bool,
     tx: &mpsc::Sender<Result<pb::ChunkData, Status>>,
 ) {
     let (root, path) = hub
@@ -305,7 +306,11 @@ pub fn read_chunks(
         };
         io.throttle(data.len());
         Counters::add(&hub.counters.bytes_sent, data.len() as u64);
-        let (data, zstd) = gm_chunk::encode(data);
+        let (data, zstd) = if compress {
+            gm_chunk::encode(data)
+        } else {
+            (data, false)
+        };
         let message = pb::ChunkData {
             index: index as u32,
             data,

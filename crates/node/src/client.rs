@@ -28,10 +28,54 @@ impl Interceptor for TokenInterceptor {
 
 pub type Client = SyncClient<InterceptedService<Channel, TokenInterceptor>>;
 
-/// The client for metadata calls (commit batches, the journal stream):
-/// zstd both ways. Chunk transfers keep the plain client, their chunks are
-/// compressed one by one where it pays.
-pub fn compressed(client: &Client) -> Client {
+/// What travels zstd-compressed between a node and the hub. The node
+/// decides for both directions: the hub compresses a response only when the
+/// call accepts it, and chunks only when the request asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Nothing.
+    Never,
+    /// Paths, hashes and journal events; file content travels as it is.
+    /// The default: on loopback or a LAN, compressing content costs more
+    /// CPU time than it saves on the wire (Syncthing's default too).
+    Metadata,
+    /// Also file content: inline files, small-file downloads, and chunks
+    /// where a sample of them says it pays (for slow links).
+    Always,
+}
+
+impl Compression {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::Never => "never",
+            Compression::Metadata => "metadata",
+            Compression::Always => "always",
+        }
+    }
+
+    /// Whether file content (chunks, downloads) is compressed.
+    pub fn content(self) -> bool {
+        self == Compression::Always
+    }
+
+    /// Whether a commit batch goes compressed: with `Metadata`, only while
+    /// its inline content is smaller than its paths and hashes (estimated
+    /// at 64 bytes an op), so a batch of small files is not compressed for
+    /// a few paths' sake.
+    pub fn commit(self, ops: usize, inline_bytes: u64) -> bool {
+        match self {
+            Compression::Never => false,
+            Compression::Metadata => inline_bytes < ops as u64 * 64,
+            Compression::Always => true,
+        }
+    }
+}
+
+/// `client`, sending and accepting zstd when `compress`.
+pub fn compressed_if(client: &Client, compress: bool) -> Client {
+    if !compress {
+        return client.clone();
+    }
     client
         .clone()
         .send_compressed(tonic::codec::CompressionEncoding::Zstd)
@@ -148,5 +192,25 @@ pub fn with_tls(
                 .tls_config(config)
                 .map_err(|e| anyhow::anyhow!("TLS setup for {url}: {e}"))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Compression;
+
+    #[test]
+    fn commit_batches_compress_as_the_setting_says() {
+        // Metadata only: 100 ops of paths and hashes, no content.
+        assert!(Compression::Metadata.commit(100, 0));
+        // A few paths beside a lot of content: content wins, no zstd.
+        assert!(!Compression::Metadata.commit(100, 1 << 20));
+        assert!(!Compression::Metadata.commit(1, 64));
+        assert!(Compression::Metadata.commit(1, 63));
+        assert!(Compression::Always.commit(1, 1 << 20));
+        assert!(!Compression::Never.commit(100, 0));
+        assert!(Compression::Always.content());
+        assert!(!Compression::Metadata.content());
+        assert!(!Compression::Never.content());
     }
 }

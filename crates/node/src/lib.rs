@@ -25,7 +25,7 @@ use gm_fs::{DirLock, ScanConfig};
 use gm_store::NodeDb;
 use tokio_util::sync::CancellationToken;
 
-pub use client::{SyncError, with_tls};
+pub use client::{Compression, SyncError, with_tls};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -99,6 +99,8 @@ pub struct NodeConfig {
     /// Local deletions are proposed once no new deletion has been seen for
     /// this long, so an emptying root is caught whole by the safety brake.
     pub delete_delay: Duration,
+    /// What travels zstd-compressed to and from the hub.
+    pub compression: Compression,
 }
 
 /// How a client checks the hub's certificate (PEM CA) and, for mutual TLS,
@@ -132,6 +134,7 @@ pub async fn run(
         walk_threads = config.scan.walk_threads,
         io_concurrency = config.scan.io.concurrency(),
         read_rate_limit = config.scan.io.rate().unwrap_or(0),
+        compression = config.compression.as_str(),
         "node settings"
     );
     let config = Arc::new(config);

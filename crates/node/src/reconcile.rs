@@ -790,6 +790,7 @@ impl Replica {
                     &self.root,
                     &item,
                     size,
+                    self.config.compression.content(),
                 )
                 .await?;
                 let corrupt = matches!(result, Err(DownloadFailure::Corrupt));
@@ -820,6 +821,8 @@ impl Replica {
             self.flush_if_large().await?;
         }
         // Small files in bounded batches; a corrupt transfer is retried.
+        let mut content_client =
+            crate::client::compressed_if(&self.client, self.config.compression.content());
         for chunk in downloads.chunks(512) {
             let mut attempt_items: Vec<usize> = (0..chunk.len()).collect();
             for attempt in 0..3 {
@@ -836,7 +839,7 @@ impl Replica {
                     })
                     .collect();
                 let outcomes =
-                    transfer::download(&mut self.client, &self.id, &self.root, &request).await?;
+                    transfer::download(&mut content_client, &self.id, &self.root, &request).await?;
                 self.needs_sync = true;
                 let mut again = Vec::new();
                 for (position, &i) in attempt_items.iter().enumerate() {
@@ -1029,7 +1032,10 @@ impl Replica {
                 };
                 // Up to two batches in flight: the next one is read and sent
                 // while the hub still commits the previous one.
-                let mut client = crate::client::compressed(&self.client);
+                let mut client = crate::client::compressed_if(
+                    &self.client,
+                    self.config.compression.commit(request.ops.len(), bytes),
+                );
                 in_flight.push_back((
                     tokio::spawn(async move { client.commit(request).await }),
                     members,
@@ -1159,8 +1165,10 @@ impl Replica {
                 self.root.clone(),
                 self.config.scan.io.clone(),
             );
+            let compress = self.config.compression.content();
             async move {
-                let sent = transfer::upload(&mut client, &db, &id, &root, &file, io).await;
+                let sent =
+                    transfer::upload(&mut client, &db, &id, &root, &file, io, compress).await;
                 (item, sent)
             }
         });

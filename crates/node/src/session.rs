@@ -271,7 +271,8 @@ impl WorkspaceTask {
             }
         };
 
-        let stream = crate::client::compressed(&client)
+        let compress = self.config.compression != crate::Compression::Never;
+        let stream = crate::client::compressed_if(&client, compress)
             .subscribe(pb::SubscribeRequest {
                 workspace: self.id.to_string(),
                 epoch: attach.epoch.clone(),

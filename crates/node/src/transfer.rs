@@ -197,6 +197,7 @@ pub async fn upload(
     root: &Arc<Root>,
     file: &FileToSend,
     io: Arc<gm_fs::IoGate>,
+    compress: bool,
 ) -> Result<UploadStats, SyncError> {
     let (path, hash, size) = (&file.path, file.hash, file.size);
     let manifest = match &file.manifest {
@@ -273,7 +274,11 @@ pub async fn upload(
             // Not hashed here: the hub verifies every chunk against the
             // chunk list and refuses the upload ("does not match", a retry)
             // when the file changed since it was scanned.
-            let (data, zstd) = gm_chunk::encode(data);
+            let (data, zstd) = if compress {
+                gm_chunk::encode(data)
+            } else {
+                (data, false)
+            };
             let message = pb::UploadMessage {
                 msg: Some(pb::upload_message::Msg::Chunk(pb::ChunkData {
                     index,
@@ -315,6 +320,7 @@ pub async fn download_chunked(
     root: &Arc<Root>,
     item: &DownloadItem,
     size: u64,
+    compress: bool,
 ) -> Result<Result<(Stat, Manifest), DownloadFailure>, SyncError> {
     let request = pb::ManifestRequest {
         workspace: workspace.to_string(),
@@ -362,7 +368,10 @@ pub async fn download_chunked(
     // is then planned again without it, fetching what it held.
     let mut excluded: Vec<RelPath> = Vec::new();
     loop {
-        match download_pieces(client, db, workspace, root, item, &manifest, &excluded).await? {
+        let pieces = download_pieces(
+            client, db, workspace, root, item, &manifest, &excluded, compress,
+        );
+        match pieces.await? {
             Err(Stale::Source(path)) if excluded.len() < 4 => {
                 tracing::debug!(workspace = %workspace, path = %item.path, source = %path, "a local chunk source changed; planning without it");
                 excluded.push(path);
@@ -387,6 +396,7 @@ enum Stale {
 
 /// One attempt at `download_chunked`: plans which chunks come from local
 /// files (none from `excluded`), fetches the others, assembles, lands.
+#[allow(clippy::too_many_arguments)]
 async fn download_pieces(
     client: &mut Client,
     db: &Arc<NodeDb>,
@@ -395,6 +405,7 @@ async fn download_pieces(
     item: &DownloadItem,
     manifest: &Manifest,
     excluded: &[RelPath],
+    compress: bool,
 ) -> Result<Result<Stat, Stale>, SyncError> {
     let located = {
         let (db, workspace) = (db.clone(), workspace.clone());
@@ -426,6 +437,7 @@ async fn download_pieces(
             path: item.path.to_string(),
             hash: item.hash.as_bytes().to_vec(),
             ranges,
+            compress,
         };
         let mut stream = client
             .read_chunks(request)
