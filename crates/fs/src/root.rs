@@ -80,7 +80,7 @@ impl Drop for LiveName {
 pub struct Root {
     path: PathBuf,
     dir: OwnedFd,
-    staging: OwnedFd,
+    staging: Arc<OwnedFd>,
     /// Where staging is, for messages (`ROOT/.ghostmirror/staging` unless
     /// the root was opened with a staging directory of its own).
     staging_shown: String,
@@ -310,7 +310,7 @@ impl Root {
         Ok(Root {
             path: path.to_path_buf(),
             dir,
-            staging,
+            staging: Arc::new(staging),
             staging_shown,
             staging_tag: staging_tag.to_string(),
             identity,
@@ -674,18 +674,13 @@ impl Root {
                 e,
             )
         })?;
-        let staging = self
-            .staging
-            .try_clone()
-            .map_err(|e| FsError::io("dup staging handle", self.path.display(), e))?;
         Ok(StagedFile {
-            staging,
+            staging: self.staging.clone(),
             name,
             file: Some(File::from(fd)),
-            hasher: Hasher::new(),
+            content: Content::Writing(Box::default()),
             written: 0,
             writeback_from: 0,
-            prepared: false,
             _owned: owned,
         })
     }
@@ -1288,17 +1283,28 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 
 /// A file being written in staging. Dropping it without `commit` removes it.
 pub struct StagedFile {
-    staging: OwnedFd,
+    staging: Arc<OwnedFd>,
     name: String,
+    /// Open while written; closed by `prepare`.
     file: Option<File>,
-    hasher: Hasher,
+    content: Content,
     written: u64,
     /// Bytes before this offset have had their writeback started.
     writeback_from: u64,
-    /// Mode set, waiting for the group's `sync_filesystem` and its commit.
-    prepared: bool,
     /// Keeps the name out of staging reclamation while the file lives.
     _owned: LiveName,
+}
+
+/// What a staged file holds: hashed as it is written; once prepared for a
+/// group commit, only its hash and stat are kept (no descriptor, no hasher),
+/// so a request may hold thousands of prepared files.
+enum Content {
+    Writing(Box<Hasher>),
+    /// Mode set, waiting for the group's `sync_filesystem` and its commit.
+    Prepared {
+        hash: ContentHash,
+        stat: Stat,
+    },
 }
 
 impl StagedFile {
@@ -1310,9 +1316,15 @@ impl StagedFile {
                 what: "staged file already finished".into(),
             });
         };
+        let Content::Writing(hasher) = &mut self.content else {
+            return Err(FsError::Unsupported {
+                path: self.name.clone(),
+                what: "staged file already prepared".into(),
+            });
+        };
         file.write_all(data)
             .map_err(|e| FsError::io("write staging file", &self.name, e))?;
-        self.hasher.update(data);
+        hasher.update(data);
         self.written += data.len() as u64;
         if self.written - self.writeback_from >= WRITEBACK_STEP {
             start_writeback(
@@ -1349,7 +1361,10 @@ impl StagedFile {
 
     /// The hash of everything written so far.
     pub fn hash(&self) -> ContentHash {
-        self.hasher.finalize()
+        match &self.content {
+            Content::Writing(hasher) => hasher.finalize(),
+            Content::Prepared { hash, .. } => *hash,
+        }
     }
 
     /// Copies a file of `root` into this staged file (a local copy: bytes
@@ -1369,7 +1384,7 @@ impl StagedFile {
     }
 
     /// The commit: checks the whole-content hash once, sets the mode on the
-    /// open file, fsyncs it, checks the target is still `expect`, renames it
+    /// file (prepared or not), fsyncs it, checks the target is still `expect`, renames it
     /// into place and fsyncs the directory. On any failure the staging file
     /// is removed and nothing is visible at `path`.
     pub fn commit(
@@ -1381,7 +1396,7 @@ impl StagedFile {
         expect: Expect,
     ) -> Result<Stat, FsError> {
         let mode = mode.into();
-        let actual = self.hasher.finalize();
+        let actual = self.hash();
         if actual != expected {
             return Err(FsError::HashMismatch {
                 path: root.shown(path),
@@ -1389,11 +1404,19 @@ impl StagedFile {
                 actual: actual.to_hex(),
             });
         }
-        let Some(file) = self.file.take() else {
-            return Err(FsError::Unsupported {
-                path: root.shown(path),
-                what: "staged file already finished".into(),
-            });
+        let file = match self.file.take() {
+            Some(file) => file,
+            // Prepared for a group that did not form: opened again to be
+            // synced on its own.
+            None => File::from(
+                rustix::fs::openat(
+                    &self.staging,
+                    self.name.as_str(),
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| FsError::io("open staging file", root.shown(path), e))?,
+            ),
         };
         rustix::fs::fchmod(&file, Mode::from_raw_mode(mode.bits()))
             .map_err(|e| FsError::io("chmod staging file", root.shown(path), e))?;
@@ -1432,7 +1455,13 @@ impl StagedFile {
             root.ownership
                 .apply(&parent, Target::Open(file.as_fd()), &root.shown(path))?;
         }
-        self.prepared = true;
+        let stat = staged_stat(file, root, path)?;
+        self.content = Content::Prepared {
+            hash: self.hash(),
+            stat,
+        };
+        // The group's `sync_filesystem` makes it durable; no descriptor needed.
+        self.file = None;
         Ok(())
     }
 
@@ -1448,28 +1477,20 @@ impl StagedFile {
         expected: ContentHash,
         expect: Expect,
     ) -> Result<Stat, FsError> {
-        if !self.prepared {
+        let Content::Prepared { hash, stat } = self.content else {
             return Err(FsError::Unsupported {
                 path: root.shown(path),
                 what: "staged file was not prepared for a group commit".into(),
             });
-        }
-        let actual = self.hasher.finalize();
-        if actual != expected {
+        };
+        if hash != expected {
             return Err(FsError::HashMismatch {
                 path: root.shown(path),
                 expected: expected.to_hex(),
-                actual: actual.to_hex(),
+                actual: hash.to_hex(),
             });
         }
-        let Some(file) = self.file.take() else {
-            return Err(FsError::Unsupported {
-                path: root.shown(path),
-                what: "staged file already finished".into(),
-            });
-        };
-        let staged = staged_stat(&file, root, path)?;
-        drop(file);
+        let staged = stat;
         let name = std::mem::take(&mut self.name);
         Ok(as_landed(
             staged,
@@ -1731,6 +1752,40 @@ mod tests {
             file.commit_prepared(&root, &rel("x"), ContentHash::of(b"x"), Expect::Absent)
                 .is_err()
         );
+        assert_eq!(root.staging_entries().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_prepared_file_commits_alone_too() {
+        // A group that did not form: the prepared file (its descriptor
+        // closed) is opened again, synced and landed on its own.
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        let mut file = root.stage_file().unwrap();
+        file.write_all(b"alone").unwrap();
+        file.prepare(&root, &rel("e/x.sh"), true).unwrap();
+        assert!(file.write_all(b"more").is_err(), "prepared means finished");
+        assert_eq!(file.hash(), ContentHash::of(b"alone"));
+        let stat = file
+            .commit(
+                &root,
+                &rel("e/x.sh"),
+                ContentHash::of(b"alone"),
+                true,
+                Expect::Absent,
+            )
+            .unwrap();
+        assert!(stat.executable());
+        assert_eq!(std::fs::read(dir.path().join("e/x.sh")).unwrap(), b"alone");
+        // The wrong hash is refused, prepared or not, and leaves nothing.
+        let mut file = root.stage_file().unwrap();
+        file.write_all(b"y").unwrap();
+        file.prepare(&root, &rel("y"), false).unwrap();
+        let err = file
+            .commit_prepared(&root, &rel("y"), ContentHash::of(b"z"), Expect::Absent)
+            .unwrap_err();
+        assert!(matches!(err, FsError::HashMismatch { .. }), "{err}");
+        assert!(!dir.path().join("y").exists());
         assert_eq!(root.staging_entries().unwrap(), 0);
     }
 

@@ -134,18 +134,71 @@ struct DiskState {
     stat: Option<Stat>,
 }
 
-/// Most ops staged together for one group commit (each holds an open
-/// staging file until its op lands).
-const PRESTAGE_WINDOW: usize = 1024;
+/// Inline files of one Commit request, written to staging with their final
+/// mode and made durable by one filesystem sync (group commit, first half:
+/// one `syncfs` instead of one fsync per file). Built before the commit
+/// lock is taken, so one request's files are written while the previous
+/// request commits; a staged file holds no descriptor once prepared.
+#[derive(Default)]
+pub struct Prestaged {
+    files: HashMap<(RelPath, ContentHash, bool), StagedFile>,
+    took: std::time::Duration,
+}
 
-/// Handles one Commit request. Blocking; the caller holds the commit lock.
+/// Writes and syncs the inline files of `ops` (see `Prestaged`). Bad ops
+/// are skipped, for `commit_locked` to refuse; a file that cannot be
+/// prepared takes the one-by-one path there.
+pub fn prestage(hub: &Hub, ws: &Workspace, ops: &[pb::CommitOp]) -> anyhow::Result<Prestaged> {
+    let started = std::time::Instant::now();
+    let mut prestaged = Prestaged::default();
+    if ops.iter().filter(|op| op.data.is_some()).count() < gm_fs::root::GROUP_COMMIT_MIN {
+        return Ok(prestaged);
+    }
+    let root = ws.root();
+    for op in ops {
+        let (Some(data), Some(entry)) = (&op.data, &op.entry) else {
+            continue;
+        };
+        let (
+            Ok(path),
+            Ok(Entry::File {
+                hash,
+                size,
+                executable,
+            }),
+        ) = (gm_proto::path(&op.path), gm_proto::entry(&op.path, entry))
+        else {
+            continue;
+        };
+        if size != data.len() as u64 || size > hub.config.max_file_size {
+            continue;
+        }
+        let mut staged = root.stage_file()?;
+        // Hashed as it is written: content that does not match is dropped
+        // here and refused by `commit_locked`.
+        staged.write_all(data)?;
+        if staged.hash() == hash && staged.prepare(&root, &path, executable).is_ok() {
+            prestaged.files.insert((path, hash, executable), staged);
+        }
+    }
+    if !prestaged.files.is_empty() {
+        root.sync_filesystem()?;
+    }
+    prestaged.took = started.elapsed();
+    Ok(prestaged)
+}
+
+/// Handles one Commit request, its inline files already `prestage`d.
+/// Blocking; the caller holds the commit lock.
 pub fn commit_locked(
     hub: &Hub,
     ws: &Workspace,
     seq: &mut Seq,
     node: &NodeId,
     ops: Vec<pb::CommitOp>,
+    prestaged: Prestaged,
 ) -> anyhow::Result<Vec<pb::OpResult>> {
+    let prestage_ms = prestaged.took.as_millis() as u64;
     let mut ctx = Ctx {
         hub,
         ws,
@@ -164,32 +217,17 @@ pub fn commit_locked(
         written: HashMap::new(),
         racy: Vec::new(),
         own: Vec::new(),
-        prestaged: HashMap::new(),
+        prestaged: prestaged.files,
         needs_sync: false,
     };
     let started = std::time::Instant::now();
     let count = ops.len();
-    // Group commits go by windows of ops, so a batch of many tiny files
-    // never holds more than one window of open staging files.
     let mut results = Vec::with_capacity(ops.len());
-    let mut prestaging = std::time::Duration::ZERO;
-    let mut ops = ops.into_iter();
-    let mut window: Vec<pb::CommitOp> = Vec::with_capacity(PRESTAGE_WINDOW.min(count));
-    loop {
-        window.extend(ops.by_ref().take(PRESTAGE_WINDOW));
-        if window.is_empty() {
-            break;
-        }
-        let at = std::time::Instant::now();
-        ctx.prestage(&window)?;
-        prestaging += at.elapsed();
-        for op in window.drain(..) {
-            results.push(ctx.handle(op));
-        }
-        // Staged files no op took (refused, or landed another way) go now.
-        ctx.prestaged.clear();
+    for op in ops {
+        results.push(ctx.handle(op));
     }
-    let prestaged = prestaging;
+    // Staged files no op took (refused, or landed another way) go now.
+    ctx.prestaged.clear();
     let decided = started.elapsed();
     let flushed = ctx.flush();
     hub.counters.commit_seconds.observe(started.elapsed());
@@ -197,8 +235,8 @@ pub fn commit_locked(
         workspace = %ws.id,
         node = %node,
         ops = count,
-        prestage_ms = prestaged.as_millis() as u64,
-        ops_ms = decided.saturating_sub(prestaged).as_millis() as u64,
+        prestage_ms,
+        ops_ms = decided.as_millis() as u64,
         flush_ms = (started.elapsed() - decided).as_millis() as u64,
         "commit request"
     );
@@ -227,8 +265,7 @@ struct Ctx<'a> {
     racy: Vec<RelPath>,
     /// What this batch's ops left on disk, for `Workspace::expect_own`.
     own: Vec<(RelPath, OwnWrite)>,
-    /// Inline files of the request written to staging and made durable by
-    /// one `sync_filesystem` before any op is decided (group commit).
+    /// `Prestaged` files not landed yet.
     prestaged: HashMap<(RelPath, ContentHash, bool), StagedFile>,
     /// Renames done since the last `sync_filesystem`: synced before the
     /// journal records them.
@@ -243,48 +280,6 @@ fn result(path: &str, outcome: pb::op_result::Outcome) -> pb::OpResult {
 }
 
 impl Ctx<'_> {
-    /// Group commit, first half: every inline file of the request is written
-    /// to staging with its mode, then one filesystem sync makes them all
-    /// durable, instead of one fsync per file. Bad ops are left for `handle`
-    /// to refuse.
-    fn prestage(&mut self, ops: &[pb::CommitOp]) -> anyhow::Result<()> {
-        if ops.iter().filter(|op| op.data.is_some()).count() < gm_fs::root::GROUP_COMMIT_MIN {
-            return Ok(());
-        }
-        for op in ops {
-            let (Some(data), Some(entry)) = (&op.data, &op.entry) else {
-                continue;
-            };
-            let (
-                Ok(path),
-                Ok(Entry::File {
-                    hash,
-                    size,
-                    executable,
-                }),
-            ) = (gm_proto::path(&op.path), gm_proto::entry(&op.path, entry))
-            else {
-                continue;
-            };
-            if size != data.len() as u64
-                || size > self.hub.config.max_file_size
-                || ContentHash::of(data) != hash
-            {
-                continue;
-            }
-            let mut staged = self.root.stage_file()?;
-            staged.write_all(data)?;
-            // A file that cannot be prepared here takes the one-by-one path.
-            if staged.prepare(&self.root, &path, executable).is_ok() {
-                self.prestaged.insert((path, hash, executable), staged);
-            }
-        }
-        if !self.prestaged.is_empty() {
-            self.root.sync_filesystem()?;
-        }
-        Ok(())
-    }
-
     fn handle(&mut self, op: pb::CommitOp) -> pb::OpResult {
         match self.handle_checked(&op) {
             Ok(done) => done,

@@ -19,7 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Principal, principal};
-use crate::commit::commit_locked;
+use crate::commit::{commit_locked, prestage};
 use crate::observe::{Scope, observe_workspace};
 use crate::registry_service::RegistryService;
 use crate::state::{Counters, Hub, Workspace};
@@ -310,11 +310,21 @@ impl Sync for SyncService {
                 ws.id
             )));
         }
+        // Inline files are written and synced before the commit lock is
+        // taken: the next request's while this one commits.
+        let (hub, staging_ws) = (self.hub.clone(), ws.clone());
+        let (ops, prestaged) = tokio::task::spawn_blocking(move || {
+            let prestaged = prestage(&hub, &staging_ws, &req.ops);
+            (req.ops, prestaged)
+        })
+        .await
+        .map_err(internal)?;
+        let prestaged = prestaged.map_err(|e| internal(format!("{e:#}")))?;
         let guard = ws.seq.clone().lock_owned().await;
         let hub = self.hub.clone();
         let results = tokio::task::spawn_blocking(move || {
             let mut guard = guard;
-            commit_locked(&hub, &ws, &mut guard, &node, req.ops)
+            commit_locked(&hub, &ws, &mut guard, &node, ops, prestaged)
         })
         .await
         .map_err(internal)?
