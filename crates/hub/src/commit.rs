@@ -181,9 +181,17 @@ pub fn prestage(hub: &Hub, ws: &Workspace, ops: &[pb::CommitOp]) -> anyhow::Resu
             prestaged.files.insert((path, hash, executable), staged);
         }
     }
+    let synced = std::time::Instant::now();
     if !prestaged.files.is_empty() {
         root.sync_filesystem()?;
     }
+    tracing::debug!(
+        workspace = %ws.id,
+        files = prestaged.files.len(),
+        write_ms = (synced - started).as_millis() as u64,
+        sync_ms = synced.elapsed().as_millis() as u64,
+        "prestaged"
+    );
     prestaged.took = started.elapsed();
     Ok(prestaged)
 }
