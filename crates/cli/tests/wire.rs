@@ -268,9 +268,11 @@ async fn hostile_requests_are_refused_and_change_nothing() {
             vec![
                 start(&claimed, 10, 1),
                 manifest(&[b"0123456789"]),
+                // The right length, the wrong bytes: the whole-file hash
+                // refuses them (a sent chunk is not hashed on its own).
                 chunk(0, b"9876543210"),
             ],
-            "chunk 0 does not match its hash",
+            "uploaded content does not match its hash",
         ),
         (
             vec![start(&claimed, 10, 1), manifest(&[b"0123456789"])],

@@ -1,8 +1,9 @@
 //! Assembling a file from its chunks: each chunk comes from a file the
 //! receiver already holds (read and checked against the chunk hash), from
-//! an earlier position of the same file, or from the sender. Every piece is
-//! verified before it is written, so only verified bytes reach the staging
-//! file; the whole-file hash is checked once more at commit.
+//! an earlier position of the same file (checked too), or from the sender
+//! (its length checked). The whole-file hash, checked at commit, covers
+//! every byte written: a sender's wrong chunk refuses the file there, and
+//! is not hashed twice on the way.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -77,7 +78,7 @@ pub fn assemble(
             Piece::Fetch => {
                 let data = fetch(index).map_err(|reason| AssembleError::Fetch { index, reason })?;
                 done.fetched_bytes += data.len() as u64;
-                VerifiedChunk::verify(index, data, chunk)?
+                VerifiedChunk::from_sender(index, data, chunk)?
             }
             Piece::Earlier(earlier) => {
                 let data = staged.read_at(offsets[*earlier], chunk.len)?;
@@ -174,6 +175,26 @@ mod tests {
         })
         .unwrap_err();
         assert!(matches!(err, AssembleError::Chunk(_)), "{err}");
+        // Chunks of the right lengths and the wrong bytes: the whole-file
+        // hash refuses the file, and nothing lands.
+        let mut staged = root.stage_file().unwrap();
+        assemble(&root, &mut staged, &manifest, &pieces, |index| {
+            Ok(vec![2u8; manifest.chunks[index].len as usize])
+        })
+        .unwrap();
+        let whole = ContentHash::of(&data);
+        assert_ne!(staged.hash(), whole);
+        let err = staged
+            .commit(
+                &root,
+                &RelPath::new("lied").unwrap(),
+                whole,
+                false,
+                crate::Expect::Absent,
+            )
+            .unwrap_err();
+        assert!(matches!(err, FsError::HashMismatch { .. }), "{err}");
+        assert!(!dir.path().join("lied").exists());
         std::fs::write(dir.path().join("src"), vec![9u8; 2 << 20]).unwrap();
         let pieces = vec![
             Piece::Local {
