@@ -93,6 +93,18 @@ impl Ownership {
         }
         let dir = rustix::fs::fstat(owner_dir)
             .map_err(|e| FsError::io("stat parent directory", shown, e))?;
+        // Already owned so (the usual case: the engine runs as the owner
+        // of the tree): no chown, which would dirty the inode and send the
+        // watcher an attribute event for nothing.
+        let current = match target {
+            Target::Open(fd) => rustix::fs::fstat(fd),
+            Target::Entry(dir, name) => rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW),
+        };
+        if let Ok(current) = current
+            && (current.st_uid, current.st_gid) == (dir.st_uid, dir.st_gid)
+        {
+            return Ok(());
+        }
         let (uid, gid) = (Uid::from_raw(dir.st_uid), Gid::from_raw(dir.st_gid));
         let result = match target {
             Target::Open(fd) => rustix::fs::fchown(fd, Some(uid), Some(gid)),
@@ -114,6 +126,7 @@ impl Ownership {
 }
 
 /// What `Ownership::apply` changes.
+#[derive(Clone, Copy)]
 pub(crate) enum Target<'a> {
     Open(std::os::fd::BorrowedFd<'a>),
     Entry(std::os::fd::BorrowedFd<'a>, &'a str),
