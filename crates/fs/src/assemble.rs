@@ -1,9 +1,13 @@
 //! Assembling a file from its chunks: each chunk comes from a file the
-//! receiver already holds (read and checked against the chunk hash), from
-//! an earlier position of the same file (checked too), or from the sender
-//! (its length checked). The whole-file hash, checked at commit, covers
-//! every byte written: a sender's wrong chunk refuses the file there, and
-//! is not hashed twice on the way.
+//! receiver already holds, from an earlier position of the same file, or
+//! from the sender (its length checked). Every byte is hashed once, by the
+//! staged file's whole-content hasher, and `assemble` checks that hash
+//! against the file's before it returns: a wrong byte anywhere fails it.
+//! Only then are local sources checked chunk by chunk, to say which one
+//! changed since it was planned (`SourceChanged`, so the caller plans
+//! again without it); when none did, the sender's chunks were wrong
+//! (`Mismatch`). Before, every chunk was hashed on its own as well: twice
+//! the hashing for the same guarantee.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -36,6 +40,13 @@ pub enum AssembleError {
     SourceChanged { path: RelPath },
     #[error("fetching chunk {index}: {reason}")]
     Fetch { index: usize, reason: String },
+    /// The assembled content is not the file's: the sender's chunks were
+    /// wrong (no local source changed).
+    #[error("the assembled content hashes to {actual}, not {expected}")]
+    Mismatch {
+        expected: ContentHash,
+        actual: ContentHash,
+    },
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -60,55 +71,82 @@ pub fn plan_pieces(
         .collect()
 }
 
-/// Writes every chunk of `manifest` into `staged`, in order. `fetch(index)`
-/// returns the (decoded) bytes of a `Fetch` chunk; it is called in
-/// increasing index order.
+/// Writes every chunk of `manifest` into `staged`, in order, and checks
+/// that the result hashes to `whole`. `fetch(index)` returns the (decoded)
+/// bytes of a `Fetch` chunk; it is called in increasing index order.
 pub fn assemble(
     root: &Root,
     staged: &mut StagedFile,
     manifest: &Manifest,
     pieces: &[Piece],
+    whole: ContentHash,
     mut fetch: impl FnMut(usize) -> Result<Vec<u8>, String>,
 ) -> Result<Assembled, AssembleError> {
     let offsets = manifest.offsets();
     let mut open: HashMap<RelPath, File> = HashMap::new();
     let mut done = Assembled::default();
     for (index, (chunk, piece)) in manifest.chunks.iter().zip(pieces).enumerate() {
-        let verified = match piece {
+        let data = match piece {
             Piece::Fetch => {
                 let data = fetch(index).map_err(|reason| AssembleError::Fetch { index, reason })?;
                 done.fetched_bytes += data.len() as u64;
-                VerifiedChunk::from_sender(index, data, chunk)?
+                data
             }
-            Piece::Earlier(earlier) => {
-                let data = staged.read_at(offsets[*earlier], chunk.len)?;
-                VerifiedChunk::verify(index, data, chunk)?
-            }
+            Piece::Earlier(earlier) => staged.read_at(offsets[*earlier], chunk.len)?,
             Piece::Local { path, offset } => {
-                if !open.contains_key(path) {
-                    if open.len() >= 64 {
-                        open.clear();
-                    }
-                    let (file, _) = root
-                        .open_read(path)
-                        .map_err(|_| AssembleError::SourceChanged { path: path.clone() })?;
-                    open.insert(path.clone(), file);
-                }
-                let data = match open.get(path) {
-                    Some(file) => root.read_range(file, path, *offset, chunk.len),
-                    None => Err(FsError::TargetChanged {
-                        path: path.to_string(),
-                    }),
-                }
-                .map_err(|_| AssembleError::SourceChanged { path: path.clone() })?;
+                let data = read_local(root, &mut open, path, *offset, chunk.len)?;
                 done.copied_bytes += data.len() as u64;
-                VerifiedChunk::verify(index, data, chunk)
-                    .map_err(|_| AssembleError::SourceChanged { path: path.clone() })?
+                data
             }
         };
-        staged.write_all(verified.bytes())?;
+        // Lengths are checked here; content by the whole-file hash below.
+        let sized = VerifiedChunk::from_sender(index, data, chunk).map_err(|e| match piece {
+            Piece::Local { path, .. } => AssembleError::SourceChanged { path: path.clone() },
+            _ => AssembleError::Chunk(e),
+        })?;
+        staged.write_all(sized.bytes())?;
     }
-    Ok(done)
+    let actual = staged.hash();
+    if actual == whole {
+        return Ok(done);
+    }
+    // Which local source changed since it was planned, if one did.
+    for (index, (chunk, piece)) in manifest.chunks.iter().zip(pieces).enumerate() {
+        if let Piece::Local { path, offset } = piece {
+            let changed = read_local(root, &mut open, path, *offset, chunk.len)
+                .map(|data| VerifiedChunk::verify(index, data, chunk).is_err())
+                .unwrap_or(true);
+            if changed {
+                return Err(AssembleError::SourceChanged { path: path.clone() });
+            }
+        }
+    }
+    Err(AssembleError::Mismatch {
+        expected: whole,
+        actual,
+    })
+}
+
+/// Reads `len` bytes at `offset` of the local source `path`, keeping up to
+/// 64 sources open. Any failure means the source is not what was planned.
+fn read_local(
+    root: &Root,
+    open: &mut HashMap<RelPath, File>,
+    path: &RelPath,
+    offset: u64,
+    len: u32,
+) -> Result<Vec<u8>, AssembleError> {
+    let changed = || AssembleError::SourceChanged { path: path.clone() };
+    if !open.contains_key(path) {
+        if open.len() >= 64 {
+            open.clear();
+        }
+        let (file, _) = root.open_read(path).map_err(|_| changed())?;
+        open.insert(path.clone(), file);
+    }
+    let file = open.get(path).ok_or_else(changed)?;
+    root.read_range(file, path, offset, len)
+        .map_err(|_| changed())
 }
 
 #[cfg(test)]
@@ -142,10 +180,17 @@ mod tests {
         );
         let offsets = manifest.offsets();
         let mut staged = root.stage_file().unwrap();
-        let done = assemble(&root, &mut staged, &manifest, &pieces, |i| {
-            let start = offsets[i] as usize;
-            Ok(new[start..start + manifest.chunks[i].len as usize].to_vec())
-        })
+        let done = assemble(
+            &root,
+            &mut staged,
+            &manifest,
+            &pieces,
+            ContentHash::of(&new),
+            |i| {
+                let start = offsets[i] as usize;
+                Ok(new[start..start + manifest.chunks[i].len as usize].to_vec())
+            },
+        )
         .unwrap();
         assert_eq!(done.copied_bytes + done.fetched_bytes, new.len() as u64);
         assert!(done.fetched_bytes < 600 * 1024);
@@ -168,33 +213,22 @@ mod tests {
         let root = Root::open(dir.path(), "t").unwrap();
         let data = vec![1u8; 2 << 20];
         let manifest = gm_chunk::chunk_slice(&data);
+        let whole = ContentHash::of(&data);
         let pieces = vec![Piece::Fetch; manifest.chunks.len()];
         let mut staged = root.stage_file().unwrap();
-        let err = assemble(&root, &mut staged, &manifest, &pieces, |_| {
+        let err = assemble(&root, &mut staged, &manifest, &pieces, whole, |_| {
             Ok(vec![2u8; 16])
         })
         .unwrap_err();
         assert!(matches!(err, AssembleError::Chunk(_)), "{err}");
         // Chunks of the right lengths and the wrong bytes: the whole-file
-        // hash refuses the file, and nothing lands.
+        // hash refuses them.
         let mut staged = root.stage_file().unwrap();
-        assemble(&root, &mut staged, &manifest, &pieces, |index| {
+        let err = assemble(&root, &mut staged, &manifest, &pieces, whole, |index| {
             Ok(vec![2u8; manifest.chunks[index].len as usize])
         })
-        .unwrap();
-        let whole = ContentHash::of(&data);
-        assert_ne!(staged.hash(), whole);
-        let err = staged
-            .commit(
-                &root,
-                &RelPath::new("lied").unwrap(),
-                whole,
-                false,
-                crate::Expect::Absent,
-            )
-            .unwrap_err();
-        assert!(matches!(err, FsError::HashMismatch { .. }), "{err}");
-        assert!(!dir.path().join("lied").exists());
+        .unwrap_err();
+        assert!(matches!(err, AssembleError::Mismatch { .. }), "{err}");
         std::fs::write(dir.path().join("src"), vec![9u8; 2 << 20]).unwrap();
         let pieces = vec![
             Piece::Local {
@@ -204,7 +238,7 @@ mod tests {
             manifest.chunks.len()
         ];
         let mut staged = root.stage_file().unwrap();
-        let err = assemble(&root, &mut staged, &manifest, &pieces, |_| {
+        let err = assemble(&root, &mut staged, &manifest, &pieces, whole, |_| {
             Err("unused".into())
         })
         .unwrap_err();
@@ -235,8 +269,9 @@ mod tests {
             .collect();
         let pieces = plan_pieces(&manifest, &locate);
         // Unchanged: every byte comes from the local file, read ahead.
+        let whole = ContentHash::of(&data);
         let mut staged = root.stage_file().unwrap();
-        let done = assemble(&root, &mut staged, &manifest, &pieces, |_| {
+        let done = assemble(&root, &mut staged, &manifest, &pieces, whole, |_| {
             Err("nothing to fetch".into())
         })
         .unwrap();
@@ -247,13 +282,21 @@ mod tests {
         changed[3 << 20..].fill(0);
         std::fs::write(dir.path().join("src"), &changed).unwrap();
         let mut staged = root.stage_file().unwrap();
-        let err = assemble(&root, &mut staged, &manifest, &pieces, |_| {
+        let err = assemble(&root, &mut staged, &manifest, &pieces, whole, |_| {
+            Err("nothing to fetch".into())
+        })
+        .unwrap_err();
+        match err {
+            AssembleError::SourceChanged { path } => assert_eq!(path.as_str(), "src"),
+            other => panic!("{other}"),
+        }
+        // A source shorter than planned is a changed source too.
+        std::fs::write(dir.path().join("src"), &data[..1 << 20]).unwrap();
+        let mut staged = root.stage_file().unwrap();
+        let err = assemble(&root, &mut staged, &manifest, &pieces, whole, |_| {
             Err("nothing to fetch".into())
         })
         .unwrap_err();
         assert!(matches!(err, AssembleError::SourceChanged { .. }), "{err}");
-        // The chunks before the change were written, nothing after it.
-        assert!(staged.len() <= 3 << 20, "{}", staged.len());
-        assert!(staged.len() >= (3 << 20) - (1 << 20));
     }
 }

@@ -129,16 +129,23 @@ pub async fn upload(
     let assembler = tokio::task::spawn_blocking(move || {
         let mut staged = root.stage_file()?;
         let lens: Vec<u32> = assembly_manifest.chunks.iter().map(|c| c.len).collect();
-        let done = assemble(&root, &mut staged, &assembly_manifest, &pieces, |index| {
-            let message = chunk_rx
-                .blocking_recv()
-                .ok_or("the upload ended before all needed chunks")?;
-            if message.index as usize != index {
-                return Err(format!("expected chunk {index}, got {}", message.index));
-            }
-            gm_chunk::decode(message.data, message.zstd, lens[index] as usize)
-                .map_err(|e| e.to_string())
-        })?;
+        let done = assemble(
+            &root,
+            &mut staged,
+            &assembly_manifest,
+            &pieces,
+            hash,
+            |index| {
+                let message = chunk_rx
+                    .blocking_recv()
+                    .ok_or("the upload ended before all needed chunks")?;
+                if message.index as usize != index {
+                    return Err(format!("expected chunk {index}, got {}", message.index));
+                }
+                gm_chunk::decode(message.data, message.zstd, lens[index] as usize)
+                    .map_err(|e| e.to_string())
+            },
+        )?;
         Ok::<_, AssembleError>((staged, done))
     });
     let mut forward_error = None;
@@ -176,6 +183,9 @@ pub async fn upload(
     }
     let (staged, done) = assembled.map_err(|e| match e {
         AssembleError::Chunk(err) => bad(format!("upload for {hash}: {err}")),
+        AssembleError::Mismatch { .. } => {
+            bad(format!("uploaded content does not match its hash {hash}"))
+        }
         AssembleError::Fetch { index, reason } => bad(format!(
             "upload for {hash} was truncated at chunk {index}: {reason}"
         )),

@@ -473,7 +473,7 @@ async fn download_pieces(
             .map_err(|e| failed(DownloadFailure::Local(e)))?;
         let lens: Vec<u32> = manifest.chunks.iter().map(|c| c.len).collect();
         let mut position = 0u32;
-        let result = assemble(&root, &mut staged, &manifest, &pieces, |index| {
+        let result = assemble(&root, &mut staged, &manifest, &pieces, hash, |index| {
             let message = chunk_rx
                 .blocking_recv()
                 .ok_or("the hub ended the chunk stream early")??;
@@ -486,7 +486,9 @@ async fn download_pieces(
         });
         match result {
             Ok(_) => {}
-            Err(AssembleError::Chunk(_)) => return Err(failed(DownloadFailure::Corrupt)),
+            Err(AssembleError::Chunk(_) | AssembleError::Mismatch { .. }) => {
+                return Err(failed(DownloadFailure::Corrupt));
+            }
             Err(AssembleError::Fs(err)) => return Err(failed(DownloadFailure::Local(err))),
             Err(AssembleError::SourceChanged { path }) => return Err(Stale::Source(path)),
             Err(other) => {
