@@ -384,8 +384,7 @@ impl Ctx<'_> {
         if let Some(name) = self.hub.skills.guarded(path) {
             return self.skill_guard(path, &name, ours, data);
         }
-        let disk = self.sync_disk(path)?;
-        let current = self.current(path)?;
+        let (disk, current) = self.sync_disk(path)?;
         let has_children = if children_matter(&current, ours) {
             self.flush()?;
             self.hub.db.has_live_children(&self.ws.id, path)?
@@ -599,13 +598,14 @@ impl Ctx<'_> {
         Ok(self.hub.db.cache_get(&self.ws.id, path)?)
     }
 
-    /// What the disk holds at `path`; if it differs from the journal (a
-    /// hub-side write not yet seen), journals it first.
-    fn sync_disk(&mut self, path: &RelPath) -> Result<DiskState, OpError> {
+    /// What the disk holds at `path`, and the journal's state of it; if
+    /// the two differ (a hub-side write not yet seen), journals the disk
+    /// first.
+    fn sync_disk(&mut self, path: &RelPath) -> Result<(DiskState, Versioned), OpError> {
         let disk = self.read_disk(path)?;
         let current = self.current(path)?;
         if disk.entry == current.entry {
-            return Ok(disk);
+            return Ok((disk, current));
         }
         self.flush()?;
         observe_locked(
@@ -621,7 +621,8 @@ impl Ctx<'_> {
                 format!("workspace {} is halted on the hub", self.ws.id),
             ));
         }
-        self.read_disk(path)
+        let disk = self.read_disk(path)?;
+        Ok((disk, self.current(path)?))
     }
 
     fn read_disk(&mut self, path: &RelPath) -> Result<DiskState, OpError> {
@@ -747,7 +748,7 @@ impl Ctx<'_> {
                 }
                 None => {}
             }
-            let disk = self.sync_disk(&ancestor)?;
+            let (disk, _) = self.sync_disk(&ancestor)?;
             match disk.entry {
                 Some(Entry::Dir) => continue,
                 Some(other) => {
