@@ -1267,6 +1267,7 @@ fn compression_setting_decides_whether_content_travels_compressed() {
     let hub = Hub::start(dir.path());
     let upstream: std::net::SocketAddr = hub.url.trim_start_matches("http://").parse().unwrap();
     let mut wire = std::collections::BTreeMap::new();
+    let mut metadata_wire = std::collections::BTreeMap::new();
     for (seed, mode) in [(1000, "metadata"), (2000, "always"), (3000, "never")] {
         let ws = format!("w-{mode}");
         let proxy = common::proxy::FaultProxy::start(upstream, 1);
@@ -1293,8 +1294,32 @@ fn compression_setting_decides_whether_content_travels_compressed() {
                 && line.contains(&format!("\"{mode}\""))),
             "the node's settings line names {mode}: {log}"
         );
-        wire.insert(mode, (proxy.stats().bytes, content));
+        // Metadata only: directories made on the hub reach the node as
+        // journal events, with no content.
+        let before = proxy.stats().bytes;
+        let dirs = hub.workspace_status(&ws)["dirs"].as_u64().unwrap_or(0);
+        for i in 0..400 {
+            std::fs::create_dir_all(
+                hub.mirror(&ws)
+                    .join(format!("meta/a-directory-with-a-long-name-{i:04}")),
+            )
+            .unwrap();
+        }
+        wait_until("the hub journals its directories", || {
+            hub.workspace_status(&ws)["dirs"].as_u64() == Some(dirs + 401)
+        });
+        let out = node.once();
+        assert!(out.status.success(), "{mode}: {}", node.log_text());
+        assert!(node.path("meta/a-directory-with-a-long-name-0399").is_dir());
+        let metadata = proxy.stats().bytes - before;
+        wire.insert(mode, (before, content));
+        metadata_wire.insert(mode, metadata);
     }
+    assert!(
+        metadata_wire["never"] > 2 * metadata_wire["metadata"]
+            && metadata_wire["never"] > 2 * metadata_wire["always"],
+        "journal events compress unless the setting is never: {metadata_wire:?}"
+    );
     for mode in ["metadata", "never"] {
         let (bytes, content) = wire[mode];
         assert!(
