@@ -11,12 +11,12 @@
 //! - `Manifest` is a file's chunk list; `plan` splits it into chunks the
 //!   receiver can copy from what it has and chunks it must fetch.
 //! - `VerifiedChunk` is the only way to get bytes that may be written into
-//!   a file being assembled: `verify` checks a chunk read from a local
-//!   source against its hash; `from_sender` checks only the length of a
-//!   chunk the sender sent, whose content the whole-file hash checks at
-//!   commit (hashing it twice was a quarter of the hub's CPU on 2 GiB).
-//! - `encode`/`decode`: zstd where a quick sample says it pays, raw bytes
-//!   otherwise.
+//!   a file being assembled: `sized` checks a chunk's length, leaving its
+//!   content to the whole-file hash the assembly checks (hashing each chunk
+//!   as well was a quarter of the hub's CPU on 2 GiB); `verify` checks the
+//!   hash too, to find which chunk is wrong.
+//! - `encode`/`decode`: zstd when asked and a quick sample says it pays,
+//!   raw bytes otherwise.
 
 use std::io::Read;
 
@@ -165,19 +165,16 @@ pub fn plan<L: Clone>(
         .collect()
 }
 
-/// Bytes that may go into a file being assembled: checked against the
-/// hash they were asked for, or (from the sender) against their length,
-/// the whole-file hash checking their content when the file lands.
+/// Bytes that may go into a file being assembled: checked against their
+/// length (`sized`), their content covered by the whole-file hash the
+/// assembly checks, or against their hash too (`verify`).
 #[derive(Debug)]
 pub struct VerifiedChunk(Vec<u8>);
 
 impl VerifiedChunk {
-    /// A chunk sent for the file being assembled: its length is checked
-    /// here, its content by the staged file's whole-content hash, which
-    /// every landing checks (a wrong byte anywhere refuses the file). A
-    /// chunk read from a local source must use `verify`: that source may
-    /// have changed since it was planned.
-    pub fn from_sender(
+    /// A chunk of the expected length; its content is left to the
+    /// whole-file hash (a wrong byte anywhere refuses the file).
+    pub fn sized(
         index: usize,
         data: Vec<u8>,
         expected: &ChunkRef,
@@ -192,19 +189,14 @@ impl VerifiedChunk {
         Ok(VerifiedChunk(data))
     }
 
+    /// A chunk of the expected length and hash.
     pub fn verify(
         index: usize,
         data: Vec<u8>,
         expected: &ChunkRef,
     ) -> Result<VerifiedChunk, ChunkError> {
-        if data.len() != expected.len as usize {
-            return Err(ChunkError::Length {
-                index,
-                expected: expected.len,
-                actual: data.len(),
-            });
-        }
-        let actual = ContentHash::of(&data);
+        let chunk = VerifiedChunk::sized(index, data, expected)?;
+        let actual = ContentHash::of(&chunk.0);
         if actual != expected.hash {
             return Err(ChunkError::Mismatch {
                 index,
@@ -212,7 +204,7 @@ impl VerifiedChunk {
                 actual,
             });
         }
-        Ok(VerifiedChunk(data))
+        Ok(chunk)
     }
 
     pub fn bytes(&self) -> &[u8] {
@@ -336,16 +328,17 @@ pub fn chunk_slice(data: &[u8]) -> Manifest {
 const ZSTD_LEVEL: i32 = 1;
 const SAMPLE: usize = 4096;
 
-/// Compresses `data` when a sample says it pays (at least 10% smaller);
-/// returns the bytes to send and whether they are zstd-compressed. Each
-/// thread keeps one compression context (creating one per chunk cost more
-/// than compressing the sample).
-pub fn encode(data: Vec<u8>) -> (Vec<u8>, bool) {
+/// Compresses `data` when `compress` (the peer's `GM_COMPRESSION` asks for
+/// content) and a sample says it pays (at least 10% smaller); returns the
+/// bytes to send and whether they are zstd-compressed. Each thread keeps
+/// one compression context (creating one per chunk cost more than
+/// compressing the sample).
+pub fn encode(data: Vec<u8>, compress: bool) -> (Vec<u8>, bool) {
     thread_local! {
         static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
             const { std::cell::RefCell::new(None) };
     }
-    if data.len() < 512 {
+    if !compress || data.len() < 512 {
         return (data, false);
     }
     COMPRESSOR.with(|cell| {
@@ -496,11 +489,11 @@ mod tests {
             VerifiedChunk::verify(0, b"x".to_vec(), &chunk),
             Err(ChunkError::Length { .. })
         ));
-        let (packed, compressed) = encode(data.clone());
+        let (packed, compressed) = encode(data.clone(), true);
         assert!(compressed && packed.len() < 100);
         assert_eq!(decode(packed, true, data.len()).unwrap(), data);
         let random = noise(100_000, 5);
-        let (raw, compressed) = encode(random.clone());
+        let (raw, compressed) = encode(random.clone(), true);
         assert!(!compressed);
         assert_eq!(raw, random);
         // A bomb does not decode past its declared length.

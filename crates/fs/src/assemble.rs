@@ -100,7 +100,7 @@ pub fn assemble(
             }
         };
         // Lengths are checked here; content by the whole-file hash below.
-        let sized = VerifiedChunk::from_sender(index, data, chunk).map_err(|e| match piece {
+        let sized = VerifiedChunk::sized(index, data, chunk).map_err(|e| match piece {
             Piece::Local { path, .. } => AssembleError::SourceChanged { path: path.clone() },
             _ => AssembleError::Chunk(e),
         })?;

@@ -3,8 +3,8 @@
 //! - `upload`: the node sends a file's chunk list; the hub answers with the
 //!   chunks it cannot find in this workspace (chunk index, or whole files
 //!   with that content), then assembles the file in staging from local
-//!   copies and the chunks received, every chunk verified, and keeps it for
-//!   the commit that names its hash.
+//!   copies and the chunks received (`gm_fs::assemble` checks the whole
+//!   file's hash), and keeps it for the commit that names its hash.
 //! - `manifest`: the chunk list of a file the hub holds (from the cache, or
 //!   computed and cached on first use).
 //! - `read_chunks`: byte ranges of a file, zstd where it pays if asked.
@@ -194,11 +194,6 @@ pub async fn upload(
         )),
         AssembleError::Fs(err) => internal(err),
     })?;
-    if staged.hash() != hash {
-        return Err(bad(format!(
-            "uploaded content does not match its hash {hash}"
-        )));
-    }
     Counters::add(&hub.counters.bytes_received, done.fetched_bytes);
     Counters::add(&hub.counters.chunk_bytes_reused, done.copied_bytes);
     tracing::debug!(workspace = %ws.id, %hash, fetched = done.fetched_bytes, reused = done.copied_bytes, "upload staged");
@@ -316,11 +311,7 @@ pub fn read_chunks(
         };
         io.throttle(data.len());
         Counters::add(&hub.counters.bytes_sent, data.len() as u64);
-        let (data, zstd) = if compress {
-            gm_chunk::encode(data)
-        } else {
-            (data, false)
-        };
+        let (data, zstd) = gm_chunk::encode(data, compress);
         let message = pb::ChunkData {
             index: index as u32,
             data,

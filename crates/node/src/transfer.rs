@@ -5,7 +5,8 @@
 //! checks the whole-file hash once and refuses to overwrite a target that
 //! changed since the plan. Large files move by chunks: only the chunks the
 //! receiver cannot find in its own workspace cross the wire
-//! (`download_chunked`, `upload`), each verified before it is written.
+//! (`download_chunked`, `upload`), the assembled file checked against its
+//! hash before it lands.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -271,14 +272,10 @@ pub async fn upload(
             let chunk = &manifest.chunks[index as usize];
             let data = root.read_range(&file, &reader_path, offsets[index as usize], chunk.len)?;
             io.throttle(data.len());
-            // Not hashed here: the hub verifies every chunk against the
-            // chunk list and refuses the upload ("does not match", a retry)
-            // when the file changed since it was scanned.
-            let (data, zstd) = if compress {
-                gm_chunk::encode(data)
-            } else {
-                (data, false)
-            };
+            // Not hashed here: the hub checks the assembled file's hash and
+            // refuses the upload ("does not match", a retry) when the file
+            // changed since it was scanned.
+            let (data, zstd) = gm_chunk::encode(data, compress);
             let message = pb::UploadMessage {
                 msg: Some(pb::upload_message::Msg::Chunk(pb::ChunkData {
                     index,
