@@ -53,6 +53,12 @@ impl Compression {
         }
     }
 
+    /// Whether calls that carry only metadata (the journal stream) are
+    /// compressed.
+    pub fn metadata(self) -> bool {
+        self != Compression::Never
+    }
+
     /// Whether file content (chunks, downloads) is compressed.
     pub fn content(self) -> bool {
         self == Compression::Always

@@ -271,8 +271,7 @@ impl WorkspaceTask {
             }
         };
 
-        let compress = self.config.compression != crate::Compression::Never;
-        let stream = crate::client::compressed_if(&client, compress)
+        let stream = crate::client::compressed_if(&client, self.config.compression.metadata())
             .subscribe(pb::SubscribeRequest {
                 workspace: self.id.to_string(),
                 epoch: attach.epoch.clone(),
