@@ -1384,8 +1384,8 @@ impl StagedFile {
     }
 
     /// The commit: checks the whole-content hash once, sets the mode on the
-    /// file (prepared or not), fsyncs it, checks the target is still `expect`, renames it
-    /// into place and fsyncs the directory. On any failure the staging file
+    /// file (prepared or not), fsyncs it, checks the target is still
+    /// `expect`, renames it into place and fsyncs the directory. On any failure the staging file
     /// is removed and nothing is visible at `path`.
     pub fn commit(
         mut self,
@@ -1490,10 +1490,9 @@ impl StagedFile {
                 actual: hash.to_hex(),
             });
         }
-        let staged = stat;
         let name = std::mem::take(&mut self.name);
         Ok(as_landed(
-            staged,
+            stat,
             root.place_with(&name, path, expect, false)?,
         ))
     }
