@@ -152,6 +152,43 @@ fn live_changes_reach_the_other_node() {
     );
 }
 
+/// The hub watches its mirrors before its startup scan walks them: a file
+/// written into a mirror between the end of that scan and the hub's first
+/// periodic rescan (an hour away here) is journaled all the same. A test
+/// fault holds the hub for 3 s after the scan; the file is written then.
+#[test]
+fn a_mirror_change_right_after_the_startup_scan_is_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("hub/mirrors").join(WS);
+    write(&mirror.join("seed.txt"), "there before the start");
+    let log = dir.path().join("hub.log");
+    let writer = std::thread::spawn(move || {
+        wait_until("the hub pauses after its startup scan", || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("GM_TEST_FAULT: pausing")
+        });
+        write(&mirror.join("late.txt"), "written after the scan");
+    });
+    let hub = Hub::start_with(
+        dir.path(),
+        &[
+            ("GM_TEST_FAULT", "startup:pause-after-scan"),
+            ("GM_RESCAN_INTERVAL", "3600"),
+        ],
+    );
+    writer.join().expect("the writer thread");
+    wait_until_for(
+        "the hub journals the file written after its scan",
+        Duration::from_secs(20),
+        || hub.workspace_status(WS)["files"] == 2,
+    );
+    assert!(
+        hub.log_text().contains("late.txt"),
+        "the hub's log names late.txt"
+    );
+}
+
 #[test]
 fn hub_side_write_reaches_both_nodes() {
     let mut c = cluster();

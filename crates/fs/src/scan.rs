@@ -320,7 +320,10 @@ pub fn walk_tree(
 /// hash cache, its journal entries), and hands each walk with its load to
 /// `finish`, in order. The first failure stops the walks, and the loader
 /// with them. (A restart spent a fifth of its round, on the node and on
-/// the hub, loading before walking.)
+/// the hub, loading before walking.) `before_walking` runs on the walking
+/// thread once the loader has started and before the first walk: the hub
+/// waits there for its watcher, so loading overlaps the watch's setup.
+#[allow(clippy::too_many_arguments)]
 pub fn walk_while_loading<T: Send, E: From<FsError> + Send>(
     root: &Root,
     tops: &[Option<RelPath>],
@@ -328,6 +331,7 @@ pub fn walk_while_loading<T: Send, E: From<FsError> + Send>(
     config: &ScanConfig,
     ignore: &IgnoreRules,
     load: impl Fn(Option<&RelPath>) -> Result<T, E> + Sync,
+    before_walking: impl FnOnce(),
     mut finish: impl FnMut(Option<&RelPath>, Walk, T) -> Result<(), E>,
 ) -> Result<(), E> {
     std::thread::scope(|scope| {
@@ -341,6 +345,7 @@ pub fn walk_while_loading<T: Send, E: From<FsError> + Send>(
                 }
             }
         });
+        before_walking();
         for top in tops {
             let walk = walk_tree(root, top.as_ref(), recursive, config, ignore);
             let loaded = loaded.recv().map_err(|_| {

@@ -94,6 +94,15 @@ pub struct ServerTls {
     pub client_ca_pem: Option<Vec<u8>>,
 }
 
+/// Opens a gate when dropped, also when the thread that holds it panics.
+struct OpenOnDrop<'a>(&'a state::Gate);
+
+impl Drop for OpenOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.open();
+    }
+}
+
 /// Runs the hub until `shutdown` is cancelled.
 pub async fn run(
     config: HubConfig,
@@ -109,9 +118,30 @@ pub async fn run(
     let admin_task = tokio::spawn(admin::serve(hub.clone(), admin, shutdown.clone()));
 
     let started = std::time::Instant::now();
+    // Watch first, then walk: whatever changes in a mirror from here on is
+    // queued for the maintenance task, so nothing falls between a walk and
+    // the watch (the node does the same before its first scan). The scan
+    // loads its cache and journal meanwhile and walks once `watching` opens.
+    let watch_started = {
+        let hub = hub.clone();
+        tokio::task::spawn_blocking(move || {
+            let _open = OpenOnDrop(&hub.watching);
+            maintenance::watch(&hub)
+        })
+    };
     hub.startup_scan()
         .await
         .context("startup scan of the mirrors")?;
+    // Test builds: a window after the startup scan in which a test changes
+    // a mirror (before the watch came first, such a change went unseen
+    // until the periodic rescan).
+    if cfg!(debug_assertions)
+        && hub.config.test_fault.as_deref() == Some("startup:pause-after-scan")
+    {
+        tracing::warn!("GM_TEST_FAULT: pausing 3 s after the startup scan");
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    }
+    let watching = watch_started.await.context("start the mirrors' watcher")?;
     let counters = hub.counters.snapshot();
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
@@ -121,7 +151,7 @@ pub async fn run(
     );
 
     let background = CancellationToken::new();
-    let maintenance = tokio::spawn(maintenance::run(hub.clone(), background.clone()));
+    let maintenance = tokio::spawn(maintenance::run(hub.clone(), watching, background.clone()));
     hub.write_endpoints(grpc_addr, admin_addr)?;
     hub.set_ready(true);
     tracing::info!(grpc = %grpc_addr, admin = %admin_addr, data_dir = %hub.config.data_dir.display(), "hub accepting nodes");

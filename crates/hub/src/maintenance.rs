@@ -1,5 +1,6 @@
 //! The hub's background work, one task owned by `run`:
-//! - the OS watcher on `mirrors/`, debounced: paths quiet for `debounce`
+//! - the OS watcher on `mirrors/` (started by `watch` before the startup
+//!   scan), debounced: paths quiet for `debounce`
 //!   (or waiting longer than `debounce_max`) are observed and journaled,
 //!   except those still exactly as one of the hub's recorded commits left
 //!   them (its own writes, reported back);
@@ -50,14 +51,26 @@ fn classify(mirrors: &std::path::Path, path: &std::path::Path) -> Option<Dirty> 
     Some(Dirty::Path(id, rel))
 }
 
-pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<WatchEvent>();
+/// The OS watcher on `mirrors/` and the queue of what it reports. The hub
+/// starts it before its startup scan walks any mirror, so a change made
+/// while (or right after) a mirror is walked is queued, not missed until the
+/// next periodic rescan.
+pub struct Watching {
+    _watcher: Option<Watcher>,
+    events: mpsc::UnboundedReceiver<WatchEvent>,
+}
+
+/// Starts watching `mirrors/` (recursively: this walks the tree once). A
+/// watcher that cannot start is logged; periodic rescans remain.
+pub fn watch(hub: &Hub) -> Watching {
+    let (tx, events) = mpsc::unbounded_channel::<WatchEvent>();
     let mirrors = hub.mirrors.clone();
     // Staging paths are dropped by the watcher itself: every file the hub
     // writes makes several events there, and a 200,000-file initial sync
     // queued millions of them while the hub was busy committing.
     let keep = move |path: &std::path::Path| classify(&mirrors, path).is_some();
-    let _watcher = match Watcher::new(&hub.mirrors, keep, move |event| {
+    let started = Instant::now();
+    let watcher = match Watcher::new(&hub.mirrors, keep, move |event| {
         let _ = tx.send(event);
     }) {
         Ok(watcher) => Some(watcher),
@@ -66,6 +79,21 @@ pub async fn run(hub: Arc<Hub>, shutdown: CancellationToken) {
             None
         }
     };
+    tracing::debug!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "watching the mirrors"
+    );
+    Watching {
+        _watcher: watcher,
+        events,
+    }
+}
+
+pub async fn run(hub: Arc<Hub>, watching: Watching, shutdown: CancellationToken) {
+    let Watching {
+        _watcher,
+        events: mut rx,
+    } = watching;
     let mut dirty: BTreeMap<WorkspaceId, BTreeSet<RelPath>> = BTreeMap::new();
     let mut dirty_all: BTreeSet<WorkspaceId> = BTreeSet::new();
     let mut first_event: Option<Instant> = None;

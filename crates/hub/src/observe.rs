@@ -227,6 +227,7 @@ fn observe_inner(
         &hub.config.scan,
         &rules,
         |top| known_under(hub, ws, top, recursive),
+        || hub.watching.wait(),
         |top, walk, (cache, journal)| -> anyhow::Result<()> {
             let scan = gm_fs::hash_walked(&root, walk, &cache, &hub.config.scan);
             drop(cache);

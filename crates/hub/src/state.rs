@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -278,6 +278,28 @@ impl Workspace {
     }
 }
 
+/// A latch: closed until `open`, then open for good; `wait` blocks while
+/// it is closed.
+#[derive(Default)]
+pub struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    pub fn open(&self) {
+        *self.open.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.opened.notify_all();
+    }
+
+    pub fn wait(&self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// A file a node uploaded, waiting for the commit that names it.
 pub struct Upload {
     pub staged: StagedFile,
@@ -297,6 +319,10 @@ pub struct Hub {
     /// The skill registry's files and what this hub knows of each name.
     pub skills: crate::skills::Skills,
     pub mirrors: PathBuf,
+    /// Opens once the watcher on `mirrors/` is set up (or has failed to
+    /// start): no mirror is walked before, so no change falls between a walk
+    /// and the watch.
+    pub watching: Gate,
     pub workspaces: Mutex<BTreeMap<WorkspaceId, Arc<Workspace>>>,
     pub uploads: Mutex<HashMap<(WorkspaceId, ContentHash), Upload>>,
     pub counters: Counters,
@@ -349,6 +375,7 @@ impl Hub {
             access: Arc::new(access),
             skills,
             mirrors,
+            watching: Gate::default(),
             workspaces: Mutex::new(BTreeMap::new()),
             uploads: Mutex::new(HashMap::new()),
             counters: Counters::default(),

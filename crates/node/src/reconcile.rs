@@ -655,6 +655,7 @@ impl Replica {
                 &config,
                 &rules,
                 |top| Ok::<_, SyncError>(db.cache_under(&id, top)?),
+                || {},
                 |_, walk, cache| {
                     out.push(hash_walked(&root, walk, &cache, &config));
                     Ok(())
