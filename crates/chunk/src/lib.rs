@@ -222,8 +222,24 @@ pub struct Chunked {
 }
 
 /// Reads `source` to the end and returns its whole-content hash and, for
-/// large content, its chunk list: one pass over the bytes.
-pub fn chunk_reader(mut source: impl Read, size_hint: u64) -> Result<Chunked, ChunkError> {
+/// large content, its chunk list: one pass over the bytes, on this thread.
+pub fn chunk_reader(source: impl Read, size_hint: u64) -> Result<Chunked, ChunkError> {
+    chunk_reader_on(source, size_hint, false)
+}
+
+/// `chunk_reader`, with large content hashed on a second thread while this
+/// one reads and cuts the next block: the same result in about half the
+/// time on an idle core (a 512 MiB file: cutting is ~310 ms, its two
+/// hashes ~260 ms). Small content is read on this thread alone.
+pub fn chunk_reader_helped(source: impl Read, size_hint: u64) -> Result<Chunked, ChunkError> {
+    chunk_reader_on(source, size_hint, true)
+}
+
+fn chunk_reader_on(
+    mut source: impl Read,
+    size_hint: u64,
+    helper: bool,
+) -> Result<Chunked, ChunkError> {
     if size_hint < CHUNKED_MIN {
         // One buffer per thread: a fresh zeroed 256 KiB per file was 6 % of
         // a node's CPU in an initial sync of 200,000 small files.
@@ -255,18 +271,174 @@ pub fn chunk_reader(mut source: impl Read, size_hint: u64) -> Result<Chunked, Ch
             })
         });
     }
-    // Bytes are read into one large buffer and cut in place: each chunk is
-    // hashed where it lies (once for its name, once into the whole-content
-    // hash, while it is still in cache), and only the tail shorter than a
-    // maximal chunk moves when the buffer is refilled. (fastcdc's
-    // `StreamCDC` copies every chunk out and shifts its whole window after
-    // each one.) The cut points are the same: a cut is only asked for with
-    // at least `MAX_CHUNK` bytes ahead, or at the end of the content.
-    let mut whole = Hasher::new();
-    let mut chunks = Vec::new();
-    let mut size = 0u64;
-    let mut buffer = vec![0u8; READ_BUFFER];
-    let (mut start, mut end, mut eof) = (0usize, 0usize, false);
+    if !helper {
+        let mut inline = InlineHashing {
+            spare: Vec::new(),
+            hashed: BlockHashes::default(),
+        };
+        cut_blocks(source, &mut inline)?;
+        return Ok(inline.hashed.finish());
+    }
+    std::thread::scope(|scope| {
+        // Three buffers at most: one filling, one queued, one hashing.
+        let (blocks, queued) = std::sync::mpsc::sync_channel::<Block>(1);
+        let (give_back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
+        let hashing = scope.spawn(move || {
+            let mut hashed = BlockHashes::default();
+            for block in queued {
+                hashed.add(&block);
+                // The reader may have finished: nothing to give back to.
+                let _ = give_back.send(block.data);
+            }
+            hashed
+        });
+        let mut piped = PipedHashing {
+            blocks: Some(blocks),
+            returned,
+            allocated: 0,
+            lens: Vec::new(),
+        };
+        let cut = cut_blocks(source, &mut piped);
+        // Closing the queue ends the hashing thread's loop.
+        drop(piped);
+        let hashed = hashing
+            .join()
+            .map_err(|_| ChunkError::Read(std::io::Error::other("the hashing thread panicked")))?;
+        cut?;
+        Ok(hashed.finish())
+    })
+}
+
+/// A run of whole chunks: `data[..consumed]`, cut at `lens`.
+struct Block {
+    data: Vec<u8>,
+    lens: Vec<u32>,
+}
+
+/// Where `cut_blocks` gets its buffers and sends what it cut.
+trait BlockSink {
+    /// A buffer of `READ_BUFFER` bytes to read into.
+    fn buffer(&mut self) -> Result<Vec<u8>, ChunkError>;
+    /// The next chunk, cut in the current buffer.
+    fn chunk(&mut self, data: &[u8]);
+    /// The current buffer, now that every whole chunk in it is cut.
+    fn send(&mut self, buffer: Vec<u8>) -> Result<(), ChunkError>;
+}
+
+/// The whole-content hash and the chunk list, fed block by block.
+#[derive(Default)]
+struct BlockHashes {
+    whole: Hasher,
+    chunks: Vec<ChunkRef>,
+    size: u64,
+}
+
+impl BlockHashes {
+    /// Each chunk is hashed where it lies, once for its name and once into
+    /// the whole-content hash, while it is still in cache.
+    fn add_chunk(&mut self, data: &[u8]) {
+        self.whole.update(data);
+        self.chunks.push(ChunkRef {
+            len: data.len() as u32,
+            hash: ContentHash::of(data),
+        });
+        self.size += data.len() as u64;
+    }
+
+    fn add(&mut self, block: &Block) {
+        let mut at = 0usize;
+        for &len in &block.lens {
+            self.add_chunk(&block.data[at..at + len as usize]);
+            at += len as usize;
+        }
+    }
+
+    fn finish(self) -> Chunked {
+        Chunked {
+            hash: self.whole.finalize(),
+            size: self.size,
+            manifest: Some(Manifest {
+                chunks: self.chunks,
+            }),
+        }
+    }
+}
+
+/// Hashes each chunk as soon as it is cut (still in cache), on the
+/// reading thread.
+struct InlineHashing {
+    spare: Vec<Vec<u8>>,
+    hashed: BlockHashes,
+}
+
+impl BlockSink for InlineHashing {
+    fn buffer(&mut self) -> Result<Vec<u8>, ChunkError> {
+        Ok(self.spare.pop().unwrap_or_else(|| vec![0u8; READ_BUFFER]))
+    }
+
+    fn chunk(&mut self, data: &[u8]) {
+        self.hashed.add_chunk(data);
+    }
+
+    fn send(&mut self, buffer: Vec<u8>) -> Result<(), ChunkError> {
+        self.spare.push(buffer);
+        Ok(())
+    }
+}
+
+/// Hands each block to the hashing thread, reusing the buffers it returns.
+struct PipedHashing {
+    blocks: Option<std::sync::mpsc::SyncSender<Block>>,
+    returned: std::sync::mpsc::Receiver<Vec<u8>>,
+    allocated: usize,
+    /// The lengths of the chunks cut so far in the current buffer.
+    lens: Vec<u32>,
+}
+
+impl PipedHashing {
+    fn stopped() -> ChunkError {
+        ChunkError::Read(std::io::Error::other("the hashing thread stopped"))
+    }
+}
+
+impl BlockSink for PipedHashing {
+    fn buffer(&mut self) -> Result<Vec<u8>, ChunkError> {
+        if let Ok(buffer) = self.returned.try_recv() {
+            return Ok(buffer);
+        }
+        if self.allocated < 3 {
+            self.allocated += 1;
+            return Ok(vec![0u8; READ_BUFFER]);
+        }
+        self.returned.recv().map_err(|_| Self::stopped())
+    }
+
+    fn chunk(&mut self, data: &[u8]) {
+        self.lens.push(data.len() as u32);
+    }
+
+    fn send(&mut self, buffer: Vec<u8>) -> Result<(), ChunkError> {
+        let block = Block {
+            data: buffer,
+            lens: std::mem::take(&mut self.lens),
+        };
+        self.blocks
+            .as_ref()
+            .ok_or_else(Self::stopped)?
+            .send(block)
+            .map_err(|_| Self::stopped())
+    }
+}
+
+/// Reads `source` into large buffers and cuts each in place; only the tail
+/// shorter than a maximal chunk is copied into the next buffer. (fastcdc's
+/// `StreamCDC` copies every chunk out and shifts its whole window after
+/// each one.) The cut points are those of `chunk_slice`: a cut is only
+/// asked for with at least `MAX_CHUNK` bytes ahead, or at the end of the
+/// content.
+fn cut_blocks(mut source: impl Read, sink: &mut impl BlockSink) -> Result<(), ChunkError> {
+    let mut buffer = sink.buffer()?;
+    let (mut end, mut eof) = (0usize, false);
     loop {
         while !eof && end < buffer.len() {
             match source.read(&mut buffer[end..]) {
@@ -282,29 +454,21 @@ pub fn chunk_reader(mut source: impl Read, size_hint: u64) -> Result<Chunked, Ch
             AVG_CHUNK as usize,
             MAX_CHUNK as usize,
         );
+        let mut start = 0usize;
         while start < end && (eof || end - start >= MAX_CHUNK as usize) {
             let (_, cut) = cutter.cut(start, end - start);
-            let data = &buffer[start..cut];
-            whole.update(data);
-            chunks.push(ChunkRef {
-                len: data.len() as u32,
-                hash: ContentHash::of(data),
-            });
-            size += data.len() as u64;
+            sink.chunk(&buffer[start..cut]);
             start = cut;
         }
         if eof {
-            break;
+            return sink.send(buffer);
         }
-        buffer.copy_within(start..end, 0);
+        let mut next = sink.buffer()?;
+        next[..end - start].copy_from_slice(&buffer[start..end]);
         end -= start;
-        start = 0;
+        sink.send(buffer)?;
+        buffer = next;
     }
-    Ok(Chunked {
-        hash: whole.finalize(),
-        size,
-        manifest: Some(Manifest { chunks }),
-    })
 }
 
 /// Chunk boundaries of an in-memory buffer (for tests and small tools).
@@ -441,15 +605,90 @@ mod tests {
         let mut data = noise(11 * (1 << 20) + 12_345, 21);
         data[(4 << 20) - 100_000..(4 << 20) + 700_000].fill(0);
         for step in [7_777, 1 << 20, usize::MAX] {
-            let source = Trickle { data: &data, step };
-            let chunked = chunk_reader(source, data.len() as u64).unwrap();
-            assert_eq!(chunked.hash, ContentHash::of(&data), "step {step}");
-            assert_eq!(chunked.size, data.len() as u64);
+            for helped in [false, true] {
+                let source = Trickle { data: &data, step };
+                let chunked = if helped {
+                    chunk_reader_helped(source, data.len() as u64).unwrap()
+                } else {
+                    chunk_reader(source, data.len() as u64).unwrap()
+                };
+                let case = format!("step {step}, helped {helped}");
+                assert_eq!(chunked.hash, ContentHash::of(&data), "{case}");
+                assert_eq!(chunked.size, data.len() as u64, "{case}");
+                assert_eq!(
+                    chunked.manifest.as_ref(),
+                    Some(&chunk_slice(&data)),
+                    "{case}"
+                );
+            }
+        }
+    }
+
+    /// Content whose size falls on, just under and just over the read
+    /// buffer's multiples, where the last block is cut: both readers agree
+    /// with the slice.
+    #[test]
+    fn readers_agree_at_buffer_boundaries() {
+        let data = noise(3 * READ_BUFFER + 1, 5);
+        for size in [
+            READ_BUFFER - 1,
+            READ_BUFFER,
+            READ_BUFFER + 1,
+            2 * READ_BUFFER,
+            3 * READ_BUFFER + 1,
+        ] {
+            let data = &data[..size];
+            let expected = Chunked {
+                hash: ContentHash::of(data),
+                size: size as u64,
+                manifest: Some(chunk_slice(data)),
+            };
+            assert_eq!(chunk_reader(data, size as u64).unwrap(), expected, "{size}");
             assert_eq!(
-                chunked.manifest.as_ref(),
-                Some(&chunk_slice(&data)),
-                "step {step}"
+                chunk_reader_helped(data, size as u64).unwrap(),
+                expected,
+                "{size}, helped"
             );
+        }
+    }
+
+    /// A reader that fails after handing out `good` bytes.
+    struct FailsAfter<'a> {
+        data: &'a [u8],
+        good: usize,
+    }
+
+    impl Read for FailsAfter<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            if self.good == 0 {
+                return Err(std::io::Error::other("disk on fire"));
+            }
+            let n = self.data.len().min(self.good).min(out.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            self.good -= n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_read_error_is_returned_by_both_readers() {
+        let data = noise(13 << 20, 9);
+        for good in [0, 1 << 20, 9 << 20] {
+            for helped in [false, true] {
+                let source = FailsAfter { data: &data, good };
+                let result = if helped {
+                    chunk_reader_helped(source, data.len() as u64)
+                } else {
+                    chunk_reader(source, data.len() as u64)
+                };
+                match result {
+                    Err(ChunkError::Read(err)) => {
+                        assert!(err.to_string().contains("disk on fire"), "{err}")
+                    }
+                    other => panic!("after {good} bytes, helped {helped}: {other:?}"),
+                }
+            }
         }
     }
 

@@ -593,26 +593,33 @@ impl Root {
         &self,
         path: &RelPath,
     ) -> Result<(ContentHash, Stat, Option<Manifest>), FsError> {
-        self.hash_file_gated(path, &crate::io::IoGate::unlimited())
+        self.hash_file_gated(path, &crate::io::IoGate::unlimited(), false)
     }
 
     /// `hash_file` with every read counted against `io`'s rate limit (the
-    /// caller holds an `io` permit).
+    /// caller holds an `io` permit). `helped`: a large file is hashed on a
+    /// second thread while this one reads and cuts it (the caller counts
+    /// that thread against its hashing threads).
     pub fn hash_file_gated(
         &self,
         path: &RelPath,
         io: &crate::io::IoGate,
+        helped: bool,
     ) -> Result<(ContentHash, Stat, Option<Manifest>), FsError> {
         let (file, before) = self.open_read(path)?;
-        let chunked =
-            gm_chunk::chunk_reader(io.reader(&file), before.size).map_err(|e| match e {
-                gm_chunk::ChunkError::Read(io) => FsError::io("read", self.shown(path), io),
-                other => FsError::io(
-                    "read",
-                    self.shown(path),
-                    std::io::Error::other(other.to_string()),
-                ),
-            })?;
+        let read = if helped {
+            gm_chunk::chunk_reader_helped
+        } else {
+            gm_chunk::chunk_reader
+        };
+        let chunked = read(io.reader(&file), before.size).map_err(|e| match e {
+            gm_chunk::ChunkError::Read(io) => FsError::io("read", self.shown(path), io),
+            other => FsError::io(
+                "read",
+                self.shown(path),
+                std::io::Error::other(other.to_string()),
+            ),
+        })?;
         let after = from_raw(
             &rustix::fs::fstat(&file).map_err(|e| FsError::io("stat", self.shown(path), e))?,
         );
