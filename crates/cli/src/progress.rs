@@ -1,5 +1,6 @@
 //! Progress of `ghostmirror node --once`: a bar (files, bytes, rate, ETA)
-//! when stderr is a terminal, a plain line every few seconds otherwise.
+//! when stderr is a terminal, a plain line every few seconds otherwise
+//! and one with the final figures.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -48,23 +49,31 @@ async fn lines(progress: Arc<Progress>, done: CancellationToken) {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
         let now = progress.snapshot();
-        if now == last {
-            continue;
+        if now != last {
+            last = now;
+            line(now, started, "progress");
         }
-        last = now;
-        let (files_done, files_total, bytes_done, bytes_total) = now;
-        let elapsed = started.elapsed().as_secs_f64().max(0.001);
-        let rate = bytes_done as f64 / elapsed;
-        let eta = if rate > 0.0 && bytes_total > bytes_done {
-            format!("{:.0}s", (bytes_total - bytes_done) as f64 / rate)
-        } else {
-            "-".into()
-        };
-        eprintln!(
-            "progress: {files_done}/{files_total} files, {}/{}, {}/s, eta {eta}",
-            HumanBytes(bytes_done),
-            HumanBytes(bytes_total),
-            HumanBytes(rate as u64)
-        );
     }
+    // The figures at the end, once, if anything was planned.
+    let now = progress.snapshot();
+    if now.1 > 0 {
+        line(now, started, "progress (done)");
+    }
+}
+
+fn line(now: (u64, u64, u64, u64), started: Instant, what: &str) {
+    let (files_done, files_total, bytes_done, bytes_total) = now;
+    let elapsed = started.elapsed().as_secs_f64().max(0.001);
+    let rate = bytes_done as f64 / elapsed;
+    let eta = if rate > 0.0 && bytes_total > bytes_done {
+        format!("{:.0}s", (bytes_total - bytes_done) as f64 / rate)
+    } else {
+        "-".into()
+    };
+    eprintln!(
+        "{what}: {files_done}/{files_total} files, {}/{}, {}/s, eta {eta}",
+        HumanBytes(bytes_done),
+        HumanBytes(bytes_total),
+        HumanBytes(rate as u64)
+    );
 }

@@ -468,6 +468,33 @@ fn emptied_root_halts_a_round_in_slices() {
     assert_eq!(tree(&c.mirror()), before, "nothing deleted on the hub");
 }
 
+/// `node --once` without a terminal ends with one line of final figures,
+/// and a file the hub asks content for (uploaded, then proposed again)
+/// counts once: 2/2 files, 3 MiB and 100 bytes, not 3/2 and 6 MiB.
+#[test]
+fn once_reports_each_file_once_in_its_final_progress_line() {
+    let c = cluster();
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|n| (n.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    std::fs::create_dir_all(&c.a.root).unwrap();
+    std::fs::write(c.a.path("big.bin"), &big).unwrap();
+    write(&c.a.path("small.txt"), &"s".repeat(100));
+    let out = c.a.once();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let last = stderr
+        .lines()
+        .filter(|l| l.starts_with("progress (done): "))
+        .collect::<Vec<_>>();
+    assert_eq!(last.len(), 1, "{stderr}");
+    assert!(
+        last[0].starts_with("progress (done): 2/2 files, 3.00 MiB/3.00 MiB,"),
+        "{}",
+        last[0]
+    );
+}
+
 #[test]
 fn hub_restart_rehashes_no_unchanged_file() {
     let mut c = cluster();

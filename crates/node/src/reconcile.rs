@@ -1011,7 +1011,11 @@ impl Replica {
                     let (item, force_inline) = &queue[index];
                     let op = self.make_op(item, *force_inline, &hub_has);
                     index += 1;
-                    let Some((op, item_local)) = op else { continue };
+                    let Some((op, item_local)) = op else {
+                        // Vanished: nothing to propose, settled for this round.
+                        self.progress.advance(item.local.as_ref().map(|(e, _)| e));
+                        continue;
+                    };
                     bytes += op.data.as_ref().map_or(0, |d| d.len() as u64);
                     ops.push(op);
                     let known = self.trees.known_seq(&item.path);
@@ -1073,9 +1077,13 @@ impl Replica {
             .into_inner();
         let mut uploads: Vec<(ProposeItem, transfer::FileToSend)> = Vec::new();
         for ((path, base, local, known), result) in members.into_iter().zip(response.results) {
-            stats.proposed += 1;
             self.trees.answered(&path);
-            self.progress.advance(local.as_ref().map(|(e, _)| e));
+            // A path the hub wants content for is proposed again (inline
+            // or after its upload): it counts once, when it is settled.
+            if !matches!(result.outcome, Some(pb::op_result::Outcome::NeedContent(_))) {
+                stats.proposed += 1;
+                self.progress.advance(local.as_ref().map(|(e, _)| e));
+            }
             match result.outcome {
                 Some(pb::op_result::Outcome::Committed(done)) => {
                     let entry = local.as_ref().map(|(e, _)| e.clone());
@@ -1108,7 +1116,9 @@ impl Replica {
                             uploads.push((item, file));
                         }
                         _ => {
+                            stats.proposed += 1;
                             stats.failed += 1;
+                            self.progress.advance(item.local.as_ref().map(|(e, _)| e));
                             self.trees.follow_up.insert(item.path.clone());
                         }
                     }
@@ -1185,7 +1195,9 @@ impl Replica {
                 }
                 Err(err) => {
                     tracing::info!(workspace = %self.id, path = %item.path, error = %err, "upload did not complete; will try again");
+                    stats.proposed += 1;
                     stats.failed += 1;
+                    self.progress.advance(item.local.as_ref().map(|(e, _)| e));
                     self.trees.follow_up.insert(item.path.clone());
                 }
             }
