@@ -57,8 +57,20 @@ pub enum PathError {
 pub struct RelPath(String);
 
 impl RelPath {
-    /// The one path validator. See the module comment for the rules.
+    /// A validated copy of `raw`. See the module comment for the rules.
     pub fn new(raw: &str) -> Result<Self, PathError> {
+        Self::check(raw)?;
+        Ok(RelPath(raw.to_string()))
+    }
+
+    /// `new` for a path already in an owned string: no copy.
+    pub fn from_string(raw: String) -> Result<Self, PathError> {
+        Self::check(&raw)?;
+        Ok(RelPath(raw))
+    }
+
+    /// The one path validator (`new`, `from_string` and `join` use it).
+    fn check(raw: &str) -> Result<(), PathError> {
         if raw.is_empty() {
             return Err(PathError::Empty);
         }
@@ -94,7 +106,7 @@ impl RelPath {
         if depth > MAX_DEPTH {
             return Err(PathError::TooDeep(shown()));
         }
-        Ok(RelPath(raw.to_string()))
+        Ok(())
     }
 
     /// A path built by this crate from parts that are already checked
@@ -132,7 +144,11 @@ impl RelPath {
 
     /// `self/name`, validated.
     pub fn join(&self, name: &str) -> Result<RelPath, PathError> {
-        RelPath::new(&format!("{}/{}", self.0, name))
+        let mut joined = String::with_capacity(self.0.len() + 1 + name.len());
+        joined.push_str(&self.0);
+        joined.push('/');
+        joined.push_str(name);
+        RelPath::from_string(joined)
     }
 
     /// A sibling of this path with another last component, validated.

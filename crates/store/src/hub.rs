@@ -362,7 +362,7 @@ impl HubDb {
             )?
             .collect()
         })?;
-        rows.iter().map(|p| self.path_of(p)).collect()
+        rows.into_iter().map(|p| self.path_of(p)).collect()
     }
 
     /// Applies one batch atomically (a `write_tx`: the registry shares
@@ -438,8 +438,8 @@ impl HubDb {
         rows.into_iter()
             .map(|(path, copy, node, at_unix, seq)| {
                 Ok(ConflictRow {
-                    path: self.path_of(&path)?,
-                    copy_path: self.path_of(&copy)?,
+                    path: self.path_of(path)?,
+                    copy_path: self.path_of(copy)?,
                     node,
                     at_unix,
                     seq: Seq(seq as u64),

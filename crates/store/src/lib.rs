@@ -99,8 +99,8 @@ impl Sqlite {
         }
     }
 
-    pub(crate) fn path_of(&self, raw: &str) -> Result<RelPath, StoreError> {
-        RelPath::new(raw).map_err(|e| self.corrupt(e.to_string()))
+    pub(crate) fn path_of(&self, raw: String) -> Result<RelPath, StoreError> {
+        RelPath::from_string(raw).map_err(|e| self.corrupt(e.to_string()))
     }
 
     /// Decodes `(path, seq, entry columns)` rows of the journal or the synced tree.
@@ -111,7 +111,7 @@ impl Sqlite {
         rows.into_iter()
             .map(|(path, seq, entry)| {
                 Ok((
-                    self.path_of(&path)?,
+                    self.path_of(path)?,
                     Versioned {
                         entry: entry.map_err(|e| self.corrupt(e))?,
                         seq: Seq(seq as u64),
@@ -140,7 +140,7 @@ impl Sqlite {
         let rows = self.with(|c| cache::under(c, ws, top))?;
         let mut out = HashMap::with_capacity(rows.len());
         for (path, record) in rows {
-            out.insert(self.path_of(&path)?, record.map_err(|e| self.corrupt(e))?);
+            out.insert(self.path_of(path)?, record.map_err(|e| self.corrupt(e))?);
         }
         Ok(out)
     }
@@ -172,7 +172,7 @@ impl Sqlite {
             out.insert(
                 hash,
                 ChunkLocation {
-                    path: self.path_of(&path)?,
+                    path: self.path_of(path)?,
                     offset,
                     len,
                 },

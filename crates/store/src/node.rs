@@ -375,7 +375,7 @@ impl NodeDb {
             )?
             .collect()
         })?;
-        rows.iter().map(|p| self.path_of(p)).collect()
+        rows.into_iter().map(|p| self.path_of(p)).collect()
     }
 }
 
