@@ -256,8 +256,8 @@ pub struct HubArgs {
     #[arg(long, env = "GM_SKILL_PROMOTE_QUIET", default_value = "30s", value_parser = parse_quiet)]
     pub skill_promote_quiet: Quiet,
     /// Test builds only: abort at a named step (e.g. `promote:after-copy`),
-    /// or pause 3 s after the startup scan (`startup:pause-after-scan`).
-    /// Release builds ignore it.
+    /// pause 3 s after the startup scan (`startup:pause-after-scan`), or
+    /// start without a watcher (`watch:fail`). Release builds ignore it.
     #[arg(long, env = "GM_TEST_FAULT", hide = true)]
     pub test_fault: Option<String>,
     #[command(flatten)]

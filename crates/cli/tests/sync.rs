@@ -189,6 +189,31 @@ fn a_mirror_change_right_after_the_startup_scan_is_journaled() {
     );
 }
 
+/// A hub whose watcher cannot start (an inotify limit; a test fault here)
+/// says so and keeps journaling its mirrors through the periodic rescan.
+/// (The closed event queue used to end the whole maintenance loop.)
+#[test]
+fn a_hub_without_a_watcher_still_journals_through_its_rescans() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("hub/mirrors").join(WS);
+    write(&mirror.join("seed.txt"), "there before the start");
+    let hub = Hub::start_with(
+        dir.path(),
+        &[("GM_TEST_FAULT", "watch:fail"), ("GM_RESCAN_INTERVAL", "1")],
+    );
+    assert!(
+        hub.log_text().contains("cannot watch the mirrors"),
+        "the hub says it has no watcher"
+    );
+    assert_eq!(hub.workspace_status(WS)["files"], 1);
+    write(&mirror.join("later.txt"), "found by a rescan");
+    wait_until_for(
+        "a periodic rescan journals the new file",
+        Duration::from_secs(20),
+        || hub.workspace_status(WS)["files"] == 2,
+    );
+}
+
 #[test]
 fn hub_side_write_reaches_both_nodes() {
     let mut c = cluster();

@@ -58,6 +58,10 @@ fn classify(mirrors: &std::path::Path, path: &std::path::Path) -> Option<Dirty> 
 pub struct Watching {
     _watcher: Option<Watcher>,
     events: mpsc::UnboundedReceiver<WatchEvent>,
+    /// Keeps the queue open when the watcher could not start (its sender
+    /// went with it): a closed queue ended the maintenance loop, and with
+    /// it the periodic rescans meant to stand in for the watcher.
+    _open: mpsc::UnboundedSender<WatchEvent>,
 }
 
 /// Starts watching `mirrors/` (recursively: this walks the tree once). A
@@ -70,9 +74,21 @@ pub fn watch(hub: &Hub) -> Watching {
     // queued millions of them while the hub was busy committing.
     let keep = move |path: &std::path::Path| classify(&mirrors, path).is_some();
     let started = Instant::now();
-    let watcher = match Watcher::new(&hub.mirrors, keep, move |event| {
-        let _ = tx.send(event);
-    }) {
+    let open = tx.clone();
+    let watcher =
+        if cfg!(debug_assertions) && hub.config.test_fault.as_deref() == Some("watch:fail") {
+            // Test builds: a watcher that cannot start (an inotify limit).
+            Err(gm_fs::FsError::io(
+                "watch",
+                hub.mirrors.display(),
+                std::io::Error::other("GM_TEST_FAULT=watch:fail"),
+            ))
+        } else {
+            Watcher::new(&hub.mirrors, keep, move |event| {
+                let _ = tx.send(event);
+            })
+        };
+    let watcher = match watcher {
         Ok(watcher) => Some(watcher),
         Err(err) => {
             tracing::error!(error = %err, "cannot watch the mirrors; falling back to periodic scans only");
@@ -86,6 +102,7 @@ pub fn watch(hub: &Hub) -> Watching {
     Watching {
         _watcher: watcher,
         events,
+        _open: open,
     }
 }
 
@@ -93,6 +110,7 @@ pub async fn run(hub: Arc<Hub>, watching: Watching, shutdown: CancellationToken)
     let Watching {
         _watcher,
         events: mut rx,
+        _open,
     } = watching;
     let mut dirty: BTreeMap<WorkspaceId, BTreeSet<RelPath>> = BTreeMap::new();
     let mut dirty_all: BTreeSet<WorkspaceId> = BTreeSet::new();

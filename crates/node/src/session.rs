@@ -252,24 +252,34 @@ impl WorkspaceTask {
         };
 
         // Watch before the first scan so nothing written meanwhile is missed.
+        // The recursive watch walks the workspace: it is set up on a blocking
+        // thread while the subscription opens, and awaited before the scan.
         let (watch_tx, mut watch_rx) = mpsc::unbounded_channel::<WatchEvent>();
-        let watcher = if self.config.once {
-            None
-        } else {
+        // The queue stays open if the watcher cannot start (its sender goes
+        // with it): a closed queue made the live loop spin on `None`.
+        let _watch_open = watch_tx.clone();
+        let watch_started = (!self.config.once).then(|| {
             let watched = root.path().to_path_buf();
-            // Staging paths (every landed file makes several events) never queue.
-            let keep =
-                move |path: &std::path::Path| path == watched || relative(&watched, path).is_some();
-            match Watcher::new(root.path(), keep, move |event| {
-                let _ = watch_tx.send(event);
-            }) {
-                Ok(w) => Some(w),
-                Err(err) => {
-                    tracing::warn!(workspace = %self.id, error = %err, "cannot watch the workspace; relying on periodic scans");
-                    None
+            let id = self.id.clone();
+            tokio::task::spawn_blocking(move || {
+                // Staging paths (every landed file makes several events) never queue.
+                let keep = {
+                    let watched = watched.clone();
+                    move |path: &std::path::Path| {
+                        path == watched || relative(&watched, path).is_some()
+                    }
+                };
+                match Watcher::new(&watched, keep, move |event| {
+                    let _ = watch_tx.send(event);
+                }) {
+                    Ok(w) => Some(w),
+                    Err(err) => {
+                        tracing::warn!(workspace = %id, error = %err, "cannot watch the workspace; relying on periodic scans");
+                        None
+                    }
                 }
-            }
-        };
+            })
+        });
 
         let stream = crate::client::compressed_if(&client, self.config.compression.metadata())
             .subscribe(pb::SubscribeRequest {
@@ -314,6 +324,12 @@ impl WorkspaceTask {
         }
         tracing::info!(workspace = %self.id, pending = replica.trees.remote.len(), seq = replica.trees.highest_seen.0, "caught up with the hub");
 
+        let watcher = match watch_started {
+            Some(started) => started
+                .await
+                .map_err(|e| SyncError::Fatal(anyhow!("the watcher's setup failed: {e}")))?,
+            None => None,
+        };
         let first = replica.round(Scope::Full, self.config.once).await?;
         tracing::info!(workspace = %self.id, ?first, "first reconciliation done");
 
