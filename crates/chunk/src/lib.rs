@@ -293,7 +293,7 @@ fn chunk_reader_on(
             hashed
         });
         let mut piped = PipedHashing {
-            blocks: Some(blocks),
+            blocks,
             returned,
             allocated: 0,
             lens: Vec::new(),
@@ -388,7 +388,7 @@ impl BlockSink for InlineHashing {
 
 /// Hands each block to the hashing thread, reusing the buffers it returns.
 struct PipedHashing {
-    blocks: Option<std::sync::mpsc::SyncSender<Block>>,
+    blocks: std::sync::mpsc::SyncSender<Block>,
     returned: std::sync::mpsc::Receiver<Vec<u8>>,
     allocated: usize,
     /// The lengths of the chunks cut so far in the current buffer.
@@ -422,11 +422,7 @@ impl BlockSink for PipedHashing {
             data: buffer,
             lens: std::mem::take(&mut self.lens),
         };
-        self.blocks
-            .as_ref()
-            .ok_or_else(Self::stopped)?
-            .send(block)
-            .map_err(|_| Self::stopped())
+        self.blocks.send(block).map_err(|_| Self::stopped())
     }
 }
 
