@@ -615,6 +615,26 @@ mod tests {
     }
 
     #[test]
+    fn a_gate_holds_waiters_until_it_opens_and_stays_open() {
+        let gate = Arc::new(Gate::default());
+        let passed = Arc::new(AtomicBool::new(false));
+        let waiter = {
+            let (gate, passed) = (gate.clone(), passed.clone());
+            std::thread::spawn(move || {
+                gate.wait();
+                passed.store(true, Ordering::SeqCst);
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!passed.load(Ordering::SeqCst), "passed a closed gate");
+        gate.open();
+        waiter.join().unwrap();
+        assert!(passed.load(Ordering::SeqCst));
+        // Open for good: later waits return at once.
+        gate.wait();
+    }
+
+    #[test]
     fn own_writes_match_only_what_the_hub_left() {
         let file = stat(Kind::File, 7, 100);
         let own = OwnWrite::File(file);
