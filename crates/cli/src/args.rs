@@ -534,6 +534,10 @@ pub struct NodeArgs {
     pub compression: CompressionArg,
     #[command(flatten)]
     pub scan: ScanArgs,
+    /// Test builds only: start without a watcher (`watch:fail`). Release
+    /// builds ignore it.
+    #[arg(long, env = "GM_TEST_FAULT", hide = true)]
+    pub test_fault: Option<String>,
 }
 
 /// `GM_COMPRESSION`.
@@ -629,6 +633,12 @@ impl NodeArgs {
             delete_delay: Duration::from_millis(self.delete_delay_ms),
             compression: self.compression.into(),
             tls: self.tls.load()?,
+            test_fault: self.test_fault.clone().filter(|_| {
+                if !cfg!(debug_assertions) {
+                    tracing::warn!("GM_TEST_FAULT is ignored by release builds");
+                }
+                cfg!(debug_assertions)
+            }),
         })
     }
 }

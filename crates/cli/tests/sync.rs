@@ -214,6 +214,48 @@ fn a_hub_without_a_watcher_still_journals_through_its_rescans() {
     );
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name: state is the first, utime the 12th.
+    let rest = &stat[stat.rfind(')').expect("a command name") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// A node whose watcher cannot start (an inotify limit; a test fault here)
+/// says so, stays idle and syncs through its periodic rescans. (Its live
+/// loop used to spin on the closed event queue: a core's worth of CPU.)
+#[test]
+fn a_node_without_a_watcher_idles_and_syncs_through_its_rescans() {
+    let mut c = cluster();
+    c.a.env.push(("GM_TEST_FAULT".into(), "watch:fail".into()));
+    c.a.env.push(("GM_RESCAN_INTERVAL".into(), "1".into()));
+    write(&c.a.path("seed.txt"), "before the start");
+    c.a.start();
+    wait_until("node a says it has no watcher", || {
+        c.a.log_text().contains("cannot watch the workspace")
+    });
+    wait_until("the seed reaches the hub", || {
+        c.mirror().join("seed.txt").exists()
+    });
+    let pid = c.a.pid().expect("node a runs");
+    let before = cpu_seconds(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(pid) - before;
+    assert!(
+        used < 1.0,
+        "node a used {used:.2} s of CPU in 2 s with nothing to do"
+    );
+    write(&c.a.path("later.txt"), "found by a rescan");
+    wait_until_for(
+        "a periodic rescan sends the new file",
+        Duration::from_secs(20),
+        || c.mirror().join("later.txt").exists(),
+    );
+}
+
 #[test]
 fn hub_side_write_reaches_both_nodes() {
     let mut c = cluster();

@@ -101,6 +101,8 @@ pub struct NodeConfig {
     pub delete_delay: Duration,
     /// What travels zstd-compressed to and from the hub.
     pub compression: Compression,
+    /// Debug builds only: `watch:fail` starts without a watcher (for tests).
+    pub test_fault: Option<String>,
 }
 
 /// How a client checks the hub's certificate (PEM CA) and, for mutual TLS,

@@ -261,6 +261,8 @@ impl WorkspaceTask {
         let watch_started = (!self.config.once).then(|| {
             let watched = root.path().to_path_buf();
             let id = self.id.clone();
+            let fail = cfg!(debug_assertions)
+                && self.config.test_fault.as_deref() == Some("watch:fail");
             tokio::task::spawn_blocking(move || {
                 // Staging paths (every landed file makes several events) never queue.
                 let keep = {
@@ -269,9 +271,19 @@ impl WorkspaceTask {
                         path == watched || relative(&watched, path).is_some()
                     }
                 };
-                match Watcher::new(&watched, keep, move |event| {
-                    let _ = watch_tx.send(event);
-                }) {
+                let watcher = if fail {
+                    // Test builds: a watcher that cannot start (an inotify limit).
+                    Err(gm_fs::FsError::io(
+                        "watch",
+                        watched.display(),
+                        std::io::Error::other("GM_TEST_FAULT=watch:fail"),
+                    ))
+                } else {
+                    Watcher::new(&watched, keep, move |event| {
+                        let _ = watch_tx.send(event);
+                    })
+                };
+                match watcher {
                     Ok(w) => Some(w),
                     Err(err) => {
                         tracing::warn!(workspace = %id, error = %err, "cannot watch the workspace; relying on periodic scans");
