@@ -58,6 +58,25 @@ impl Watcher {
             .map_err(|e| FsError::io("watch", dir.display(), std::io::Error::other(e)))?;
         Ok(Watcher { _inner: inner })
     }
+
+    /// `new`, except that a debug build given the test fault `watch:fail`
+    /// fails the way a watcher past an inotify limit does (for tests of the
+    /// owners' fallback to periodic rescans).
+    pub fn start(
+        dir: &Path,
+        keep: impl Fn(&Path) -> bool + Send + 'static,
+        deliver: impl FnMut(WatchEvent) + Send + 'static,
+        test_fault: Option<&str>,
+    ) -> Result<Watcher, FsError> {
+        if cfg!(debug_assertions) && test_fault == Some("watch:fail") {
+            return Err(FsError::io(
+                "watch",
+                dir.display(),
+                std::io::Error::other("GM_TEST_FAULT=watch:fail"),
+            ));
+        }
+        Watcher::new(dir, keep, deliver)
+    }
 }
 
 /// The workspace-relative form of an absolute path under `root`, if valid

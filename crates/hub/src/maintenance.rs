@@ -75,19 +75,14 @@ pub fn watch(hub: &Hub) -> Watching {
     let keep = move |path: &std::path::Path| classify(&mirrors, path).is_some();
     let started = Instant::now();
     let open = tx.clone();
-    let watcher =
-        if cfg!(debug_assertions) && hub.config.test_fault.as_deref() == Some("watch:fail") {
-            // Test builds: a watcher that cannot start (an inotify limit).
-            Err(gm_fs::FsError::io(
-                "watch",
-                hub.mirrors.display(),
-                std::io::Error::other("GM_TEST_FAULT=watch:fail"),
-            ))
-        } else {
-            Watcher::new(&hub.mirrors, keep, move |event| {
-                let _ = tx.send(event);
-            })
-        };
+    let watcher = Watcher::start(
+        &hub.mirrors,
+        keep,
+        move |event| {
+            let _ = tx.send(event);
+        },
+        hub.config.test_fault.as_deref(),
+    );
     let watcher = match watcher {
         Ok(watcher) => Some(watcher),
         Err(err) => {

@@ -261,8 +261,7 @@ impl WorkspaceTask {
         let watch_started = (!self.config.once).then(|| {
             let watched = root.path().to_path_buf();
             let id = self.id.clone();
-            let fail = cfg!(debug_assertions)
-                && self.config.test_fault.as_deref() == Some("watch:fail");
+            let test_fault = self.config.test_fault.clone();
             tokio::task::spawn_blocking(move || {
                 // Staging paths (every landed file makes several events) never queue.
                 let keep = {
@@ -271,18 +270,14 @@ impl WorkspaceTask {
                         path == watched || relative(&watched, path).is_some()
                     }
                 };
-                let watcher = if fail {
-                    // Test builds: a watcher that cannot start (an inotify limit).
-                    Err(gm_fs::FsError::io(
-                        "watch",
-                        watched.display(),
-                        std::io::Error::other("GM_TEST_FAULT=watch:fail"),
-                    ))
-                } else {
-                    Watcher::new(&watched, keep, move |event| {
+                let watcher = Watcher::start(
+                    &watched,
+                    keep,
+                    move |event| {
                         let _ = watch_tx.send(event);
-                    })
-                };
+                    },
+                    test_fault.as_deref(),
+                );
                 match watcher {
                     Ok(w) => Some(w),
                     Err(err) => {
