@@ -811,6 +811,19 @@ mod tests {
         RelPath::new(raw).unwrap()
     }
 
+    /// A scan of the whole tree with no cache and no ignore rules.
+    fn scan_fresh(root: &Root, config: &ScanConfig) -> ScanOutcome {
+        scan_tree(
+            root,
+            None,
+            true,
+            &HashMap::new(),
+            config,
+            &IgnoreRules::none(),
+        )
+        .unwrap()
+    }
+
     fn cache_of(outcome: &ScanOutcome, into: &mut HashMap<RelPath, CacheRecord>) {
         for (path, record) in &outcome.cache_updates {
             into.insert(path.clone(), *record);
@@ -902,15 +915,7 @@ mod tests {
                 hash_workers: workers,
                 ..Default::default()
             };
-            scan_tree(
-                &root,
-                None,
-                true,
-                &HashMap::new(),
-                &config,
-                &IgnoreRules::none(),
-            )
-            .unwrap()
+            scan_fresh(&root, &config)
         };
         let check = |outcome: &ScanOutcome, files: u8| {
             assert_eq!(outcome.manifests.len(), files as usize);
@@ -965,15 +970,7 @@ mod tests {
             io: Arc::new(IoGate::new(2, None)),
             ..Default::default()
         };
-        let outcome = scan_tree(
-            &root,
-            None,
-            true,
-            &HashMap::new(),
-            &config,
-            &IgnoreRules::none(),
-        )
-        .unwrap();
+        let outcome = scan_fresh(&root, &config);
         assert_eq!(outcome.hashed, 64);
         let seen = config.io.max_observed();
         assert!(
@@ -1033,15 +1030,7 @@ mod tests {
             0,
         )
         .unwrap();
-        let outcome = scan_tree(
-            &root,
-            None,
-            true,
-            &HashMap::new(),
-            &ScanConfig::default(),
-            &IgnoreRules::none(),
-        )
-        .unwrap();
+        let outcome = scan_fresh(&root, &ScanConfig::default());
         assert!(outcome.entries.is_empty(), "{:?}", outcome.entries);
         assert_eq!(outcome.problems.len(), 1);
         assert!(outcome.problems[0].contains("fifo"));
