@@ -1,14 +1,37 @@
-//! OS file watching (inotify through `notify`). Raw events are handed to a
-//! callback as absolute paths, keeping only the paths the caller's `keep`
-//! accepts: events on internal paths (staging) are dropped on the watcher's
-//! thread, before any queue, so a busy owner never accumulates them. The
-//! caller maps paths to workspaces and debounces. A queue overflow or watcher
-//! error is reported as `WatchEvent::Rescan`, never swallowed. Symlinks are
-//! not followed: like the scanner, the watcher stays inside the root.
+//! OS file watching: ghostmirror's own recursive inotify watch. Changed
+//! paths are handed to a callback as absolute paths; the caller maps them to
+//! workspaces and debounces. What it guarantees:
+//! - **Only what the caller keeps is watched.** A directory whose path
+//!   `keep` rejects (staging, internal dirs) gets no watch at all, so the
+//!   files an owner writes there make no events anywhere (not even dropped
+//!   ones), and nothing under it is reported.
+//! - **A new directory is watched before it is reported.** A directory
+//!   created in or moved into the tree is walked and watched on the
+//!   watcher's thread, and only then reported (as one path that stands for
+//!   its subtree). The owner scans that subtree after the report, so an
+//!   entry made before its directory's watch existed is seen by that scan,
+//!   and one made after makes an event. (notify 8 lost such entries:
+//!   notify-rs/notify#727.)
+//! - **Lost events are never swallowed.** A queue overflow, a read error or
+//!   a directory that cannot be watched (the inotify limit) is reported as
+//!   `WatchEvent::Rescan`.
+//! - **Symlinks are not followed:** like the scanner, the watcher stays
+//!   inside the root. A directory moved out of the tree loses its watches.
+//!
+//! The watch set is one walk of the tree that reads directories only (one
+//! `inotify_add_watch` per directory, no stat per file).
 
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
 
-use notify::{EventKind, RecursiveMode, Watcher as _};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use rustix::event::{EventfdFlags, PollFd, PollFlags};
 
 use crate::error::FsError;
 
@@ -20,43 +43,73 @@ pub enum WatchEvent {
     Rescan(String),
 }
 
-/// Keeps a recursive watch alive until dropped.
+/// What every directory is watched for. Access and open events are not
+/// asked for; a write is reported as it happens (`MODIFY`, for a file kept
+/// open and appended to) and when closed.
+fn mask() -> WatchMask {
+    WatchMask::ATTRIB
+        | WatchMask::CREATE
+        | WatchMask::DELETE
+        | WatchMask::CLOSE_WRITE
+        | WatchMask::MODIFY
+        | WatchMask::MOVED_FROM
+        | WatchMask::MOVED_TO
+        | WatchMask::DELETE_SELF
+        | WatchMask::MOVE_SELF
+        | WatchMask::ONLYDIR
+}
+
+/// Keeps a recursive watch alive until dropped. Dropping it stops its
+/// thread and closes the inotify instance.
 pub struct Watcher {
-    _inner: notify::RecommendedWatcher,
+    wake: Arc<OwnedFd>,
+    thread: Option<JoinHandle<()>>,
+    directories: Arc<AtomicUsize>,
 }
 
 impl Watcher {
+    /// Watches `dir` and every directory under it that `keep` accepts, then
+    /// reports changes to `deliver` from a thread of its own. Fails if the
+    /// tree cannot be watched (no inotify instance, or the watch limit).
     pub fn new(
         dir: &Path,
         keep: impl Fn(&Path) -> bool + Send + 'static,
-        mut deliver: impl FnMut(WatchEvent) + Send + 'static,
+        deliver: impl FnMut(WatchEvent) + Send + 'static,
     ) -> Result<Watcher, FsError> {
-        // Symlinks are entries, never followed: a link to a large tree
-        // outside the root made notify walk and watch all of it (and a
-        // link to `/` ran out of inotify watches, so nothing was watched).
-        let config = notify::Config::default().with_follow_symlinks(false);
-        let mut inner = notify::RecommendedWatcher::new(
-            move |event: notify::Result<notify::Event>| match event {
-                Ok(event) => {
-                    if event.need_rescan() {
-                        deliver(WatchEvent::Rescan("watcher queue overflowed".into()));
-                    } else if !matches!(event.kind, EventKind::Access(_)) {
-                        let paths: Vec<PathBuf> =
-                            event.paths.into_iter().filter(|p| keep(p)).collect();
-                        if !paths.is_empty() {
-                            deliver(WatchEvent::Changed(paths));
-                        }
-                    }
-                }
-                Err(err) => deliver(WatchEvent::Rescan(format!("watcher error: {err}"))),
-            },
-            config,
-        )
-        .map_err(|e| FsError::io("start watcher", dir.display(), std::io::Error::other(e)))?;
-        inner
-            .watch(dir, RecursiveMode::Recursive)
-            .map_err(|e| FsError::io("watch", dir.display(), std::io::Error::other(e)))?;
-        Ok(Watcher { _inner: inner })
+        let fail = |what: &'static str, err: io::Error| FsError::io(what, dir.display(), err);
+        let inotify = Inotify::init().map_err(|e| fail("start watcher", e))?;
+        let mut set = WatchSet {
+            inotify,
+            by_wd: HashMap::new(),
+            by_path: BTreeMap::new(),
+            root: dir.to_path_buf(),
+            keep: Box::new(keep),
+            directories: Arc::new(AtomicUsize::new(0)),
+        };
+        set.add_tree(dir).map_err(|e| fail("watch", e))?;
+        if set.by_path.is_empty() {
+            return Err(fail("watch", io::ErrorKind::NotFound.into()));
+        }
+        let wake = Arc::new(
+            rustix::event::eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(|e| fail("start watcher", e.into()))?,
+        );
+        let stop = wake.clone();
+        let directories = set.directories.clone();
+        let thread = std::thread::Builder::new()
+            .name("gm-watch".into())
+            .spawn(move || set.run(&stop, deliver))
+            .map_err(|e| fail("start watcher", e))?;
+        Ok(Watcher {
+            wake,
+            thread: Some(thread),
+            directories,
+        })
+    }
+
+    /// How many directories are watched now.
+    pub fn directories(&self) -> usize {
+        self.directories.load(Ordering::Relaxed)
     }
 
     /// `new`, except that a debug build given the test fault `watch:fail`
@@ -77,6 +130,220 @@ impl Watcher {
         }
         Watcher::new(dir, keep, deliver)
     }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        if let Err(err) = rustix::io::write(self.wake.as_fd(), &1u64.to_ne_bytes()) {
+            tracing::warn!(error = %err, "cannot stop the watcher thread");
+            return;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The watches of one inotify instance, by descriptor and by path. Paths
+/// order component-wise, so a subtree's watches are one range of `by_path`.
+struct WatchSet {
+    inotify: Inotify,
+    by_wd: HashMap<WatchDescriptor, PathBuf>,
+    by_path: BTreeMap<PathBuf, WatchDescriptor>,
+    root: PathBuf,
+    keep: Box<dyn Fn(&Path) -> bool + Send>,
+    /// `by_path.len()`, for `Watcher::directories`.
+    directories: Arc<AtomicUsize>,
+}
+
+/// One event read from the instance, owned (the read buffer is reused).
+struct RawEvent {
+    wd: WatchDescriptor,
+    mask: EventMask,
+    name: Option<OsString>,
+}
+
+impl WatchSet {
+    /// Watches `top` and the directories under it that `keep` accepts. A
+    /// directory that vanishes (or turns out not to be one) while walked is
+    /// skipped: its parent's watch reports that. Fails only when a watch
+    /// cannot be added for another reason (the watch limit, `ENOSPC`).
+    fn add_tree(&mut self, top: &Path) -> io::Result<()> {
+        let mut stack = vec![top.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            // The watch comes before the read: an entry made after the
+            // read makes an event, one made before it is in the read.
+            let mut mask = mask();
+            if dir != self.root {
+                mask |= WatchMask::DONT_FOLLOW;
+            }
+            match self.inotify.watches().add(&dir, mask) {
+                Ok(wd) => self.remember(wd, dir.clone()),
+                Err(err) if vanished(&err) => continue,
+                Err(err) => return Err(err),
+            }
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    let path = entry.path();
+                    if (self.keep)(&path) {
+                        stack.push(path);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn remember(&mut self, wd: WatchDescriptor, path: PathBuf) {
+        // Watching an inode again returns its descriptor: a directory moved
+        // back in keeps it, under its new path.
+        if let Some(old) = self.by_wd.insert(wd.clone(), path.clone())
+            && old != path
+            && self.by_path.get(&old) == Some(&wd)
+        {
+            self.by_path.remove(&old);
+        }
+        self.by_path.insert(path, wd);
+        self.counted();
+    }
+
+    fn counted(&self) {
+        self.directories
+            .store(self.by_path.len(), Ordering::Relaxed);
+    }
+
+    /// Drops the watches of `top` and everything under it (moved away: the
+    /// watches would report under stale paths, or outside the root).
+    fn forget_tree(&mut self, top: &Path) {
+        let under: Vec<(PathBuf, WatchDescriptor)> = self
+            .by_path
+            .range(top.to_path_buf()..)
+            .take_while(|(path, _)| path.starts_with(top))
+            .map(|(path, wd)| (path.clone(), wd.clone()))
+            .collect();
+        for (path, wd) in under {
+            self.by_path.remove(&path);
+            self.by_wd.remove(&wd);
+            // Fails harmlessly if the kernel dropped it already.
+            let _ = self.inotify.watches().remove(wd);
+        }
+        self.counted();
+    }
+
+    /// The kernel dropped this watch (its directory is gone).
+    fn forget_wd(&mut self, wd: &WatchDescriptor) {
+        if let Some(path) = self.by_wd.remove(wd)
+            && self.by_path.get(&path) == Some(wd)
+        {
+            self.by_path.remove(&path);
+        }
+        self.counted();
+    }
+
+    fn run(mut self, stop: &OwnedFd, mut deliver: impl FnMut(WatchEvent)) {
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            let (ready, stopping) = {
+                let mut fds = [
+                    PollFd::new(&self.inotify, PollFlags::IN),
+                    PollFd::new(stop, PollFlags::IN),
+                ];
+                match rustix::event::poll(&mut fds, None) {
+                    Ok(_) => (!fds[0].revents().is_empty(), !fds[1].revents().is_empty()),
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(err) => {
+                        deliver(WatchEvent::Rescan(format!("watcher poll failed: {err}")));
+                        return;
+                    }
+                }
+            };
+            if stopping {
+                return;
+            }
+            if !ready {
+                continue;
+            }
+            let events: Vec<RawEvent> = match self.inotify.read_events(&mut buffer) {
+                Ok(events) => events
+                    .map(|e| RawEvent {
+                        wd: e.wd,
+                        mask: e.mask,
+                        name: e.name.map(|n| n.to_os_string()),
+                    })
+                    .collect(),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => {
+                    deliver(WatchEvent::Rescan(format!("watcher read failed: {err}")));
+                    return;
+                }
+            };
+            let (changed, lost) = self.absorb(events);
+            if let Some(why) = lost {
+                deliver(WatchEvent::Rescan(why));
+            }
+            if !changed.is_empty() {
+                deliver(WatchEvent::Changed(changed));
+            }
+        }
+    }
+
+    /// Applies one read's events to the watch set and returns the paths
+    /// they changed (in order, repeats in a row folded) and why events were
+    /// lost, if they were.
+    fn absorb(&mut self, events: Vec<RawEvent>) -> (Vec<PathBuf>, Option<String>) {
+        let mut changed: Vec<PathBuf> = Vec::new();
+        let mut lost: Option<String> = None;
+        for event in events {
+            if event.mask.contains(EventMask::Q_OVERFLOW) {
+                lost = Some("watcher queue overflowed".into());
+                continue;
+            }
+            if event.mask.contains(EventMask::IGNORED) {
+                self.forget_wd(&event.wd);
+                continue;
+            }
+            let Some(dir) = self.by_wd.get(&event.wd) else {
+                continue;
+            };
+            let path = match event.name {
+                Some(name) => dir.join(name),
+                // An event on a watched directory itself: its parent's
+                // watch reports it too, except for the root.
+                None if *dir == self.root => dir.clone(),
+                None => continue,
+            };
+            if path != self.root && !(self.keep)(&path) {
+                continue;
+            }
+            if event.mask.contains(EventMask::ISDIR) {
+                if event.mask.contains(EventMask::MOVED_FROM) {
+                    self.forget_tree(&path);
+                } else if event
+                    .mask
+                    .intersects(EventMask::CREATE | EventMask::MOVED_TO)
+                    && let Err(err) = self.add_tree(&path)
+                {
+                    tracing::warn!(path = %path.display(), error = %err, "cannot watch a new directory");
+                    lost = Some(format!("cannot watch {}: {err}", path.display()));
+                }
+            }
+            if changed.last() != Some(&path) {
+                changed.push(path);
+            }
+        }
+        (changed, lost)
+    }
+}
+
+/// An error that means the directory is no longer there to watch.
+fn vanished(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::EACCES) | Some(libc::ELOOP)
+    )
 }
 
 /// The workspace-relative form of an absolute path under `root`, if valid
@@ -130,5 +397,172 @@ mod tests {
             seen.iter().all(|p| !p.starts_with(&behind)),
             "a change behind the link was reported: {seen:?}"
         );
+    }
+
+    /// Collects what a watcher reports, the way an owner uses it: a
+    /// reported directory is walked when its report arrives.
+    struct Owner {
+        rx: mpsc::Receiver<WatchEvent>,
+        watcher: Watcher,
+        seen: std::collections::BTreeSet<PathBuf>,
+    }
+
+    impl Owner {
+        fn watch(root: &Path, keep: impl Fn(&Path) -> bool + Send + 'static) -> Owner {
+            let (tx, rx) = mpsc::channel();
+            let watcher = Watcher::new(root, keep, move |event| {
+                let _ = tx.send(event);
+            })
+            .unwrap();
+            Owner {
+                rx,
+                watcher,
+                seen: Default::default(),
+            }
+        }
+
+        /// Takes reports until `done` holds for what was seen (walked
+        /// directories included), or fails after 10 s without one.
+        fn until(&mut self, done: impl Fn(&std::collections::BTreeSet<PathBuf>) -> bool) {
+            while !done(&self.seen) {
+                match self.rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(WatchEvent::Changed(paths)) => {
+                        for path in paths {
+                            let mut stack = vec![path];
+                            while let Some(path) = stack.pop() {
+                                if let Ok(entries) = std::fs::read_dir(&path)
+                                    && std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
+                                {
+                                    stack.extend(entries.flatten().map(|e| e.path()));
+                                }
+                                self.seen.insert(path);
+                            }
+                        }
+                    }
+                    Ok(WatchEvent::Rescan(why)) => panic!("rescan: {why}"),
+                    Err(_) => panic!("not reported; seen: {:?}", self.seen),
+                }
+            }
+        }
+
+        /// Reports that arrive within `quiet` (none expected to matter).
+        fn drain(&mut self, quiet: Duration) -> Vec<PathBuf> {
+            let mut got = Vec::new();
+            while let Ok(event) = self.rx.recv_timeout(quiet) {
+                if let WatchEvent::Changed(paths) = event {
+                    got.extend(paths);
+                }
+            }
+            got
+        }
+    }
+
+    /// Entries made in a directory right after it was created or moved in
+    /// (before any watch on it could exist) are seen: the directory is
+    /// watched before it is reported, and the owner walks it on the
+    /// report. Later writes in those directories report on their own.
+    #[test]
+    fn entries_made_in_a_new_directory_at_once_are_never_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let mut owner = Owner::watch(&root, |_| true);
+        let mut expected = Vec::new();
+        for i in 0..200 {
+            // Created in place, nested, with a file at the bottom.
+            let deep = root.join(format!("made{i}/a/b"));
+            std::fs::create_dir_all(&deep).unwrap();
+            std::fs::write(deep.join("f"), b"x").unwrap();
+            expected.push(deep.join("f"));
+            // Moved in from outside, then written into at once.
+            let away = outside.join(format!("away{i}"));
+            std::fs::create_dir_all(away.join("sub")).unwrap();
+            let moved = root.join(format!("moved{i}"));
+            std::fs::rename(&away, &moved).unwrap();
+            std::fs::create_dir(moved.join("sub/new")).unwrap();
+            std::fs::write(moved.join("sub/new/g"), b"y").unwrap();
+            expected.push(moved.join("sub/new/g"));
+        }
+        owner.until(|seen| expected.iter().all(|p| seen.contains(p)));
+        // And the new directories are watched: later writes there report.
+        let later: Vec<PathBuf> = (0..200)
+            .flat_map(|i| {
+                [
+                    root.join(format!("made{i}/a/b/later")),
+                    root.join(format!("moved{i}/sub/new/later")),
+                ]
+            })
+            .collect();
+        for path in &later {
+            std::fs::write(path, b"z").unwrap();
+        }
+        owner.until(|seen| later.iter().all(|p| seen.contains(p)));
+    }
+
+    /// A directory moved within the tree reports under its new path; one
+    /// moved out of the root stops being watched. Events of one instance
+    /// arrive in order, so once the last inside change is seen, anything
+    /// reported for the moved-out tree would have come first.
+    #[test]
+    fn moved_directories_report_under_their_new_path_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("a/deep")).unwrap();
+        std::fs::create_dir_all(root.join("gone/deep")).unwrap();
+        let mut owner = Owner::watch(&root, |_| true);
+        std::fs::rename(root.join("a"), root.join("b")).unwrap();
+        std::fs::rename(root.join("gone"), dir.path().join("out")).unwrap();
+        std::fs::write(dir.path().join("out/deep/x"), b"outside").unwrap();
+        std::fs::write(root.join("b/deep/x"), b"inside").unwrap();
+        owner.until(|seen| seen.contains(&root.join("b/deep/x")));
+        std::fs::write(root.join("last"), b"").unwrap();
+        owner.until(|seen| seen.contains(&root.join("last")));
+        // The old paths are reported (as gone), nothing under them is.
+        let seen = &owner.seen;
+        let stale = |p: &PathBuf| {
+            p.starts_with(root.join("a/deep"))
+                || p.starts_with(root.join("gone/deep"))
+                || !p.starts_with(&root)
+        };
+        assert!(seen.contains(&root.join("a")), "{seen:?}");
+        assert!(!seen.iter().any(stale), "{seen:?}");
+    }
+
+    /// A directory `keep` rejects is not watched (the owner's own writes
+    /// there make no events at all) and nothing under it is reported.
+    #[test]
+    fn directories_the_owner_does_not_keep_are_not_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let staging = root.join(".staging");
+        std::fs::create_dir_all(staging.join("old")).unwrap();
+        let skip = staging.clone();
+        let mut owner = Owner::watch(&root, move |p| !p.starts_with(&skip));
+        assert_eq!(owner.watcher.directories(), 1, "only the root is watched");
+        for i in 0..50 {
+            std::fs::write(staging.join(format!("s{i}")), b"staged").unwrap();
+            std::fs::write(staging.join(format!("old/s{i}")), b"staged").unwrap();
+        }
+        std::fs::create_dir(staging.join("new")).unwrap();
+        std::fs::write(staging.join("new/s"), b"staged").unwrap();
+        std::fs::rename(staging.join("s0"), root.join("landed")).unwrap();
+        owner.until(|seen| seen.contains(&root.join("landed")));
+        let late = owner.drain(Duration::from_millis(200));
+        let all: Vec<&PathBuf> = owner.seen.iter().chain(late.iter()).collect();
+        assert!(all.iter().all(|p| !p.starts_with(&staging)), "{all:?}");
+        assert_eq!(owner.watcher.directories(), 1, "only the root is watched");
+    }
+
+    /// Dropping a watcher closes its inotify instance: more watchers than
+    /// the default per-user instance limit (128) come and go in turn.
+    #[test]
+    fn a_dropped_watcher_closes_its_instance() {
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..300 {
+            let watcher = Watcher::new(dir.path(), |_| true, |_| {}).unwrap();
+            drop(watcher);
+        }
     }
 }

@@ -64,7 +64,8 @@ pub struct Watching {
     _open: mpsc::UnboundedSender<WatchEvent>,
 }
 
-/// Starts watching `mirrors/` (recursively: this walks the tree once). A
+/// Starts watching `mirrors/` (every directory but staging: this walks the
+/// tree once, reading directories only). A
 /// watcher that cannot start is logged; periodic rescans remain.
 pub fn watch(hub: &Hub) -> Watching {
     let (tx, events) = mpsc::unbounded_channel::<WatchEvent>();
@@ -92,6 +93,7 @@ pub fn watch(hub: &Hub) -> Watching {
     };
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
+        directories = watcher.as_ref().map_or(0, Watcher::directories),
         "watching the mirrors"
     );
     Watching {

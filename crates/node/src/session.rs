@@ -279,7 +279,10 @@ impl WorkspaceTask {
                     test_fault.as_deref(),
                 );
                 match watcher {
-                    Ok(w) => Some(w),
+                    Ok(w) => {
+                        tracing::debug!(workspace = %id, directories = w.directories(), "watching the workspace");
+                        Some(w)
+                    }
                     Err(err) => {
                         tracing::warn!(workspace = %id, error = %err, "cannot watch the workspace; relying on periodic scans");
                         None
