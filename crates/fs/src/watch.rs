@@ -146,14 +146,27 @@ impl Drop for Watcher {
 
 /// The watches of one inotify instance, by descriptor and by path. Paths
 /// order component-wise, so a subtree's watches are one range of `by_path`.
+///
+/// A watch belongs to a directory (an inode), not to a path: each records
+/// the inode it was added for, and whenever a directory leaves or arrives
+/// at a path, the watches under that path are checked against what is
+/// there now. A path's watches are never dropped just because a directory
+/// left it: with `RENAME_EXCHANGE` the arriving directory's event comes
+/// first, and dropping by path would drop its watch.
 struct WatchSet {
     inotify: Inotify,
-    by_wd: HashMap<WatchDescriptor, PathBuf>,
+    by_wd: HashMap<WatchDescriptor, Watched>,
     by_path: BTreeMap<PathBuf, WatchDescriptor>,
     root: PathBuf,
     keep: Box<dyn Fn(&Path) -> bool + Send>,
     /// `by_path.len()`, for `Watcher::directories`.
     directories: Arc<AtomicUsize>,
+}
+
+/// Where a watched directory is, and which inode was watched there.
+struct Watched {
+    path: PathBuf,
+    ino: u64,
 }
 
 /// One event read from the instance, owned (the read buffer is reused).
@@ -169,6 +182,16 @@ impl WatchSet {
     /// skipped: its parent's watch reports that. Fails only when a watch
     /// cannot be added for another reason (the watch limit, `ENOSPC`).
     fn add_tree(&mut self, top: &Path) -> io::Result<()> {
+        self.walk_and_watch(top, &mut |_| {})
+    }
+
+    /// `add_tree`, calling `watched` with each descriptor it adds (or finds).
+    fn walk_and_watch(
+        &mut self,
+        top: &Path,
+        watched: &mut dyn FnMut(&WatchDescriptor),
+    ) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
         let mut stack = vec![top.to_path_buf()];
         while let Some(dir) = stack.pop() {
             // The watch comes before the read: an entry made after the
@@ -177,11 +200,18 @@ impl WatchSet {
             if dir != self.root {
                 mask |= WatchMask::DONT_FOLLOW;
             }
-            match self.inotify.watches().add(&dir, mask) {
-                Ok(wd) => self.remember(wd, dir.clone()),
+            let wd = match self.inotify.watches().add(&dir, mask) {
+                Ok(wd) => wd,
                 Err(err) if vanished(&err) => continue,
                 Err(err) => return Err(err),
-            }
+            };
+            // The inode watched (if the path changed in between, the event
+            // of that change checks this record again).
+            let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+                continue;
+            };
+            watched(&wd);
+            self.remember(wd, dir.clone(), meta.ino());
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
             };
@@ -197,27 +227,36 @@ impl WatchSet {
         Ok(())
     }
 
-    fn remember(&mut self, wd: WatchDescriptor, path: PathBuf) {
-        // Watching an inode again returns its descriptor: a directory moved
-        // back in keeps it, under its new path.
-        if let Some(old) = self.by_wd.insert(wd.clone(), path.clone())
-            && old != path
-            && self.by_path.get(&old) == Some(&wd)
+    /// Records `wd` as the watch of the directory at `path`. Watching an
+    /// inode again returns its descriptor, so a directory moved within the
+    /// tree keeps its watch under its new path. A different directory that
+    /// was watched at `path` has left it: its watch goes (if it arrives
+    /// elsewhere in the tree, that arrival watches it again).
+    fn remember(&mut self, wd: WatchDescriptor, path: PathBuf, ino: u64) {
+        let record = Watched {
+            path: path.clone(),
+            ino,
+        };
+        if let Some(old) = self.by_wd.insert(wd.clone(), record)
+            && old.path != path
+            && self.by_path.get(&old.path) == Some(&wd)
         {
-            self.by_path.remove(&old);
+            self.by_path.remove(&old.path);
         }
-        self.by_path.insert(path, wd);
+        if let Some(previous) = self.by_path.insert(path.clone(), wd.clone())
+            && previous != wd
+            && self.by_wd.get(&previous).is_some_and(|w| w.path == path)
+        {
+            self.drop_watch(previous);
+        }
         self.counted();
     }
 
-    fn counted(&self) {
-        self.directories
-            .store(self.by_path.len(), Ordering::Relaxed);
-    }
-
-    /// Drops the watches of `top` and everything under it (moved away: the
-    /// watches would report under stale paths, or outside the root).
-    fn forget_tree(&mut self, top: &Path) {
+    /// Checks every watch at or under `top` against the directory there
+    /// now, and drops those whose directory left (moved away, out of the
+    /// tree, or replaced).
+    fn verify(&mut self, top: &Path) {
+        use std::os::unix::fs::MetadataExt;
         let under: Vec<(PathBuf, WatchDescriptor)> = self
             .by_path
             .range(top.to_path_buf()..)
@@ -225,22 +264,70 @@ impl WatchSet {
             .map(|(path, wd)| (path.clone(), wd.clone()))
             .collect();
         for (path, wd) in under {
-            self.by_path.remove(&path);
-            self.by_wd.remove(&wd);
-            // Fails harmlessly if the kernel dropped it already.
-            let _ = self.inotify.watches().remove(wd);
+            let here = std::fs::symlink_metadata(&path)
+                .ok()
+                .filter(|m| m.is_dir())
+                .map(|m| m.ino());
+            let current = self
+                .by_wd
+                .get(&wd)
+                .is_some_and(|w| w.path == path && Some(w.ino) == here);
+            if !current {
+                self.by_path.remove(&path);
+                if self.by_wd.get(&wd).is_some_and(|w| w.path == path) {
+                    self.drop_watch(wd);
+                }
+            }
         }
         self.counted();
     }
 
-    /// The kernel dropped this watch (its directory is gone).
+    /// Brings the watch set in line with the tree after events were lost:
+    /// a directory made meanwhile gets its watch, one moved within the tree
+    /// keeps its descriptor under its new path, and one moved out (or not
+    /// found again) loses its watch.
+    fn rewatch(&mut self) -> io::Result<()> {
+        let mut seen: std::collections::HashSet<WatchDescriptor> = Default::default();
+        let root = self.root.clone();
+        let walked = self.walk_and_watch(&root, &mut |wd| {
+            seen.insert(wd.clone());
+        });
+        let gone: Vec<WatchDescriptor> = self
+            .by_wd
+            .keys()
+            .filter(|wd| !seen.contains(*wd))
+            .cloned()
+            .collect();
+        for wd in gone {
+            self.drop_watch(wd);
+        }
+        let by_wd = &self.by_wd;
+        self.by_path
+            .retain(|path, wd| by_wd.get(wd).is_some_and(|w| w.path == *path));
+        self.counted();
+        walked
+    }
+
+    /// Forgets `wd` and removes it from the kernel (which fails harmlessly
+    /// if the kernel dropped it already).
+    fn drop_watch(&mut self, wd: WatchDescriptor) {
+        self.forget_wd(&wd);
+        let _ = self.inotify.watches().remove(wd);
+    }
+
+    /// Forgets `wd` (the kernel dropped it: its directory is gone).
     fn forget_wd(&mut self, wd: &WatchDescriptor) {
-        if let Some(path) = self.by_wd.remove(wd)
-            && self.by_path.get(&path) == Some(wd)
+        if let Some(watched) = self.by_wd.remove(wd)
+            && self.by_path.get(&watched.path) == Some(wd)
         {
-            self.by_path.remove(&path);
+            self.by_path.remove(&watched.path);
         }
         self.counted();
+    }
+
+    fn counted(&self) {
+        self.directories
+            .store(self.by_path.len(), Ordering::Relaxed);
     }
 
     fn run(mut self, stop: &OwnedFd, mut deliver: impl FnMut(WatchEvent)) {
@@ -292,27 +379,37 @@ impl WatchSet {
 
     /// Applies one read's events to the watch set and returns the paths
     /// they changed (in order, repeats in a row folded) and why events were
-    /// lost, if they were.
+    /// lost, if they were. A directory that arrives is watched (and what
+    /// was watched at its path before is checked); the watches under a path
+    /// a directory left are checked at once, so later events of the same
+    /// read from a directory that moved out are not reported.
     fn absorb(&mut self, events: Vec<RawEvent>) -> (Vec<PathBuf>, Option<String>) {
         let mut changed: Vec<PathBuf> = Vec::new();
         let mut lost: Option<String> = None;
         for event in events {
             if event.mask.contains(EventMask::Q_OVERFLOW) {
-                lost = Some("watcher queue overflowed".into());
+                // The lost events may have made, moved or removed
+                // directories: watch the tree as it is now.
+                lost = Some(match self.rewatch() {
+                    Ok(()) => "watcher queue overflowed".into(),
+                    Err(err) => {
+                        format!("watcher queue overflowed; cannot watch the tree again: {err}")
+                    }
+                });
                 continue;
             }
             if event.mask.contains(EventMask::IGNORED) {
                 self.forget_wd(&event.wd);
                 continue;
             }
-            let Some(dir) = self.by_wd.get(&event.wd) else {
+            let Some(watched) = self.by_wd.get(&event.wd) else {
                 continue;
             };
             let path = match event.name {
-                Some(name) => dir.join(name),
+                Some(name) => watched.path.join(name),
                 // An event on a watched directory itself: its parent's
                 // watch reports it too, except for the root.
-                None if *dir == self.root => dir.clone(),
+                None if watched.path == self.root => watched.path.clone(),
                 None => continue,
             };
             if path != self.root && !(self.keep)(&path) {
@@ -320,14 +417,25 @@ impl WatchSet {
             }
             if event.mask.contains(EventMask::ISDIR) {
                 if event.mask.contains(EventMask::MOVED_FROM) {
-                    self.forget_tree(&path);
+                    // Later events of this read from a directory that left
+                    // must not be reported under its old path.
+                    self.verify(&path);
                 } else if event
                     .mask
                     .intersects(EventMask::CREATE | EventMask::MOVED_TO)
-                    && let Err(err) = self.add_tree(&path)
                 {
-                    tracing::warn!(path = %path.display(), error = %err, "cannot watch a new directory");
-                    lost = Some(format!("cannot watch {}: {err}", path.display()));
+                    let replaced = self
+                        .by_path
+                        .range(path.clone()..)
+                        .next()
+                        .is_some_and(|(p, _)| p.starts_with(&path));
+                    if let Err(err) = self.add_tree(&path) {
+                        tracing::warn!(path = %path.display(), error = %err, "cannot watch a new directory");
+                        lost = Some(format!("cannot watch {}: {err}", path.display()));
+                    }
+                    if replaced {
+                        self.verify(&path);
+                    }
                 }
             }
             if changed.last() != Some(&path) {
@@ -564,5 +672,196 @@ mod tests {
             let watcher = Watcher::new(dir.path(), |_| true, |_| {}).unwrap();
             drop(watcher);
         }
+    }
+
+    /// After the kernel's event queue overflows, the owner is told to
+    /// rescan, and the directories made or moved while events were lost
+    /// are watched (under their new paths): later writes there report.
+    #[test]
+    fn after_an_overflow_new_and_moved_directories_are_watched() {
+        let limit: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(16384);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("a/deep")).unwrap();
+        std::fs::create_dir_all(root.join("gone")).unwrap();
+        // The watcher's thread is held in its first delivery, so it stops
+        // reading and the kernel's queue fills up.
+        let (held_tx, held_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel();
+        let mut first = true;
+        let watcher = Watcher::new(
+            &root,
+            |_| true,
+            move |event| {
+                if std::mem::take(&mut first) {
+                    let _ = held_tx.send(());
+                    let _ = release_rx.recv();
+                }
+                let _ = tx.send(event);
+            },
+        )
+        .unwrap();
+        std::fs::write(root.join("first"), b"").unwrap();
+        held_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        for i in 0..limit {
+            std::fs::write(root.join(format!("f{}", i % 64)), b"x").unwrap();
+        }
+        std::fs::create_dir_all(root.join("late/deeper")).unwrap();
+        std::fs::rename(root.join("a"), root.join("b")).unwrap();
+        std::fs::rename(root.join("gone"), dir.path().join("out")).unwrap();
+        release_tx.send(()).unwrap();
+        let mut owner = Owner {
+            rx,
+            watcher,
+            seen: Default::default(),
+        };
+        let mut rescans = 0;
+        while rescans == 0 {
+            match owner.rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(WatchEvent::Rescan(why)) => {
+                    assert_eq!(why, "watcher queue overflowed");
+                    rescans += 1;
+                }
+                Ok(WatchEvent::Changed(_)) => {}
+                Err(_) => panic!("no rescan after {limit} events"),
+            }
+        }
+        // a/deep, b/deep... : root, b, b/deep, late, late/deeper.
+        assert_eq!(owner.watcher.directories(), 5);
+        std::fs::write(dir.path().join("out/x"), b"outside").unwrap();
+        std::fs::write(root.join("late/deeper/x"), b"").unwrap();
+        std::fs::write(root.join("b/deep/x"), b"").unwrap();
+        owner.until(|seen| {
+            seen.contains(&root.join("late/deeper/x")) && seen.contains(&root.join("b/deep/x"))
+        });
+        let seen = &owner.seen;
+        assert!(
+            !seen.iter().any(|p| p.starts_with(root.join("a/"))),
+            "{seen:?}"
+        );
+        assert!(
+            !seen.iter().any(|p| p.starts_with(root.join("gone/"))),
+            "{seen:?}"
+        );
+    }
+
+    /// Random directory churn (create, delete, rename within the tree, in
+    /// and out of it, and exchanges of two entries) while the watcher runs;
+    /// afterwards a file written in every directory of the tree is reported.
+    /// An exchange reports the arriving entry before the leaving one, so a
+    /// watcher that drops a path's watches when a directory leaves it would
+    /// drop the arriving directory's.
+    #[test]
+    fn after_random_directory_churn_every_directory_is_watched() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        use rustix::fs::{CWD, RenameFlags, renameat_with};
+        for seed in 0..6u64 {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().join("root");
+            let outside = dir.path().join("outside");
+            std::fs::create_dir_all(&root).unwrap();
+            std::fs::create_dir_all(&outside).unwrap();
+            let mut owner = Owner::watch(&root, |_| true);
+            let names = ["a", "b", "c.md"];
+            let pick = |rng: &mut StdRng, base: &Path| -> PathBuf {
+                let depth = rng.random_range(1..=3);
+                let mut path = base.to_path_buf();
+                for _ in 0..depth {
+                    path.push(names[rng.random_range(0..names.len())]);
+                }
+                path
+            };
+            for op in 0..1500 {
+                let here = pick(&mut rng, &root);
+                let base = if rng.random_bool(0.8) {
+                    &root
+                } else {
+                    &outside
+                };
+                let there = pick(&mut rng, base);
+                let _ = match rng.random_range(0..10) {
+                    0..3 => std::fs::create_dir_all(here.join("x")),
+                    3 => std::fs::write(&here, b"f"),
+                    4 => std::fs::rename(&here, &there),
+                    5 => std::fs::rename(&there, &here),
+                    6..9 => renameat_with(CWD, &here, CWD, &there, RenameFlags::EXCHANGE)
+                        .map_err(std::io::Error::from),
+                    _ => std::fs::remove_dir_all(&here).or_else(|_| std::fs::remove_file(&here)),
+                };
+                if op % 100 == 0 {
+                    let _ = owner.drain(Duration::from_millis(1));
+                }
+            }
+            // Settle, then probe every directory.
+            let _ = owner.drain(Duration::from_millis(300));
+            let mut probes = Vec::new();
+            let mut stack = vec![root.clone()];
+            while let Some(d) = stack.pop() {
+                for entry in std::fs::read_dir(&d).unwrap().flatten() {
+                    if entry.file_type().unwrap().is_dir() {
+                        stack.push(entry.path());
+                    }
+                }
+                let probe = d.join("probe");
+                std::fs::write(&probe, b"p").unwrap();
+                probes.push(probe);
+            }
+            owner.seen.clear();
+            owner.until(|seen| probes.iter().all(|p| seen.contains(p)));
+            assert!(
+                owner.seen.iter().all(|p| p.starts_with(&root)),
+                "seed {seed}: {:?}",
+                owner.seen
+            );
+        }
+    }
+
+    /// Two directories exchanged (`RENAME_EXCHANGE`), and a directory
+    /// exchanged with a file: both directories are watched at their new
+    /// paths afterwards.
+    #[test]
+    fn exchanged_directories_are_watched_at_their_new_paths() {
+        use rustix::fs::{CWD, RenameFlags, renameat_with};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("a/in_a")).unwrap();
+        std::fs::create_dir_all(root.join("b/in_b")).unwrap();
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::write(root.join("f"), b"file").unwrap();
+        let mut owner = Owner::watch(&root, |_| true);
+        renameat_with(
+            CWD,
+            root.join("a"),
+            CWD,
+            root.join("b"),
+            RenameFlags::EXCHANGE,
+        )
+        .unwrap();
+        renameat_with(
+            CWD,
+            root.join("d"),
+            CWD,
+            root.join("f"),
+            RenameFlags::EXCHANGE,
+        )
+        .unwrap();
+        let _ = owner.drain(Duration::from_millis(200));
+        let probes = [
+            root.join("a/in_b/p"),
+            root.join("b/in_a/p"),
+            root.join("a/p"),
+            root.join("b/p"),
+            root.join("f/p"),
+        ];
+        for probe in &probes {
+            std::fs::write(probe, b"p").unwrap();
+        }
+        owner.seen.clear();
+        owner.until(|seen| probes.iter().all(|p| seen.contains(p)));
     }
 }
