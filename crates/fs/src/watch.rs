@@ -10,16 +10,18 @@
 //!   watcher's thread, and only then reported (as one path that stands for
 //!   its subtree). The owner scans that subtree after the report, so an
 //!   entry made before its directory's watch existed is seen by that scan,
-//!   and one made after makes an event. (notify 8 lost such entries:
-//!   notify-rs/notify#727.)
+//!   and one made after makes an event.
+//! - **A watch follows its directory, not a path** (see `WatchSet`): a
+//!   directory moved or exchanged within the tree is reported under its
+//!   new path, one moved out of the tree is no longer watched.
 //! - **Lost events are never swallowed.** A queue overflow, a read error or
 //!   a directory that cannot be watched (the inotify limit) is reported as
 //!   `WatchEvent::Rescan`.
 //! - **Symlinks are not followed:** like the scanner, the watcher stays
-//!   inside the root. A directory moved out of the tree loses its watches.
+//!   inside the root.
 //!
 //! The watch set is one walk of the tree that reads directories only (one
-//! `inotify_add_watch` per directory, no stat per file).
+//! `inotify_add_watch` and one `lstat` per directory, no stat per file).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsString;
