@@ -214,6 +214,29 @@ fn a_hub_without_a_watcher_still_journals_through_its_rescans() {
     );
 }
 
+/// A hub past the inotify watch limit (a test fault stops at two watches:
+/// `mirrors/` and the mirror's top) keeps what it watches live and says
+/// the rest is left to rescans. It used to drop the whole watch, so even
+/// the top of the mirror waited for the hourly rescan.
+#[test]
+fn a_hub_past_the_watch_limit_keeps_the_watched_part_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("hub/mirrors").join(WS);
+    write(&mirror.join("deep/seed.txt"), "there before the start");
+    let hub = Hub::start_with(dir.path(), &[("GM_TEST_FAULT", "watch:limit=2")]);
+    assert!(
+        hub.log_text().contains("cannot watch every directory"),
+        "the hub says its watch is partial"
+    );
+    assert_eq!(hub.workspace_status(WS)["files"], 1);
+    write(&mirror.join("top.txt"), "seen live");
+    wait_until_for(
+        "the watched top of the mirror is journaled live",
+        Duration::from_secs(20),
+        || hub.workspace_status(WS)["files"] == 2,
+    );
+}
+
 /// CPU seconds (user + system) a process has used so far.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");

@@ -67,16 +67,31 @@ pub struct Watcher {
     wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     directories: Arc<AtomicUsize>,
+    complete: bool,
 }
 
 impl Watcher {
     /// Watches `dir` and every directory under it that `keep` accepts, then
-    /// reports changes to `deliver` from a thread of its own. Fails if the
-    /// tree cannot be watched (no inotify instance, or the watch limit).
+    /// reports changes to `deliver` from a thread of its own. Fails if not
+    /// even `dir` can be watched. Past the inotify watch limit the watch is
+    /// partial: what it got stays watched, the error is logged, and
+    /// `complete` says so (the owner's periodic rescans cover the rest;
+    /// failing outright left nothing live at all).
     pub fn new(
         dir: &Path,
         keep: impl Fn(&Path) -> bool + Send + 'static,
         deliver: impl FnMut(WatchEvent) + Send + 'static,
+    ) -> Result<Watcher, FsError> {
+        Watcher::with_limit(dir, keep, deliver, None)
+    }
+
+    /// `new`, with at most `limit` watches (a stand-in for the kernel's
+    /// limit, which tests cannot lower for one process).
+    fn with_limit(
+        dir: &Path,
+        keep: impl Fn(&Path) -> bool + Send + 'static,
+        deliver: impl FnMut(WatchEvent) + Send + 'static,
+        limit: Option<usize>,
     ) -> Result<Watcher, FsError> {
         let fail = |what: &'static str, err: io::Error| FsError::io(what, dir.display(), err);
         let inotify = Inotify::init().map_err(|e| fail("start watcher", e))?;
@@ -87,8 +102,22 @@ impl Watcher {
             root: dir.to_path_buf(),
             keep: Box::new(keep),
             directories: Arc::new(AtomicUsize::new(0)),
+            limit,
         };
-        set.add_tree(dir).map_err(|e| fail("watch", e))?;
+        let complete = match set.add_tree(dir) {
+            Ok(()) => true,
+            Err(err) if set.by_path.is_empty() => return Err(fail("watch", err)),
+            Err(err) => {
+                tracing::error!(
+                    dir = %dir.display(),
+                    watched = set.by_path.len(),
+                    error = %err,
+                    "cannot watch every directory (raise fs.inotify.max_user_watches); \
+                     the rest is seen by periodic rescans only"
+                );
+                false
+            }
+        };
         if set.by_path.is_empty() {
             return Err(fail("watch", io::ErrorKind::NotFound.into()));
         }
@@ -106,7 +135,13 @@ impl Watcher {
             wake,
             thread: Some(thread),
             directories,
+            complete,
         })
+    }
+
+    /// False when the watch limit left part of the tree unwatched at start.
+    pub fn complete(&self) -> bool {
+        self.complete
     }
 
     /// How many directories are watched now.
@@ -115,8 +150,9 @@ impl Watcher {
     }
 
     /// `new`, except that a debug build given the test fault `watch:fail`
-    /// fails the way a watcher past an inotify limit does (for tests of the
-    /// owners' fallback to periodic rescans).
+    /// fails the way a watcher without inotify does, and one given
+    /// `watch:limit=N` stops at N watches the way one past the kernel's
+    /// limit does (for tests of the owners' fallback to periodic rescans).
     pub fn start(
         dir: &Path,
         keep: impl Fn(&Path) -> bool + Send + 'static,
@@ -130,7 +166,11 @@ impl Watcher {
                 std::io::Error::other("GM_TEST_FAULT=watch:fail"),
             ));
         }
-        Watcher::new(dir, keep, deliver)
+        let limit = test_fault
+            .filter(|_| cfg!(debug_assertions))
+            .and_then(|fault| fault.strip_prefix("watch:limit="))
+            .and_then(|n| n.parse().ok());
+        Watcher::with_limit(dir, keep, deliver, limit)
     }
 }
 
@@ -163,6 +203,8 @@ struct WatchSet {
     keep: Box<dyn Fn(&Path) -> bool + Send>,
     /// `by_path.len()`, for `Watcher::directories`.
     directories: Arc<AtomicUsize>,
+    /// At most this many watches (tests only; see `Watcher::with_limit`).
+    limit: Option<usize>,
 }
 
 /// Where a watched directory is, and which inode was watched there.
@@ -202,7 +244,13 @@ impl WatchSet {
             if dir != self.root {
                 mask |= WatchMask::DONT_FOLLOW;
             }
-            let wd = match self.inotify.watches().add(&dir, mask) {
+            let added = match self.limit {
+                Some(limit) if self.by_path.len() >= limit => {
+                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                }
+                _ => self.inotify.watches().add(&dir, mask),
+            };
+            let wd = match added {
                 Ok(wd) => wd,
                 Err(err) if vanished(&err) => continue,
                 Err(err) => return Err(err),
@@ -865,5 +913,50 @@ mod tests {
         }
         owner.seen.clear();
         owner.until(|seen| probes.iter().all(|p| seen.contains(p)));
+    }
+
+    /// Past the watch limit the watcher keeps what it got (and says it is
+    /// incomplete) instead of failing outright; a directory made later that
+    /// cannot be watched asks the owner to rescan.
+    #[test]
+    fn past_the_watch_limit_the_watched_part_stays_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        for name in ["a", "b", "c", "d", "e"] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+        }
+        let (tx, rx) = mpsc::channel();
+        let watcher = Watcher::with_limit(
+            &root,
+            |_| true,
+            move |event| {
+                let _ = tx.send(event);
+            },
+            Some(3),
+        )
+        .unwrap();
+        assert!(!watcher.complete());
+        assert_eq!(watcher.directories(), 3);
+        let mut owner = Owner {
+            rx,
+            watcher,
+            seen: Default::default(),
+        };
+        std::fs::write(root.join("top"), b"").unwrap();
+        owner.until(|seen| seen.contains(&root.join("top")));
+        std::fs::create_dir(root.join("new")).unwrap();
+        loop {
+            match owner.rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(WatchEvent::Rescan(why)) => {
+                    assert!(why.contains("new"), "{why}");
+                    break;
+                }
+                Ok(WatchEvent::Changed(_)) => {}
+                Err(_) => panic!("no rescan for a directory past the limit"),
+            }
+        }
+        let full = Watcher::new(&root, |_| true, |_| {}).unwrap();
+        assert!(full.complete());
+        assert_eq!(full.directories(), 7);
     }
 }

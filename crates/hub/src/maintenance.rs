@@ -94,6 +94,7 @@ pub fn watch(hub: &Hub) -> Watching {
     tracing::debug!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         directories = watcher.as_ref().map_or(0, Watcher::directories),
+        complete = watcher.as_ref().is_some_and(Watcher::complete),
         "watching the mirrors"
     );
     Watching {

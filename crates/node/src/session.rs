@@ -280,7 +280,7 @@ impl WorkspaceTask {
                 );
                 match watcher {
                     Ok(w) => {
-                        tracing::debug!(workspace = %id, directories = w.directories(), "watching the workspace");
+                        tracing::debug!(workspace = %id, directories = w.directories(), complete = w.complete(), "watching the workspace");
                         Some(w)
                     }
                     Err(err) => {
