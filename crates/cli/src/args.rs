@@ -256,8 +256,9 @@ pub struct HubArgs {
     #[arg(long, env = "GM_SKILL_PROMOTE_QUIET", default_value = "30s", value_parser = parse_quiet)]
     pub skill_promote_quiet: Quiet,
     /// Test builds only: abort at a named step (e.g. `promote:after-copy`),
-    /// pause 3 s after the startup scan (`startup:pause-after-scan`), or
-    /// start without a watcher (`watch:fail`). Release builds ignore it.
+    /// pause 3 s after the startup scan (`startup:pause-after-scan`), start
+    /// without a watcher (`watch:fail`) or stop at N watches as if at the
+    /// inotify limit (`watch:limit=N`). Release builds ignore it.
     #[arg(long, env = "GM_TEST_FAULT", hide = true)]
     pub test_fault: Option<String>,
     #[command(flatten)]
@@ -534,7 +535,8 @@ pub struct NodeArgs {
     pub compression: CompressionArg,
     #[command(flatten)]
     pub scan: ScanArgs,
-    /// Test builds only: start without a watcher (`watch:fail`). Release
+    /// Test builds only: start without a watcher (`watch:fail`), or stop at
+    /// N watches as if at the inotify limit (`watch:limit=N`). Release
     /// builds ignore it.
     #[arg(long, env = "GM_TEST_FAULT", hide = true)]
     pub test_fault: Option<String>,

@@ -189,28 +189,33 @@ fn a_mirror_change_right_after_the_startup_scan_is_journaled() {
     );
 }
 
+/// Starts a hub (with `env`) on a mirror that holds `seed`, checks that
+/// its log says `says` and that the seed is journaled, then writes `later`
+/// into the mirror and waits up to 20 s for it to be journaled.
+fn hub_journals_a_later_file(env: &[(&str, &str)], seed: &str, says: &str, later: &str, why: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = dir.path().join("hub/mirrors").join(WS);
+    write(&mirror.join(seed), "there before the start");
+    let hub = Hub::start_with(dir.path(), env);
+    assert!(hub.log_text().contains(says), "the hub says {says:?}");
+    assert_eq!(hub.workspace_status(WS)["files"], 1);
+    write(&mirror.join(later), "written after the start");
+    wait_until_for(why, Duration::from_secs(20), || {
+        hub.workspace_status(WS)["files"] == 2
+    });
+}
+
 /// A hub whose watcher cannot start (an inotify limit; a test fault here)
 /// says so and keeps journaling its mirrors through the periodic rescan.
 /// (The closed event queue used to end the whole maintenance loop.)
 #[test]
 fn a_hub_without_a_watcher_still_journals_through_its_rescans() {
-    let dir = tempfile::tempdir().unwrap();
-    let mirror = dir.path().join("hub/mirrors").join(WS);
-    write(&mirror.join("seed.txt"), "there before the start");
-    let hub = Hub::start_with(
-        dir.path(),
+    hub_journals_a_later_file(
         &[("GM_TEST_FAULT", "watch:fail"), ("GM_RESCAN_INTERVAL", "1")],
-    );
-    assert!(
-        hub.log_text().contains("cannot watch the mirrors"),
-        "the hub says it has no watcher"
-    );
-    assert_eq!(hub.workspace_status(WS)["files"], 1);
-    write(&mirror.join("later.txt"), "found by a rescan");
-    wait_until_for(
+        "seed.txt",
+        "cannot watch the mirrors",
+        "later.txt",
         "a periodic rescan journals the new file",
-        Duration::from_secs(20),
-        || hub.workspace_status(WS)["files"] == 2,
     );
 }
 
@@ -220,20 +225,12 @@ fn a_hub_without_a_watcher_still_journals_through_its_rescans() {
 /// the top of the mirror waited for the hourly rescan.
 #[test]
 fn a_hub_past_the_watch_limit_keeps_the_watched_part_live() {
-    let dir = tempfile::tempdir().unwrap();
-    let mirror = dir.path().join("hub/mirrors").join(WS);
-    write(&mirror.join("deep/seed.txt"), "there before the start");
-    let hub = Hub::start_with(dir.path(), &[("GM_TEST_FAULT", "watch:limit=2")]);
-    assert!(
-        hub.log_text().contains("cannot watch every directory"),
-        "the hub says its watch is partial"
-    );
-    assert_eq!(hub.workspace_status(WS)["files"], 1);
-    write(&mirror.join("top.txt"), "seen live");
-    wait_until_for(
+    hub_journals_a_later_file(
+        &[("GM_TEST_FAULT", "watch:limit=2")],
+        "deep/seed.txt",
+        "cannot watch every directory",
+        "top.txt",
         "the watched top of the mirror is journaled live",
-        Duration::from_secs(20),
-        || hub.workspace_status(WS)["files"] == 2,
     );
 }
 

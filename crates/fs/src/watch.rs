@@ -530,26 +530,12 @@ mod tests {
         std::fs::create_dir_all(root.join("inner")).unwrap();
         std::fs::create_dir_all(outside.join("deep")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
-        let (tx, rx) = mpsc::channel();
-        let _watcher = Watcher::new(
-            &root,
-            |_| true,
-            move |event| {
-                let _ = tx.send(event);
-            },
-        )
-        .unwrap();
+        let mut owner = Owner::watch(&root, |_| true);
         std::fs::write(outside.join("deep/out.txt"), b"outside").unwrap();
         std::fs::write(outside.join("top.txt"), b"outside").unwrap();
         std::fs::write(root.join("inner/in.txt"), b"inside").unwrap();
-        let mut seen: Vec<PathBuf> = Vec::new();
-        while !seen.iter().any(|p| p.ends_with("inner/in.txt")) {
-            match rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(WatchEvent::Changed(paths)) => seen.extend(paths),
-                Ok(WatchEvent::Rescan(why)) => panic!("rescan: {why}"),
-                Err(_) => panic!("the change inside the root was not reported: {seen:?}"),
-            }
-        }
+        owner.until(|seen| seen.contains(&root.join("inner/in.txt")));
+        let seen = &owner.seen;
         let behind = root.join("link");
         assert!(
             seen.iter().all(|p| !p.starts_with(&behind)),
@@ -567,10 +553,24 @@ mod tests {
 
     impl Owner {
         fn watch(root: &Path, keep: impl Fn(&Path) -> bool + Send + 'static) -> Owner {
+            Owner::watch_limited(root, keep, None)
+        }
+
+        /// `watch` with at most `limit` watches.
+        fn watch_limited(
+            root: &Path,
+            keep: impl Fn(&Path) -> bool + Send + 'static,
+            limit: Option<usize>,
+        ) -> Owner {
             let (tx, rx) = mpsc::channel();
-            let watcher = Watcher::new(root, keep, move |event| {
-                let _ = tx.send(event);
-            })
+            let watcher = Watcher::with_limit(
+                root,
+                keep,
+                move |event| {
+                    let _ = tx.send(event);
+                },
+                limit,
+            )
             .unwrap();
             Owner {
                 rx,
@@ -925,23 +925,9 @@ mod tests {
         for name in ["a", "b", "c", "d", "e"] {
             std::fs::create_dir_all(root.join(name)).unwrap();
         }
-        let (tx, rx) = mpsc::channel();
-        let watcher = Watcher::with_limit(
-            &root,
-            |_| true,
-            move |event| {
-                let _ = tx.send(event);
-            },
-            Some(3),
-        )
-        .unwrap();
-        assert!(!watcher.complete());
-        assert_eq!(watcher.directories(), 3);
-        let mut owner = Owner {
-            rx,
-            watcher,
-            seen: Default::default(),
-        };
+        let mut owner = Owner::watch_limited(&root, |_| true, Some(3));
+        assert!(!owner.watcher.complete());
+        assert_eq!(owner.watcher.directories(), 3);
         std::fs::write(root.join("top"), b"").unwrap();
         owner.until(|seen| seen.contains(&root.join("top")));
         std::fs::create_dir(root.join("new")).unwrap();

@@ -64,14 +64,15 @@ pub struct Watching {
     _open: mpsc::UnboundedSender<WatchEvent>,
 }
 
-/// Starts watching `mirrors/` (every directory but staging: this walks the
-/// tree once, reading directories only). A
-/// watcher that cannot start is logged; periodic rescans remain.
+/// Starts watching `mirrors/` (every directory of every mirror: this walks
+/// the tree once, reading directories only). A watcher that cannot start
+/// is logged; periodic rescans remain.
 pub fn watch(hub: &Hub) -> Watching {
     let (tx, events) = mpsc::unbounded_channel::<WatchEvent>();
     let mirrors = hub.mirrors.clone();
-    // Staging paths are dropped by the watcher itself: every file the hub
-    // writes makes several events there, and a 200,000-file initial sync
+    // Only mirrors are watched (staging lives beside `mirrors/`; anything
+    // else there is neither watched nor reported): every file the hub
+    // stages makes several events, and a 200,000-file initial sync once
     // queued millions of them while the hub was busy committing.
     let keep = move |path: &std::path::Path| classify(&mirrors, path).is_some();
     let started = Instant::now();

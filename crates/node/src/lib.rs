@@ -101,7 +101,8 @@ pub struct NodeConfig {
     pub delete_delay: Duration,
     /// What travels zstd-compressed to and from the hub.
     pub compression: Compression,
-    /// Debug builds only: `watch:fail` starts without a watcher (for tests).
+    /// Debug builds only: `watch:fail` starts without a watcher, and
+    /// `watch:limit=N` stops at N watches (for tests).
     pub test_fault: Option<String>,
 }
 

@@ -263,12 +263,11 @@ impl WorkspaceTask {
             let id = self.id.clone();
             let test_fault = self.config.test_fault.clone();
             tokio::task::spawn_blocking(move || {
-                // Staging paths (every landed file makes several events) never queue.
+                // `.ghostmirror/` (staging: every landed file makes several
+                // events) is neither watched nor reported.
                 let keep = {
                     let watched = watched.clone();
-                    move |path: &std::path::Path| {
-                        path == watched || relative(&watched, path).is_some()
-                    }
+                    move |path: &std::path::Path| relative(&watched, path).is_some()
                 };
                 let watcher = Watcher::start(
                     &watched,
