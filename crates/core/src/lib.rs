@@ -23,7 +23,7 @@ pub use conflict::{
 };
 pub use entry::{Entry, Seq, Versioned};
 pub use hash::{ContentHash, Hasher};
-pub use meta::{CacheRecord, Kind, Stat};
+pub use meta::{CacheRecord, CacheRecords, Kind, Stat};
 pub use path::{INTERNAL_DIR, NodeId, PathError, RelPath, WorkspaceId, minimal_tops};
 pub use plan::{Checkpoint, Forced, NodeTrees, Plan, Refused, Scope, slice_tops};
 pub use reconcile::{NodeAction, decide_node};

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use gm_chunk::Manifest;
-use gm_core::{CacheRecord, ContentHash, Entry, RelPath};
+use gm_core::{CacheRecord, CacheRecords, ContentHash, Entry, RelPath};
 use rustix::fs::{AtFlags, Mode, OFlags};
 
 use crate::error::FsError;
@@ -191,7 +191,7 @@ pub fn scan_tree(
     root: &Root,
     top: Option<&RelPath>,
     recursive: bool,
-    cache: &HashMap<RelPath, CacheRecord>,
+    cache: &CacheRecords,
     config: &ScanConfig,
     ignore: &IgnoreRules,
 ) -> Result<ScanOutcome, FsError> {
@@ -203,8 +203,9 @@ pub fn scan_tree(
 /// a symlink's target), nothing hashed. Directories are read by up to
 /// `walk_threads` threads at once (helpers start once two directories
 /// wait; a subtree with one directory is read by the calling thread
-/// alone). A caller can load the hash cache meanwhile and then finish with
-/// `hash_walked` (`walk_while_loading` does both).
+/// alone). The walk is in path order (each thread sorts its part while
+/// the others still read). A caller can load the hash cache meanwhile and
+/// then finish with `hash_walked` (`walk_while_loading` does both).
 pub fn walk_tree(
     root: &Root,
     top: Option<&RelPath>,
@@ -279,6 +280,7 @@ pub fn walk_tree(
         while let Some(dir) = pending.pop() {
             read_dir(root, dir, &mut walk, &mut pending, ignore);
         }
+        walk.walked.sort_unstable_by(|a, b| a.path.cmp(&b.path));
         return Ok(walk);
     }
     let queue = DirQueue {
@@ -291,10 +293,15 @@ pub fn walk_tree(
         wake: Condvar::new(),
     };
     let parts: Vec<Walk> = std::thread::scope(|scope| {
-        let threads: Vec<_> = (0..helpers)
-            .map(|_| scope.spawn(|| queue.work(root, ignore)))
-            .collect();
-        let mut parts = vec![queue.work(root, ignore)];
+        // Each thread sorts its part; the sort of their concatenation
+        // below merges the sorted runs.
+        let work = || {
+            let mut part = queue.work(root, ignore);
+            part.walked.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+            part
+        };
+        let threads: Vec<_> = (0..helpers).map(|_| scope.spawn(work)).collect();
+        let mut parts = vec![work()];
         parts.extend(threads.into_iter().filter_map(|thread| thread.join().ok()));
         parts
     });
@@ -317,6 +324,7 @@ pub fn walk_tree(
         walk.problems.extend(part.problems);
         walk.unreadable.extend(part.unreadable);
     }
+    walk.walked.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(walk)
 }
 
@@ -342,17 +350,25 @@ pub fn walk_while_loading<T: Send, E: From<FsError> + Send>(
     std::thread::scope(|scope| {
         let (sender, loaded) = std::sync::mpsc::sync_channel(1);
         let load = &load;
+        let started = std::time::Instant::now();
         scope.spawn(move || {
             for top in tops {
+                let loaded = load(top.as_ref());
+                tracing::trace!(top = ?top, at_ms = started.elapsed().as_millis() as u64, "scan: loaded");
                 // The walks stopped (a failure): nothing more to load.
-                if sender.send(load(top.as_ref())).is_err() {
+                if sender.send(loaded).is_err() {
                     break;
                 }
             }
         });
         before_walking();
+        tracing::trace!(
+            at_ms = started.elapsed().as_millis() as u64,
+            "scan: walking"
+        );
         for top in tops {
             let walk = walk_tree(root, top.as_ref(), recursive, config, ignore);
+            tracing::trace!(top = ?top, at_ms = started.elapsed().as_millis() as u64, "scan: walked");
             let loaded = loaded.recv().map_err(|_| {
                 FsError::io(
                     "load what a scan compares with",
@@ -361,6 +377,7 @@ pub fn walk_while_loading<T: Send, E: From<FsError> + Send>(
                 )
             })??;
             finish(top.as_ref(), walk?, loaded)?;
+            tracing::trace!(top = ?top, at_ms = started.elapsed().as_millis() as u64, "scan: compared");
         }
         Ok(())
     })
@@ -372,7 +389,7 @@ pub fn walk_while_loading<T: Send, E: From<FsError> + Send>(
 pub fn hash_walked(
     root: &Root,
     walk: Walk,
-    cache: &HashMap<RelPath, CacheRecord>,
+    cache: &CacheRecords,
     config: &ScanConfig,
 ) -> ScanOutcome {
     let mut outcome = ScanOutcome {
@@ -387,12 +404,17 @@ pub fn hash_walked(
     // The cached hash of each file the cache vouches for, by walk index.
     let mut cached: Vec<Option<ContentHash>> = Vec::with_capacity(walked.len());
     // Files that have a record: when every record has its file, none is
-    // stale (the usual restart), and the set of files is not built.
+    // stale (the usual restart), and no list of them is made.
     let mut with_record = 0usize;
+    // The walk and the cache are both in path order: one merge.
+    let mut records = cache.iter().peekable();
     for (index, item) in walked.iter().enumerate() {
         let mut hash = None;
+        while records.next_if(|(path, _)| *path < item.path).is_some() {}
+        let record = records
+            .next_if(|(path, _)| *path == item.path)
+            .map(|(_, record)| record);
         if item.stat.kind == Kind::File {
-            let record = cache.get(&item.path);
             with_record += usize::from(record.is_some());
             match record {
                 Some(record)
@@ -481,27 +503,29 @@ pub fn hash_walked(
             stat: item.stat,
         });
     }
-    outcome.entries.sort_by(|a, b| a.path.cmp(&b.path));
+    // Built in walk order: in path order.
     if with_record == cache.len() {
         return outcome;
     }
-    let files: std::collections::HashSet<&RelPath> = outcome
+    // Records without a file: one more merge, of the cache and the files.
+    let mut files = outcome
         .entries
         .iter()
         .filter(|e| matches!(e.entry, Entry::File { .. }))
         .map(|e| &e.path)
-        .collect();
-    let stale: Vec<RelPath> = cache
-        .keys()
-        .filter(|path| !files.contains(path))
-        .filter(|path| {
-            !outcome
+        .peekable();
+    let mut stale = Vec::new();
+    for (path, _) in cache.iter() {
+        while files.next_if(|file| *file < path).is_some() {}
+        if files.next_if(|file| *file == path).is_none()
+            && !outcome
                 .unreadable
                 .iter()
-                .any(|u| u == *path || u.is_ancestor_of(path))
-        })
-        .cloned()
-        .collect();
+                .any(|u| u == path || u.is_ancestor_of(path))
+        {
+            stale.push(path.clone());
+        }
+    }
     outcome.stale_cache = stale;
     outcome
 }
@@ -817,14 +841,14 @@ mod tests {
             root,
             None,
             true,
-            &HashMap::new(),
+            &CacheRecords::default(),
             config,
             &IgnoreRules::none(),
         )
         .unwrap()
     }
 
-    fn cache_of(outcome: &ScanOutcome, into: &mut HashMap<RelPath, CacheRecord>) {
+    fn cache_of(outcome: &ScanOutcome, into: &mut CacheRecords) {
         for (path, record) in &outcome.cache_updates {
             into.insert(path.clone(), *record);
         }
@@ -843,7 +867,7 @@ mod tests {
             hash_workers: 2,
             ..Default::default()
         };
-        let mut cache = HashMap::new();
+        let mut cache = CacheRecords::default();
         let first = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
         assert_eq!(first.hashed, 2);
         let names: Vec<_> = first
@@ -877,6 +901,52 @@ mod tests {
         );
     }
 
+    /// The scan merges its walk with the cache, both in path order: over
+    /// a tree that several threads walk, every record of an unchanged file
+    /// is used, and exactly the records of files gone are stale.
+    #[test]
+    fn a_walk_by_several_threads_meets_every_record_in_path_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Root::open(dir.path(), "t").unwrap();
+        // Names whose byte order differs from component order ("a.b"
+        // sorts between "a" and "a/...").
+        for d in ["a", "a.b", "a-c", "b", "a/x", "a/x.y", "b/z"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+            for f in 0..40 {
+                std::fs::write(dir.path().join(d).join(format!("f{f}")), d).unwrap();
+            }
+        }
+        let config = ScanConfig {
+            racy_window_ns: 0,
+            walk_threads: 3,
+            hash_workers: 2,
+            ..Default::default()
+        };
+        let mut cache = CacheRecords::default();
+        let first = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
+        assert_eq!(first.hashed, 280);
+        let paths: Vec<&RelPath> = first.entries.iter().map(|e| &e.path).collect();
+        assert!(
+            paths.windows(2).all(|w| w[0] < w[1]),
+            "entries in path order"
+        );
+        cache_of(&first, &mut cache);
+        // Records of files that are gone: some removed now, one never there.
+        std::fs::remove_file(dir.path().join("a.b/f7")).unwrap();
+        std::fs::remove_dir_all(dir.path().join("a/x.y")).unwrap();
+        let ghost = cache.iter().next().map(|(_, r)| *r).unwrap();
+        cache.insert(RelPath::new("a/x/zz").unwrap(), ghost);
+        let second = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
+        assert_eq!(second.hashed, 0);
+        assert_eq!(second.cache_hits, 239);
+        let mut expected: Vec<String> = (0..40).map(|f| format!("a/x.y/f{f}")).collect();
+        expected.push("a.b/f7".into());
+        expected.push("a/x/zz".into());
+        expected.sort();
+        let stale: Vec<&str> = second.stale_cache.iter().map(|p| p.as_str()).collect();
+        assert_eq!(stale, expected);
+    }
+
     #[test]
     fn racy_records_are_rehashed() {
         let dir = tempfile::tempdir().unwrap();
@@ -888,7 +958,7 @@ mod tests {
             hash_workers: 1,
             ..Default::default()
         };
-        let mut cache = HashMap::new();
+        let mut cache = CacheRecords::default();
         let first = scan_tree(&root, None, true, &cache, &config, &IgnoreRules::none()).unwrap();
         assert_eq!(first.racy, 1);
         cache_of(&first, &mut cache);
@@ -993,7 +1063,7 @@ mod tests {
             &root,
             None,
             true,
-            &HashMap::new(),
+            &CacheRecords::default(),
             &ScanConfig::default(),
             &rules,
         )
@@ -1009,7 +1079,7 @@ mod tests {
             &root,
             Some(&rel("build/deep")),
             true,
-            &HashMap::new(),
+            &CacheRecords::default(),
             &ScanConfig::default(),
             &rules,
         )
@@ -1038,7 +1108,7 @@ mod tests {
             &root,
             Some(&rel("nope/x")),
             true,
-            &HashMap::new(),
+            &CacheRecords::default(),
             &ScanConfig::default(),
             &IgnoreRules::none(),
         )
@@ -1074,7 +1144,8 @@ mod tests {
                 walk_threads: workers,
                 ..ScanConfig::default()
             };
-            let outcome = scan_tree(&root, top, true, &HashMap::new(), &config, &rules).unwrap();
+            let outcome =
+                scan_tree(&root, top, true, &CacheRecords::default(), &config, &rules).unwrap();
             assert!(outcome.problems.is_empty(), "{:?}", outcome.problems);
             let found: Vec<(String, Entry)> = outcome
                 .entries
@@ -1117,7 +1188,7 @@ mod tests {
             racy_window_ns: 0,
             ..ScanConfig::default()
         };
-        let mut cache = HashMap::new();
+        let mut cache = CacheRecords::default();
         let first = scan_tree(&root, None, true, &cache, &config, &rules).unwrap();
         cache_of(&first, &mut cache);
         assert!(first.stale_cache.is_empty());

@@ -4,8 +4,6 @@
 //! walked in full. (Its own test binary: it lowers the process's limit on
 //! open files, which would starve tests running beside it.)
 
-use std::collections::HashMap;
-
 use gm_fs::{IgnoreRules, Root, ScanConfig, scan_tree};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
@@ -34,7 +32,15 @@ fn a_directory_wider_than_the_descriptor_limit_is_walked_in_full() {
             walk_threads: workers,
             ..ScanConfig::default()
         };
-        let outcome = scan_tree(&root, None, true, &HashMap::new(), &config, &rules).unwrap();
+        let outcome = scan_tree(
+            &root,
+            None,
+            true,
+            &gm_core::CacheRecords::default(),
+            &config,
+            &rules,
+        )
+        .unwrap();
         assert!(
             outcome.problems.is_empty(),
             "{workers} workers: {:?}",

@@ -33,8 +33,8 @@ use std::sync::Arc;
 
 use gm_core::skills::{skill_component, skill_copy_candidates};
 use gm_core::{
-    CacheRecord, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, SkillName, Stat,
-    Versioned, children_matter, conflict_copy_candidates, decide_commit,
+    CacheRecord, CacheRecords, CommitDecision, ContentHash, Entry, NodeId, RelPath, Seq, SkillName,
+    Stat, Versioned, children_matter, conflict_copy_candidates, decide_commit,
 };
 use gm_fs::{Expect, FsError, IgnoreRules, Root, StagedFile, scan_tree};
 use gm_proto::pb;
@@ -626,7 +626,7 @@ impl Ctx<'_> {
     }
 
     fn read_disk(&mut self, path: &RelPath) -> Result<DiskState, OpError> {
-        let cache: HashMap<RelPath, CacheRecord> = self
+        let cache: CacheRecords = self
             .cache(path)?
             .map(|r| (path.clone(), r))
             .into_iter()

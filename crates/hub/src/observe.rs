@@ -15,14 +15,14 @@
 //!   journaled as a link, it stands for the registry's tree of that skill
 //!   (`Skills::overlay`), and the scanner never walks through it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use gm_core::minimal_tops;
 use std::sync::Arc;
 
 use anyhow::Context;
 use gm_core::skills::skill_component;
-use gm_core::{CacheRecord, Entry, RelPath, SKILLS_DIR, Seq, Versioned};
+use gm_core::{CacheRecords, Entry, RelPath, SKILLS_DIR, Seq, Versioned};
 use gm_fs::{IgnoreRules, Root};
 use gm_store::RecordBatch;
 
@@ -376,12 +376,12 @@ fn known_under(
     ws: &Workspace,
     top: Option<&RelPath>,
     recursive: bool,
-) -> anyhow::Result<(HashMap<RelPath, CacheRecord>, Vec<(RelPath, Versioned)>)> {
+) -> anyhow::Result<(CacheRecords, Vec<(RelPath, Versioned)>)> {
     Ok(match (top, recursive) {
         (Some(path), false) => (
             hub.db
                 .cache_get(&ws.id, path)?
-                .map(|record| HashMap::from([(path.clone(), record)]))
+                .map(|record| CacheRecords::from_sorted(vec![(path.clone(), record)]))
                 .unwrap_or_default(),
             hub.db
                 .entry(&ws.id, path)?

@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gm_core::skills::{registry_path, skill_component, skill_copy_candidates, skills_dir};
-use gm_core::{Entry, Kind, NodeId, RelPath, Seq, SkillName, SkillTree, Versioned, WorkspaceId};
+use gm_core::{
+    CacheRecords, Entry, Kind, NodeId, RelPath, Seq, SkillName, SkillTree, Versioned, WorkspaceId,
+};
 use gm_fs::{Expect, FileMode, FsError, IgnoreRules, Root, scan_tree};
 use gm_registry::{NewSkill, RegistryError, Skill, SkillOrigin, SkillState};
 use gm_store::{ConflictRow, RecordBatch};
@@ -400,7 +402,7 @@ fn scan_registry(hub: &Hub, name: &SkillName) -> Result<SkillTree, String> {
         root,
         Some(&top),
         true,
-        &HashMap::new(),
+        &CacheRecords::default(),
         &hub.config.scan,
         &IgnoreRules::none(),
     )

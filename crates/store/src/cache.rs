@@ -124,7 +124,7 @@ pub fn put(
 
 type Decoded = Result<CacheRecord, String>;
 
-/// Cache records at or under `top` (all when `None`).
+/// Cache records at or under `top` (all when `None`), in path order.
 pub fn under(
     conn: &Connection,
     ws: &WorkspaceId,
@@ -132,15 +132,16 @@ pub fn under(
 ) -> rusqlite::Result<Vec<(String, Decoded)>> {
     match top {
         None => {
-            let mut stmt =
-                conn.prepare_cached(&format!("SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1"))?;
+            let mut stmt = conn.prepare_cached(&format!(
+                "SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1 ORDER BY path"
+            ))?;
             stmt.query_map([ws.as_str()], |r| Ok((r.get(0)?, cache_from_row(r, 1)?)))?
                 .collect()
         }
         Some(top) => {
             let (low, high) = subtree_bounds(top.as_str());
             let mut stmt = conn.prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1 AND (path = ?2 OR (path > ?3 AND path < ?4))"
+                "SELECT {COLUMNS} FROM hash_cache WHERE ws = ?1 AND (path = ?2 OR (path > ?3 AND path < ?4)) ORDER BY path"
             ))?;
             stmt.query_map(params![ws.as_str(), top.as_str(), low, high], |r| {
                 Ok((r.get(0)?, cache_from_row(r, 1)?))

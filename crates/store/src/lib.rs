@@ -24,7 +24,7 @@ pub use cache::ChunkLocation;
 use std::collections::HashMap;
 
 use gm_chunk::Manifest;
-use gm_core::{CacheRecord, ContentHash, RelPath, Seq, Versioned, WorkspaceId};
+use gm_core::{CacheRecord, CacheRecords, ContentHash, RelPath, Seq, Versioned, WorkspaceId};
 pub use hub::{ConflictRow, HubDb, HubWorkspace, RecordBatch, WorkspaceCounts};
 pub use node::{NodeBatch, NodeDb, NodeWorkspace};
 
@@ -136,13 +136,13 @@ impl Sqlite {
         &self,
         ws: &WorkspaceId,
         top: Option<&RelPath>,
-    ) -> Result<HashMap<RelPath, CacheRecord>, StoreError> {
+    ) -> Result<CacheRecords, StoreError> {
         let rows = self.with(|c| cache::under(c, ws, top))?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for (path, record) in rows {
-            out.insert(self.path_of(path)?, record.map_err(|e| self.corrupt(e))?);
-        }
-        Ok(out)
+        let records = rows
+            .into_iter()
+            .map(|(path, record)| Ok((self.path_of(path)?, record.map_err(|e| self.corrupt(e))?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(CacheRecords::from_sorted(records))
     }
 
     /// The stored chunk list of `path` (`None` when none is stored).
