@@ -135,6 +135,12 @@ pub struct ScanArgs {
     /// Full stat walk as a safety net under the watcher, in seconds.
     #[arg(long, env = "GM_RESCAN_INTERVAL", default_value_t = 600)]
     pub rescan_interval: u64,
+    /// The full stat walk's interval, in seconds, while the watcher could
+    /// not start or is past the inotify watch limit
+    /// (`fs.inotify.max_user_watches`): changes in unwatched directories
+    /// are seen this late.
+    #[arg(long, env = "GM_UNWATCHED_RESCAN_INTERVAL", default_value_t = 30)]
+    pub unwatched_rescan_interval: u64,
 }
 
 /// Parses a byte count with an optional K/M/G suffix (powers of 1024).
@@ -184,6 +190,11 @@ impl ScanArgs {
     fn check(&self) -> anyhow::Result<()> {
         if self.rescan_interval == 0 {
             bail!("GM_RESCAN_INTERVAL / --rescan-interval must be at least 1 second");
+        }
+        if self.unwatched_rescan_interval == 0 {
+            bail!(
+                "GM_UNWATCHED_RESCAN_INTERVAL / --unwatched-rescan-interval must be at least 1 second"
+            );
         }
         if self.debounce_max_ms < self.debounce_ms {
             bail!("GM_DEBOUNCE_MAX_MS must not be below GM_DEBOUNCE_MS");
@@ -354,6 +365,7 @@ impl HubArgs {
             debounce: Duration::from_millis(self.scan.debounce_ms),
             debounce_max: Duration::from_millis(self.scan.debounce_max_ms),
             rescan_interval: Duration::from_secs(self.scan.rescan_interval),
+            unwatched_rescan_interval: Duration::from_secs(self.scan.unwatched_rescan_interval),
             max_file_size: self.max_file_size,
             staging_ttl: Duration::from_secs(self.staging_ttl.max(1)),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
@@ -628,6 +640,7 @@ impl NodeArgs {
             debounce: Duration::from_millis(self.scan.debounce_ms),
             debounce_max: Duration::from_millis(self.scan.debounce_max_ms),
             rescan_interval: Duration::from_secs(self.scan.rescan_interval),
+            unwatched_rescan_interval: Duration::from_secs(self.scan.unwatched_rescan_interval),
             inline_max: self.inline_max,
             batch_bytes: self.batch_bytes,
             slice_entries: self.slice_entries,

@@ -55,6 +55,10 @@ fn to_json(status: &pb::StatusResponse) -> serde_json::Value {
             "exact_ctime_mirrors": s.exact_ctime_mirrors,
             "max_file_size": s.max_file_size,
             "chown": s.chown,
+            "rescan_interval_secs": s.rescan_interval_secs,
+            "unwatched_rescan_interval_secs": s.unwatched_rescan_interval_secs,
+            "watched_directories": s.watched_directories,
+            "watch_complete": s.watch_complete,
         })),
         "workspaces": status.workspaces.iter().map(|w| json!({
             "id": w.id,
@@ -82,6 +86,15 @@ fn print_table(status: &pb::StatusResponse) {
         "hub {} (ghostmirror {}), data dir {}, up {}s",
         status.hub_id, status.version, status.data_dir, status.uptime_secs
     );
+    if let Some(s) = &status.settings
+        && !s.watch_complete
+    {
+        println!(
+            "WATCH INCOMPLETE: {} directories watched, full rescans every {} s (no inotify, or raise fs.inotify.max_user_watches)",
+            s.watched_directories,
+            s.rescan_interval_secs.min(s.unwatched_rescan_interval_secs)
+        );
+    }
     println!(
         "{:<24} {:>8} {:>8} {:>6} {:>6} {:>12} {:>9}  NODES / STATE",
         "WORKSPACE", "SEQ", "FILES", "DIRS", "LINKS", "BYTES", "CONFLICTS"

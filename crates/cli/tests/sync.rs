@@ -199,6 +199,17 @@ fn hub_journals_a_later_file(env: &[(&str, &str)], seed: &str, says: &str, later
     let hub = Hub::start_with(dir.path(), env);
     assert!(hub.log_text().contains(says), "the hub says {says:?}");
     assert_eq!(hub.workspace_status(WS)["files"], 1);
+    // Status says the watch is incomplete, and which interval is in use.
+    let settings = &hub.status()["settings"];
+    assert_eq!(settings["watch_complete"], false);
+    let interval = env
+        .iter()
+        .find(|(name, _)| *name == "GM_UNWATCHED_RESCAN_INTERVAL")
+        .map_or("30", |(_, value)| value);
+    assert_eq!(
+        settings["unwatched_rescan_interval_secs"].to_string(),
+        interval
+    );
     write(&mirror.join(later), "written after the start");
     wait_until_for(why, Duration::from_secs(20), || {
         hub.workspace_status(WS)["files"] == 2
@@ -206,12 +217,17 @@ fn hub_journals_a_later_file(env: &[(&str, &str)], seed: &str, says: &str, later
 }
 
 /// A hub whose watcher cannot start (an inotify limit; a test fault here)
-/// says so and keeps journaling its mirrors through the periodic rescan.
-/// (The closed event queue used to end the whole maintenance loop.)
+/// says so and keeps journaling its mirrors through the periodic rescan,
+/// which comes every `GM_UNWATCHED_RESCAN_INTERVAL` (the usual interval
+/// stays 10 minutes). (The closed event queue used to end the whole
+/// maintenance loop.)
 #[test]
 fn a_hub_without_a_watcher_still_journals_through_its_rescans() {
     hub_journals_a_later_file(
-        &[("GM_TEST_FAULT", "watch:fail"), ("GM_RESCAN_INTERVAL", "1")],
+        &[
+            ("GM_TEST_FAULT", "watch:fail"),
+            ("GM_UNWATCHED_RESCAN_INTERVAL", "1"),
+        ],
         "seed.txt",
         "cannot watch the mirrors",
         "later.txt",
@@ -222,15 +238,36 @@ fn a_hub_without_a_watcher_still_journals_through_its_rescans() {
 /// A hub past the inotify watch limit (a test fault stops at two watches:
 /// `mirrors/` and the mirror's top) keeps what it watches live and says
 /// the rest is left to rescans. It used to drop the whole watch, so even
-/// the top of the mirror waited for the hourly rescan.
+/// the top of the mirror waited for the periodic rescan (10 minutes here).
 #[test]
 fn a_hub_past_the_watch_limit_keeps_the_watched_part_live() {
     hub_journals_a_later_file(
-        &[("GM_TEST_FAULT", "watch:limit=2")],
+        &[
+            ("GM_TEST_FAULT", "watch:limit=2"),
+            ("GM_UNWATCHED_RESCAN_INTERVAL", "600"),
+        ],
         "deep/seed.txt",
         "cannot watch every directory",
         "top.txt",
         "the watched top of the mirror is journaled live",
+    );
+}
+
+/// Past the watch limit, what is unwatched is rescanned every
+/// `GM_UNWATCHED_RESCAN_INTERVAL`, not every `GM_RESCAN_INTERVAL` (10
+/// minutes by default): a file written in an unwatched directory is
+/// journaled within seconds.
+#[test]
+fn a_hub_past_the_watch_limit_rescans_sooner() {
+    hub_journals_a_later_file(
+        &[
+            ("GM_TEST_FAULT", "watch:limit=2"),
+            ("GM_UNWATCHED_RESCAN_INTERVAL", "1"),
+        ],
+        "deep/seed.txt",
+        "cannot watch every directory",
+        "deep/later.txt",
+        "a rescan journals the file in the unwatched directory",
     );
 }
 
@@ -251,7 +288,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 fn a_node_without_a_watcher_idles_and_syncs_through_its_rescans() {
     let mut c = cluster();
     c.a.env.push(("GM_TEST_FAULT".into(), "watch:fail".into()));
-    c.a.env.push(("GM_RESCAN_INTERVAL".into(), "1".into()));
+    c.a.env
+        .push(("GM_UNWATCHED_RESCAN_INTERVAL".into(), "1".into()));
     write(&c.a.path("seed.txt"), "before the start");
     c.a.start();
     wait_until("node a says it has no watcher", || {
@@ -273,6 +311,33 @@ fn a_node_without_a_watcher_idles_and_syncs_through_its_rescans() {
         "a periodic rescan sends the new file",
         Duration::from_secs(20),
         || c.mirror().join("later.txt").exists(),
+    );
+}
+
+/// A node past the inotify watch limit (a test fault stops at one watch,
+/// the workspace's top) rescans every `GM_UNWATCHED_RESCAN_INTERVAL`: a
+/// file written in an unwatched directory reaches the hub within seconds,
+/// not at the 10-minute rescan.
+#[test]
+fn a_node_past_the_watch_limit_rescans_sooner() {
+    let mut c = cluster();
+    c.a.env
+        .push(("GM_TEST_FAULT".into(), "watch:limit=1".into()));
+    c.a.env
+        .push(("GM_UNWATCHED_RESCAN_INTERVAL".into(), "1".into()));
+    write(&c.a.path("deep/seed.txt"), "before the start");
+    c.a.start();
+    wait_until("node a says its watch is partial", || {
+        c.a.log_text().contains("cannot watch every directory")
+    });
+    wait_until("the seed reaches the hub", || {
+        c.mirror().join("deep/seed.txt").exists()
+    });
+    write(&c.a.path("deep/later.txt"), "found by a rescan");
+    wait_until_for(
+        "a rescan sends the file in the unwatched directory",
+        Duration::from_secs(20),
+        || c.mirror().join("deep/later.txt").exists(),
     );
 }
 
@@ -976,6 +1041,10 @@ fn io_limits_are_honoured_and_reported() {
     assert_eq!(settings["walk_threads"], 3, "{status}");
     assert_eq!(settings["io_concurrency"], 1, "{status}");
     assert_eq!(settings["read_rate_limit"], 64 << 20, "{status}");
+    assert_eq!(settings["rescan_interval_secs"], 600, "{status}");
+    assert_eq!(settings["watch_complete"], true, "{status}");
+    // mirrors/, the mirror, tool/.
+    assert_eq!(settings["watched_directories"], 3, "{status}");
     let observed = settings["io_max_observed"].as_u64().unwrap_or(99);
     assert!(
         (1..=1).contains(&observed),
@@ -990,6 +1059,7 @@ fn invalid_settings_fail_at_start_and_name_the_variable() {
         ("GM_IO_CONCURRENCY", "0"),
         ("GM_HASH_WORKERS", "0"),
         ("GM_READ_RATE_LIMIT", "fast"),
+        ("GM_UNWATCHED_RESCAN_INTERVAL", "0"),
     ] {
         let out = command()
             .args([

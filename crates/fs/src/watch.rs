@@ -14,9 +14,13 @@
 //! - **A watch follows its directory, not a path** (see `WatchSet`): a
 //!   directory moved or exchanged within the tree is reported under its
 //!   new path, one moved out of the tree is no longer watched.
-//! - **Lost events are never swallowed.** A queue overflow, a read error or
-//!   a directory that cannot be watched (the inotify limit) is reported as
-//!   `WatchEvent::Rescan`.
+//! - **Lost events are never swallowed.** A queue overflow or a read error
+//!   is reported as `WatchEvent::Rescan`.
+//! - **A partial watch says so.** Past the inotify watch limit, what was
+//!   watched stays live and `Watcher::complete` turns false (a new
+//!   directory that cannot be watched is still reported, so its contents
+//!   are scanned once); the owner then rescans more often
+//!   (`GM_UNWATCHED_RESCAN_INTERVAL`).
 //! - **Symlinks are not followed:** like the scanner, the watcher stays
 //!   inside the root.
 //!
@@ -29,7 +33,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
@@ -67,7 +71,7 @@ pub struct Watcher {
     wake: Arc<OwnedFd>,
     thread: Option<JoinHandle<()>>,
     directories: Arc<AtomicUsize>,
-    complete: bool,
+    complete: Arc<AtomicBool>,
 }
 
 impl Watcher {
@@ -102,22 +106,14 @@ impl Watcher {
             root: dir.to_path_buf(),
             keep: Box::new(keep),
             directories: Arc::new(AtomicUsize::new(0)),
+            complete: Arc::new(AtomicBool::new(true)),
             limit,
         };
-        let complete = match set.add_tree(dir) {
-            Ok(()) => true,
+        match set.add_tree(dir) {
+            Ok(()) => {}
             Err(err) if set.by_path.is_empty() => return Err(fail("watch", err)),
-            Err(err) => {
-                tracing::error!(
-                    dir = %dir.display(),
-                    watched = set.by_path.len(),
-                    error = %err,
-                    "cannot watch every directory (raise fs.inotify.max_user_watches); \
-                     the rest is seen by periodic rescans only"
-                );
-                false
-            }
-        };
+            Err(err) => set.incomplete(dir, &err),
+        }
         if set.by_path.is_empty() {
             return Err(fail("watch", io::ErrorKind::NotFound.into()));
         }
@@ -127,6 +123,7 @@ impl Watcher {
         );
         let stop = wake.clone();
         let directories = set.directories.clone();
+        let complete = set.complete.clone();
         let thread = std::thread::Builder::new()
             .name("gm-watch".into())
             .spawn(move || set.run(&stop, deliver))
@@ -139,14 +136,26 @@ impl Watcher {
         })
     }
 
-    /// False when the watch limit left part of the tree unwatched at start.
+    /// False while the watch limit leaves part of the tree unwatched: from
+    /// the start, or since a directory made later could not be watched.
+    /// True again once a walk of the whole tree (after a queue overflow)
+    /// watched every directory.
     pub fn complete(&self) -> bool {
-        self.complete
+        self.complete.load(Ordering::Relaxed)
     }
 
     /// How many directories are watched now.
     pub fn directories(&self) -> usize {
         self.directories.load(Ordering::Relaxed)
+    }
+
+    /// A handle that reads `directories` and `complete` while the watcher
+    /// lives (both read 0 and false once it is gone).
+    pub fn state(&self) -> WatchState {
+        WatchState {
+            directories: Arc::downgrade(&self.directories),
+            complete: Arc::downgrade(&self.complete),
+        }
     }
 
     /// `new`, except that a debug build given the test fault `watch:fail`
@@ -186,6 +195,27 @@ impl Drop for Watcher {
     }
 }
 
+/// What a status report says about a watcher (see `Watcher::state`).
+#[derive(Debug, Clone, Default)]
+pub struct WatchState {
+    directories: std::sync::Weak<AtomicUsize>,
+    complete: std::sync::Weak<AtomicBool>,
+}
+
+impl WatchState {
+    pub fn directories(&self) -> usize {
+        self.directories
+            .upgrade()
+            .map_or(0, |n| n.load(Ordering::Relaxed))
+    }
+
+    pub fn complete(&self) -> bool {
+        self.complete
+            .upgrade()
+            .is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
 /// The watches of one inotify instance, by descriptor and by path. Paths
 /// order component-wise, so a subtree's watches are one range of `by_path`.
 ///
@@ -203,6 +233,8 @@ struct WatchSet {
     keep: Box<dyn Fn(&Path) -> bool + Send>,
     /// `by_path.len()`, for `Watcher::directories`.
     directories: Arc<AtomicUsize>,
+    /// For `Watcher::complete`.
+    complete: Arc<AtomicBool>,
     /// At most this many watches (tests only; see `Watcher::with_limit`).
     limit: Option<usize>,
 }
@@ -355,7 +387,27 @@ impl WatchSet {
         self.by_path
             .retain(|path, wd| by_wd.get(wd).is_some_and(|w| w.path == *path));
         self.counted();
+        match &walked {
+            Ok(()) => self.complete.store(true, Ordering::Relaxed),
+            Err(err) => self.incomplete(&root, err),
+        }
         walked
+    }
+
+    /// Records that `dir` (or part of it) could not be watched, logging it
+    /// the first time the watch turns incomplete.
+    fn incomplete(&self, dir: &Path, err: &io::Error) {
+        if self.complete.swap(false, Ordering::Relaxed) {
+            tracing::error!(
+                dir = %dir.display(),
+                watched = self.by_path.len(),
+                error = %err,
+                "cannot watch every directory (raise fs.inotify.max_user_watches); \
+                 the rest is seen by periodic rescans only"
+            );
+        } else {
+            tracing::debug!(dir = %dir.display(), error = %err, "cannot watch a directory");
+        }
     }
 
     /// Forgets `wd` and removes it from the kernel (which fails harmlessly
@@ -479,9 +531,11 @@ impl WatchSet {
                         .range(path.clone()..)
                         .next()
                         .is_some_and(|(p, _)| p.starts_with(&path));
+                    // One that cannot be watched is still reported (its
+                    // contents are scanned now); its later changes wait for
+                    // the owner's rescan.
                     if let Err(err) = self.add_tree(&path) {
-                        tracing::warn!(path = %path.display(), error = %err, "cannot watch a new directory");
-                        lost = Some(format!("cannot watch {}: {err}", path.display()));
+                        self.incomplete(&path, &err);
                     }
                     if replaced {
                         self.verify(&path);
@@ -917,7 +971,9 @@ mod tests {
 
     /// Past the watch limit the watcher keeps what it got (and says it is
     /// incomplete) instead of failing outright; a directory made later that
-    /// cannot be watched asks the owner to rescan.
+    /// cannot be watched is reported (its contents are scanned once) and
+    /// keeps the watch incomplete; an overflow's walk that watches every
+    /// directory makes it complete again.
     #[test]
     fn past_the_watch_limit_the_watched_part_stays_live() {
         let dir = tempfile::tempdir().unwrap();
@@ -931,16 +987,9 @@ mod tests {
         std::fs::write(root.join("top"), b"").unwrap();
         owner.until(|seen| seen.contains(&root.join("top")));
         std::fs::create_dir(root.join("new")).unwrap();
-        loop {
-            match owner.rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(WatchEvent::Rescan(why)) => {
-                    assert!(why.contains("new"), "{why}");
-                    break;
-                }
-                Ok(WatchEvent::Changed(_)) => {}
-                Err(_) => panic!("no rescan for a directory past the limit"),
-            }
-        }
+        owner.until(|seen| seen.contains(&root.join("new")));
+        assert!(!owner.watcher.complete());
+        assert_eq!(owner.watcher.directories(), 3);
         let full = Watcher::new(&root, |_| true, |_| {}).unwrap();
         assert!(full.complete());
         assert_eq!(full.directories(), 7);

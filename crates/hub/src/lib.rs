@@ -54,6 +54,9 @@ pub struct HubConfig {
     pub debounce_max: Duration,
     /// Full stat walk of every mirror, as a safety net under the watcher.
     pub rescan_interval: Duration,
+    /// The full stat walk's interval while the watcher is missing or past
+    /// the inotify watch limit (when shorter than `rescan_interval`).
+    pub unwatched_rescan_interval: Duration,
     /// Largest file accepted from a node.
     pub max_file_size: u64,
     /// Staging entries older than this that no live transfer owns are removed.

@@ -8,7 +8,9 @@
 //! - every tick: racily-clean cache records past their window are
 //!   re-verified, halted workspaces are looked at again, stale uploads are
 //!   dropped, skill candidates quiet for `GM_SKILL_PROMOTE_QUIET` are
-//!   promoted, and every `rescan_interval` each mirror gets a full stat walk.
+//!   promoted, and every `rescan_interval` each mirror gets a full stat walk
+//!   (every `unwatched_rescan_interval` while the watcher is missing or
+//!   past the inotify watch limit).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -86,7 +88,10 @@ pub fn watch(hub: &Hub) -> Watching {
         hub.config.test_fault.as_deref(),
     );
     let watcher = match watcher {
-        Ok(watcher) => Some(watcher),
+        Ok(watcher) => {
+            let _ = hub.watch_state.set(watcher.state());
+            Some(watcher)
+        }
         Err(err) => {
             tracing::error!(error = %err, "cannot watch the mirrors; falling back to periodic scans only");
             None
@@ -107,7 +112,7 @@ pub fn watch(hub: &Hub) -> Watching {
 
 pub async fn run(hub: Arc<Hub>, watching: Watching, shutdown: CancellationToken) {
     let Watching {
-        _watcher,
+        _watcher: watcher,
         events: mut rx,
         _open,
     } = watching;
@@ -186,7 +191,8 @@ pub async fn run(hub: Arc<Hub>, watching: Watching, shutdown: CancellationToken)
                 }
             }
             _ = ticker.tick() => {
-                tick(&hub, &mut timers).await;
+                let watched_fully = watcher.as_ref().is_some_and(Watcher::complete);
+                tick(&hub, &mut timers, watched_fully).await;
             }
         }
     }
@@ -215,7 +221,9 @@ struct Timers {
     tokens: Instant,
 }
 
-async fn tick(hub: &Arc<Hub>, timers: &mut Timers) {
+/// The periodic work; `watched_fully` is false while part of the mirrors
+/// (or all) is unwatched, and the full rescans come sooner.
+async fn tick(hub: &Arc<Hub>, timers: &mut Timers, watched_fully: bool) {
     let now = Instant::now();
     // Node tokens made or revoked through another hub on the same database.
     if now.duration_since(timers.tokens) >= TOKEN_REFRESH {
@@ -254,7 +262,14 @@ async fn tick(hub: &Arc<Hub>, timers: &mut Timers) {
             }
         }
     }
-    let full = now.duration_since(*last_full) >= hub.config.rescan_interval;
+    let interval = if watched_fully {
+        hub.config.rescan_interval
+    } else {
+        hub.config
+            .rescan_interval
+            .min(hub.config.unwatched_rescan_interval)
+    };
+    let full = now.duration_since(*last_full) >= interval;
     if full {
         *last_full = now;
     }

@@ -635,6 +635,10 @@ fn build_status(hub: &Hub) -> Result<pb::StatusResponse, gm_store::StoreError> {
                 .count() as u64,
             max_file_size: hub.config.max_file_size,
             chown: hub.config.ownership.describe().to_string(),
+            rescan_interval_secs: hub.config.rescan_interval.as_secs(),
+            unwatched_rescan_interval_secs: hub.config.unwatched_rescan_interval.as_secs(),
+            watched_directories: hub.watch_state.get().map_or(0, |w| w.directories()) as u64,
+            watch_complete: hub.watch_state.get().is_some_and(|w| w.complete()),
         }),
     })
 }

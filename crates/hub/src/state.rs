@@ -323,6 +323,8 @@ pub struct Hub {
     /// start): no mirror is walked before, so no change falls between a walk
     /// and the watch.
     pub watching: Gate,
+    /// The watcher's state for status reports (set once it started).
+    pub watch_state: std::sync::OnceLock<gm_fs::watch::WatchState>,
     pub workspaces: Mutex<BTreeMap<WorkspaceId, Arc<Workspace>>>,
     pub uploads: Mutex<HashMap<(WorkspaceId, ContentHash), Upload>>,
     pub counters: Counters,
@@ -376,6 +378,7 @@ impl Hub {
             skills,
             mirrors,
             watching: Gate::default(),
+            watch_state: std::sync::OnceLock::new(),
             workspaces: Mutex::new(BTreeMap::new()),
             uploads: Mutex::new(HashMap::new()),
             counters: Counters::default(),

@@ -86,6 +86,9 @@ pub struct NodeConfig {
     pub debounce: Duration,
     pub debounce_max: Duration,
     pub rescan_interval: Duration,
+    /// The full round's interval while the watcher is missing or past the
+    /// inotify watch limit (when shorter than `rescan_interval`).
+    pub unwatched_rescan_interval: Duration,
     /// Files up to this size travel inline in commit batches.
     pub inline_max: u64,
     /// Byte budget of one commit batch's inline content.

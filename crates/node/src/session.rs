@@ -5,7 +5,8 @@
 //! last persisted seq, reconciles everything, then (unless `--once`) stays
 //! live: watcher events are debounced into subtree rounds, journal events
 //! trigger rounds at once, racily-clean records are re-verified and a full
-//! rescan runs every `rescan_interval`. A lost connection ends the session
+//! rescan runs every `rescan_interval` (`unwatched_rescan_interval` while the
+//! watch is missing or incomplete). A lost connection ends the session
 //! and the next one starts after a backoff (0.5 s doubling to 30 s), which
 //! the log says. A refused token ends the task with an error; a halted
 //! workspace waits for its root to come back or for `confirm-empty`.
@@ -349,7 +350,17 @@ impl WorkspaceTask {
                 .await;
         }
         *reached_live = true;
-        let _watcher = watcher;
+        // While part of the workspace (or all of it) is unwatched, the full
+        // rounds come sooner.
+        let rescan_interval = |watcher: &Option<Watcher>| {
+            if watcher.as_ref().is_some_and(Watcher::complete) {
+                self.config.rescan_interval
+            } else {
+                self.config
+                    .rescan_interval
+                    .min(self.config.unwatched_rescan_interval)
+            }
+        };
         let mut dirty: BTreeSet<RelPath> = BTreeSet::new();
         let mut full_pending = false;
         let mut first_event: Option<Instant> = None;
@@ -420,7 +431,7 @@ impl WorkspaceTask {
                 }
                 _ = ticker.tick() => {
                     let now = Instant::now();
-                    if now.duration_since(last_full) >= self.config.rescan_interval {
+                    if now.duration_since(last_full) >= rescan_interval(&watcher) {
                         last_full = now;
                         replica.round(Scope::Full, self.config.once).await?;
                         continue;
