@@ -972,8 +972,7 @@ mod tests {
     /// Past the watch limit the watcher keeps what it got (and says it is
     /// incomplete) instead of failing outright; a directory made later that
     /// cannot be watched is reported (its contents are scanned once) and
-    /// keeps the watch incomplete; an overflow's walk that watches every
-    /// directory makes it complete again.
+    /// keeps the watch incomplete.
     #[test]
     fn past_the_watch_limit_the_watched_part_stays_live() {
         let dir = tempfile::tempdir().unwrap();
@@ -993,5 +992,79 @@ mod tests {
         let full = Watcher::new(&root, |_| true, |_| {}).unwrap();
         assert!(full.complete());
         assert_eq!(full.directories(), 7);
+    }
+
+    /// A watch that turned incomplete (a new directory past the limit) is
+    /// complete again once the walk after a queue overflow watched every
+    /// directory there is by then.
+    #[test]
+    fn an_overflow_walk_that_watches_everything_completes_the_watch() {
+        let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(16384);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        for name in ["a", "b"] {
+            std::fs::create_dir_all(root.join(name)).unwrap();
+        }
+        // Delivery is held on demand, so the kernel's queue overflows.
+        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (held_tx, held_rx) = mpsc::channel::<()>();
+        let (release_tx, release_rx) = mpsc::channel::<()>();
+        let (tx, rx) = mpsc::channel();
+        let holding = hold.clone();
+        let watcher = Watcher::with_limit(
+            &root,
+            |_| true,
+            move |event| {
+                if holding.swap(false, Ordering::SeqCst) {
+                    let _ = held_tx.send(());
+                    let _ = release_rx.recv();
+                }
+                let _ = tx.send(event);
+            },
+            Some(3),
+        )
+        .unwrap();
+        let mut owner = Owner {
+            rx,
+            watcher,
+            seen: Default::default(),
+        };
+        assert!(owner.watcher.complete());
+        std::fs::create_dir(root.join("x")).unwrap();
+        owner.until(|seen| seen.contains(&root.join("x")));
+        assert!(!owner.watcher.complete(), "x is past the limit");
+        std::fs::remove_dir(root.join("x")).unwrap();
+        std::fs::remove_dir(root.join("a")).unwrap();
+        owner.until(|seen| seen.contains(&root.join("a")));
+        let waited = std::time::Instant::now();
+        while owner.watcher.directories() != 2 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(10),
+                "a's watch is not gone"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        hold.store(true, Ordering::SeqCst);
+        std::fs::write(root.join("first"), b"").unwrap();
+        held_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        for i in 0..queued {
+            std::fs::write(root.join(format!("f{}", i % 64)), b"x").unwrap();
+        }
+        release_tx.send(()).unwrap();
+        loop {
+            match owner.rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(WatchEvent::Rescan(why)) => {
+                    assert_eq!(why, "watcher queue overflowed");
+                    break;
+                }
+                Ok(WatchEvent::Changed(_)) => {}
+                Err(_) => panic!("no rescan after {queued} events"),
+            }
+        }
+        assert!(owner.watcher.complete());
+        assert_eq!(owner.watcher.directories(), 2);
     }
 }
