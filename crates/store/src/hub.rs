@@ -611,6 +611,62 @@ mod tests {
         assert!(other.join().unwrap() > 0, "the other writer never wrote");
     }
 
+    /// A hash column that is not a 32-byte blob (a damaged database) is a
+    /// corrupt-row error naming the database, for cache and journal alike.
+    #[test]
+    fn a_damaged_hash_column_is_an_error_naming_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let db = HubDb::open(&path).unwrap();
+        let ws = WorkspaceId::new("w").unwrap();
+        db.ensure_workspace(&ws, 1).unwrap();
+        let stat = Stat {
+            kind: Kind::File,
+            size: 1,
+            mtime_ns: 5,
+            ctime_ns: 6,
+            ino: 7,
+            dev: 8,
+            mode: 0o644,
+        };
+        let record = CacheRecord {
+            stat,
+            hash: ContentHash::of(b"x"),
+            recorded_ns: 9,
+        };
+        db.update_cache(&ws, &[(rel("f"), record)], &[], &[])
+            .unwrap();
+        let batch = RecordBatch {
+            changes: vec![(
+                rel("f"),
+                Versioned {
+                    entry: Some(Entry::File {
+                        hash: ContentHash::of(b"x"),
+                        size: 1,
+                        executable: false,
+                    }),
+                    seq: Seq(1),
+                },
+            )],
+            origin: "hub".into(),
+            ..Default::default()
+        };
+        db.record(&ws, &batch).unwrap();
+        assert_eq!(db.cache_under(&ws, None).unwrap().len(), 1);
+        for (table, value) in [("hash_cache", "x'0102'"), ("entries", "'text'")] {
+            db.with(|c| c.execute(&format!("UPDATE {table} SET hash = {value}"), []))
+                .unwrap();
+        }
+        let shown = path.display().to_string();
+        for err in [
+            db.cache_under(&ws, None).map(|_| ()).unwrap_err(),
+            db.entries_under(&ws, None).map(|_| ()).unwrap_err(),
+        ] {
+            assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+            assert!(err.to_string().contains(&shown), "{err}");
+        }
+    }
+
     #[test]
     fn cache_round_trip_and_subtree_bounds() {
         let dir = tempfile::tempdir().unwrap();
