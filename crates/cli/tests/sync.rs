@@ -210,6 +210,18 @@ fn hub_journals_a_later_file(env: &[(&str, &str)], seed: &str, says: &str, later
         settings["unwatched_rescan_interval_secs"].to_string(),
         interval
     );
+    let table = command()
+        .args(["status", "--hub", &hub.url, "--token", TOKEN])
+        .output()
+        .expect("run status");
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!(
+            "WATCH INCOMPLETE: {} directories watched, full rescans every {interval} s",
+            settings["watched_directories"]
+        )),
+        "{table}"
+    );
     write(&mirror.join(later), "written after the start");
     wait_until_for(why, Duration::from_secs(20), || {
         hub.workspace_status(WS)["files"] == 2
