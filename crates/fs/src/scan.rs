@@ -10,7 +10,8 @@
 //!
 //! The walk skips `.ghostmirror/` at the root and reports (never syncs)
 //! names that are not valid paths and special files (sockets, fifos,
-//! devices).
+//! devices). A walk, the cache it is compared with (`CacheRecords`) and
+//! the scan's entries are all in path order: the comparison is a merge.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
