@@ -293,36 +293,59 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
-/// A node whose watcher cannot start (an inotify limit; a test fault here)
-/// says so, stays idle and syncs through its periodic rescans. (Its live
-/// loop used to spin on the closed event queue: a core's worth of CPU.)
-#[test]
-fn a_node_without_a_watcher_idles_and_syncs_through_its_rescans() {
+/// Starts node a with the test fault `fault` and
+/// `GM_UNWATCHED_RESCAN_INTERVAL=1` on a workspace that holds `seed`,
+/// checks that its log says `says` and that the seed reaches the hub, runs
+/// `meanwhile`, then writes `later` and waits up to 20 s for it on the hub.
+fn node_sends_a_later_file(
+    fault: &str,
+    seed: &str,
+    says: &str,
+    meanwhile: impl FnOnce(&Cluster),
+    later: &str,
+    why: &str,
+) {
     let mut c = cluster();
-    c.a.env.push(("GM_TEST_FAULT".into(), "watch:fail".into()));
+    c.a.env.push(("GM_TEST_FAULT".into(), fault.into()));
     c.a.env
         .push(("GM_UNWATCHED_RESCAN_INTERVAL".into(), "1".into()));
-    write(&c.a.path("seed.txt"), "before the start");
+    write(&c.a.path(seed), "before the start");
     c.a.start();
-    wait_until("node a says it has no watcher", || {
-        c.a.log_text().contains("cannot watch the workspace")
+    wait_until(&format!("node a says {says:?}"), || {
+        c.a.log_text().contains(says)
     });
     wait_until("the seed reaches the hub", || {
-        c.mirror().join("seed.txt").exists()
+        c.mirror().join(seed).exists()
     });
-    let pid = c.a.pid().expect("node a runs");
-    let before = cpu_seconds(pid);
-    std::thread::sleep(Duration::from_secs(2));
-    let used = cpu_seconds(pid) - before;
-    assert!(
-        used < 1.0,
-        "node a used {used:.2} s of CPU in 2 s with nothing to do"
-    );
-    write(&c.a.path("later.txt"), "found by a rescan");
-    wait_until_for(
+    meanwhile(&c);
+    write(&c.a.path(later), "found by a rescan");
+    wait_until_for(why, Duration::from_secs(20), || {
+        c.mirror().join(later).exists()
+    });
+}
+
+/// A node whose watcher cannot start (an inotify limit; a test fault here)
+/// says so, stays idle and syncs through its periodic rescans, which come
+/// every `GM_UNWATCHED_RESCAN_INTERVAL`. (Its live loop used to spin on
+/// the closed event queue: a core's worth of CPU.)
+#[test]
+fn a_node_without_a_watcher_idles_and_syncs_through_its_rescans() {
+    node_sends_a_later_file(
+        "watch:fail",
+        "seed.txt",
+        "cannot watch the workspace",
+        |c| {
+            let pid = c.a.pid().expect("node a runs");
+            let before = cpu_seconds(pid);
+            std::thread::sleep(Duration::from_secs(2));
+            let used = cpu_seconds(pid) - before;
+            assert!(
+                used < 1.0,
+                "node a used {used:.2} s of CPU in 2 s with nothing to do"
+            );
+        },
+        "later.txt",
         "a periodic rescan sends the new file",
-        Duration::from_secs(20),
-        || c.mirror().join("later.txt").exists(),
     );
 }
 
@@ -332,24 +355,13 @@ fn a_node_without_a_watcher_idles_and_syncs_through_its_rescans() {
 /// not at the 10-minute rescan.
 #[test]
 fn a_node_past_the_watch_limit_rescans_sooner() {
-    let mut c = cluster();
-    c.a.env
-        .push(("GM_TEST_FAULT".into(), "watch:limit=1".into()));
-    c.a.env
-        .push(("GM_UNWATCHED_RESCAN_INTERVAL".into(), "1".into()));
-    write(&c.a.path("deep/seed.txt"), "before the start");
-    c.a.start();
-    wait_until("node a says its watch is partial", || {
-        c.a.log_text().contains("cannot watch every directory")
-    });
-    wait_until("the seed reaches the hub", || {
-        c.mirror().join("deep/seed.txt").exists()
-    });
-    write(&c.a.path("deep/later.txt"), "found by a rescan");
-    wait_until_for(
+    node_sends_a_later_file(
+        "watch:limit=1",
+        "deep/seed.txt",
+        "cannot watch every directory",
+        |_| {},
+        "deep/later.txt",
         "a rescan sends the file in the unwatched directory",
-        Duration::from_secs(20),
-        || c.mirror().join("deep/later.txt").exists(),
     );
 }
 

@@ -35,6 +35,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use rustix::event::{EventfdFlags, PollFd, PollFlags};
@@ -192,6 +193,21 @@ impl Drop for Watcher {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// How often an owner walks its whole tree: every `usual` under a
+/// complete watch, and every `unwatched` (if sooner) while there is no
+/// watcher or part of the tree is unwatched.
+pub fn rescan_interval(
+    watcher: Option<&Watcher>,
+    usual: Duration,
+    unwatched: Duration,
+) -> Duration {
+    if watcher.is_some_and(Watcher::complete) {
+        usual
+    } else {
+        usual.min(unwatched)
     }
 }
 
@@ -597,6 +613,34 @@ mod tests {
         );
     }
 
+    /// Stalls a watcher's thread in a delivery, so that it stops reading
+    /// and the kernel's event queue fills up.
+    struct Hold {
+        armed: Arc<AtomicBool>,
+        held: mpsc::Receiver<()>,
+        release: mpsc::Sender<()>,
+    }
+
+    impl Hold {
+        /// Holds the next delivery, overflows the kernel's queue by writing
+        /// in `root`, runs `meanwhile` while events are being lost, then
+        /// lets the watcher go on.
+        fn overflow(&self, root: &Path, meanwhile: impl FnOnce()) {
+            let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(16384);
+            self.armed.store(true, Ordering::SeqCst);
+            std::fs::write(root.join("first"), b"").unwrap();
+            self.held.recv_timeout(Duration::from_secs(10)).unwrap();
+            for i in 0..queued {
+                std::fs::write(root.join(format!("f{}", i % 64)), b"x").unwrap();
+            }
+            meanwhile();
+            self.release.send(()).unwrap();
+        }
+    }
+
     /// Collects what a watcher reports, the way an owner uses it: a
     /// reported directory is walked when its report arrives.
     struct Owner {
@@ -630,6 +674,53 @@ mod tests {
                 rx,
                 watcher,
                 seen: Default::default(),
+            }
+        }
+
+        /// `watch_limited`, with deliveries the returned `Hold` can stall.
+        fn watch_holdable(root: &Path, limit: Option<usize>) -> (Owner, Hold) {
+            let armed = Arc::new(AtomicBool::new(false));
+            let (held_tx, held) = mpsc::channel::<()>();
+            let (release, release_rx) = mpsc::channel::<()>();
+            let (tx, rx) = mpsc::channel();
+            let holding = armed.clone();
+            let watcher = Watcher::with_limit(
+                root,
+                |_| true,
+                move |event| {
+                    if holding.swap(false, Ordering::SeqCst) {
+                        let _ = held_tx.send(());
+                        let _ = release_rx.recv();
+                    }
+                    let _ = tx.send(event);
+                },
+                limit,
+            )
+            .unwrap();
+            let owner = Owner {
+                rx,
+                watcher,
+                seen: Default::default(),
+            };
+            let hold = Hold {
+                armed,
+                held,
+                release,
+            };
+            (owner, hold)
+        }
+
+        /// Takes reports until the rescan that follows a queue overflow.
+        fn until_overflow_rescan(&mut self) {
+            loop {
+                match self.rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(WatchEvent::Rescan(why)) => {
+                        assert_eq!(why, "watcher queue overflowed");
+                        return;
+                    }
+                    Ok(WatchEvent::Changed(_)) => {}
+                    Err(_) => panic!("no rescan after an overflow"),
+                }
             }
         }
 
@@ -783,57 +874,17 @@ mod tests {
     /// are watched (under their new paths): later writes there report.
     #[test]
     fn after_an_overflow_new_and_moved_directories_are_watched() {
-        let limit: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(16384);
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(root.join("a/deep")).unwrap();
         std::fs::create_dir_all(root.join("gone")).unwrap();
-        // The watcher's thread is held in its first delivery, so it stops
-        // reading and the kernel's queue fills up.
-        let (held_tx, held_rx) = mpsc::channel::<()>();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (tx, rx) = mpsc::channel();
-        let mut first = true;
-        let watcher = Watcher::new(
-            &root,
-            |_| true,
-            move |event| {
-                if std::mem::take(&mut first) {
-                    let _ = held_tx.send(());
-                    let _ = release_rx.recv();
-                }
-                let _ = tx.send(event);
-            },
-        )
-        .unwrap();
-        std::fs::write(root.join("first"), b"").unwrap();
-        held_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        for i in 0..limit {
-            std::fs::write(root.join(format!("f{}", i % 64)), b"x").unwrap();
-        }
-        std::fs::create_dir_all(root.join("late/deeper")).unwrap();
-        std::fs::rename(root.join("a"), root.join("b")).unwrap();
-        std::fs::rename(root.join("gone"), dir.path().join("out")).unwrap();
-        release_tx.send(()).unwrap();
-        let mut owner = Owner {
-            rx,
-            watcher,
-            seen: Default::default(),
-        };
-        let mut rescans = 0;
-        while rescans == 0 {
-            match owner.rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(WatchEvent::Rescan(why)) => {
-                    assert_eq!(why, "watcher queue overflowed");
-                    rescans += 1;
-                }
-                Ok(WatchEvent::Changed(_)) => {}
-                Err(_) => panic!("no rescan after {limit} events"),
-            }
-        }
+        let (mut owner, hold) = Owner::watch_holdable(&root, None);
+        hold.overflow(&root, || {
+            std::fs::create_dir_all(root.join("late/deeper")).unwrap();
+            std::fs::rename(root.join("a"), root.join("b")).unwrap();
+            std::fs::rename(root.join("gone"), dir.path().join("out")).unwrap();
+        });
+        owner.until_overflow_rescan();
         // a/deep, b/deep... : root, b, b/deep, late, late/deeper.
         assert_eq!(owner.watcher.directories(), 5);
         std::fs::write(dir.path().join("out/x"), b"outside").unwrap();
@@ -999,39 +1050,12 @@ mod tests {
     /// directory there is by then.
     #[test]
     fn an_overflow_walk_that_watches_everything_completes_the_watch() {
-        let queued: usize = std::fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(16384);
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         for name in ["a", "b"] {
             std::fs::create_dir_all(root.join(name)).unwrap();
         }
-        // Delivery is held on demand, so the kernel's queue overflows.
-        let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (held_tx, held_rx) = mpsc::channel::<()>();
-        let (release_tx, release_rx) = mpsc::channel::<()>();
-        let (tx, rx) = mpsc::channel();
-        let holding = hold.clone();
-        let watcher = Watcher::with_limit(
-            &root,
-            |_| true,
-            move |event| {
-                if holding.swap(false, Ordering::SeqCst) {
-                    let _ = held_tx.send(());
-                    let _ = release_rx.recv();
-                }
-                let _ = tx.send(event);
-            },
-            Some(3),
-        )
-        .unwrap();
-        let mut owner = Owner {
-            rx,
-            watcher,
-            seen: Default::default(),
-        };
+        let (mut owner, hold) = Owner::watch_holdable(&root, Some(3));
         assert!(owner.watcher.complete());
         std::fs::create_dir(root.join("x")).unwrap();
         owner.until(|seen| seen.contains(&root.join("x")));
@@ -1047,23 +1071,8 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(10));
         }
-        hold.store(true, Ordering::SeqCst);
-        std::fs::write(root.join("first"), b"").unwrap();
-        held_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-        for i in 0..queued {
-            std::fs::write(root.join(format!("f{}", i % 64)), b"x").unwrap();
-        }
-        release_tx.send(()).unwrap();
-        loop {
-            match owner.rx.recv_timeout(Duration::from_secs(10)) {
-                Ok(WatchEvent::Rescan(why)) => {
-                    assert_eq!(why, "watcher queue overflowed");
-                    break;
-                }
-                Ok(WatchEvent::Changed(_)) => {}
-                Err(_) => panic!("no rescan after {queued} events"),
-            }
-        }
+        hold.overflow(&root, || {});
+        owner.until_overflow_rescan();
         assert!(owner.watcher.complete());
         assert_eq!(owner.watcher.directories(), 2);
     }

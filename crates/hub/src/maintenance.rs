@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gm_core::{RelPath, WorkspaceId};
-use gm_fs::watch::{WatchEvent, Watcher};
+use gm_fs::watch::{WatchEvent, Watcher, rescan_interval};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -191,8 +191,12 @@ pub async fn run(hub: Arc<Hub>, watching: Watching, shutdown: CancellationToken)
                 }
             }
             _ = ticker.tick() => {
-                let watched_fully = watcher.as_ref().is_some_and(Watcher::complete);
-                tick(&hub, &mut timers, watched_fully).await;
+                let interval = rescan_interval(
+                    watcher.as_ref(),
+                    hub.config.rescan_interval,
+                    hub.config.unwatched_rescan_interval,
+                );
+                tick(&hub, &mut timers, interval).await;
             }
         }
     }
@@ -221,9 +225,9 @@ struct Timers {
     tokens: Instant,
 }
 
-/// The periodic work; `watched_fully` is false while part of the mirrors
-/// (or all) is unwatched, and the full rescans come sooner.
-async fn tick(hub: &Arc<Hub>, timers: &mut Timers, watched_fully: bool) {
+/// The periodic work; a full rescan is due every `rescan_interval`
+/// (shorter while part of the mirrors, or all, is unwatched).
+async fn tick(hub: &Arc<Hub>, timers: &mut Timers, rescan_interval: Duration) {
     let now = Instant::now();
     // Node tokens made or revoked through another hub on the same database.
     if now.duration_since(timers.tokens) >= TOKEN_REFRESH {
@@ -262,14 +266,7 @@ async fn tick(hub: &Arc<Hub>, timers: &mut Timers, watched_fully: bool) {
             }
         }
     }
-    let interval = if watched_fully {
-        hub.config.rescan_interval
-    } else {
-        hub.config
-            .rescan_interval
-            .min(hub.config.unwatched_rescan_interval)
-    };
-    let full = now.duration_since(*last_full) >= interval;
+    let full = now.duration_since(*last_full) >= rescan_interval;
     if full {
         *last_full = now;
     }

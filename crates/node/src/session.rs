@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use gm_core::{RelPath, Seq, WorkspaceId};
 use gm_fs::Root;
-use gm_fs::watch::{WatchEvent, Watcher, relative};
+use gm_fs::watch::{WatchEvent, Watcher, relative, rescan_interval};
 use gm_proto::pb;
 use gm_store::NodeDb;
 use tokio::sync::mpsc;
@@ -350,17 +350,6 @@ impl WorkspaceTask {
                 .await;
         }
         *reached_live = true;
-        // While part of the workspace (or all of it) is unwatched, the full
-        // rounds come sooner.
-        let rescan_interval = |watcher: &Option<Watcher>| {
-            if watcher.as_ref().is_some_and(Watcher::complete) {
-                self.config.rescan_interval
-            } else {
-                self.config
-                    .rescan_interval
-                    .min(self.config.unwatched_rescan_interval)
-            }
-        };
         let mut dirty: BTreeSet<RelPath> = BTreeSet::new();
         let mut full_pending = false;
         let mut first_event: Option<Instant> = None;
@@ -431,7 +420,13 @@ impl WorkspaceTask {
                 }
                 _ = ticker.tick() => {
                     let now = Instant::now();
-                    if now.duration_since(last_full) >= rescan_interval(&watcher) {
+                    // Sooner while part of the workspace (or all) is unwatched.
+                    let interval = rescan_interval(
+                        watcher.as_ref(),
+                        self.config.rescan_interval,
+                        self.config.unwatched_rescan_interval,
+                    );
+                    if now.duration_since(last_full) >= interval {
                         last_full = now;
                         replica.round(Scope::Full, self.config.once).await?;
                         continue;

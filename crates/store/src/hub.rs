@@ -486,6 +486,23 @@ mod tests {
         }
     }
 
+    /// The cache record of a 1-byte file holding `x`.
+    fn x_record() -> CacheRecord {
+        CacheRecord {
+            stat: Stat {
+                kind: Kind::File,
+                size: 1,
+                mtime_ns: 5,
+                ctime_ns: 6,
+                ino: 7,
+                dev: 8,
+                mode: 0o644,
+            },
+            hash: ContentHash::of(b"x"),
+            recorded_ns: 9,
+        }
+    }
+
     #[test]
     fn journal_seqs_and_changes_since() {
         let dir = tempfile::tempdir().unwrap();
@@ -620,31 +637,13 @@ mod tests {
         let db = HubDb::open(&path).unwrap();
         let ws = WorkspaceId::new("w").unwrap();
         db.ensure_workspace(&ws, 1).unwrap();
-        let stat = Stat {
-            kind: Kind::File,
-            size: 1,
-            mtime_ns: 5,
-            ctime_ns: 6,
-            ino: 7,
-            dev: 8,
-            mode: 0o644,
-        };
-        let record = CacheRecord {
-            stat,
-            hash: ContentHash::of(b"x"),
-            recorded_ns: 9,
-        };
-        db.update_cache(&ws, &[(rel("f"), record)], &[], &[])
+        db.update_cache(&ws, &[(rel("f"), x_record())], &[], &[])
             .unwrap();
         let batch = RecordBatch {
             changes: vec![(
                 rel("f"),
                 Versioned {
-                    entry: Some(Entry::File {
-                        hash: ContentHash::of(b"x"),
-                        size: 1,
-                        executable: false,
-                    }),
+                    entry: Some(file(b"x")),
                     seq: Seq(1),
                 },
             )],
@@ -673,19 +672,7 @@ mod tests {
         let db = HubDb::open(&dir.path().join("state.db")).unwrap();
         let ws = WorkspaceId::new("w").unwrap();
         db.ensure_workspace(&ws, 1).unwrap();
-        let record = CacheRecord {
-            stat: Stat {
-                kind: Kind::File,
-                size: 1,
-                mtime_ns: 5,
-                ctime_ns: 6,
-                ino: 7,
-                dev: 8,
-                mode: 0o644,
-            },
-            hash: ContentHash::of(b"x"),
-            recorded_ns: 9,
-        };
+        let record = x_record();
         db.update_cache(
             &ws,
             &[
